@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from dop.policy import Policy
 
     policy = Policy.from_json(args.policy) if args.policy else None
+    if policy is not None:
+        from dop.rankers import resolve_ranker
+
+        resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
 
     from dop.evaluate.datasets import load_dataset
 
@@ -107,15 +111,12 @@ def run(args: argparse.Namespace) -> int:
     # ---- the model, then the policy against it, still before any sample is run
     import torch
 
-    from dop.evaluate.loading import load_model, num_decoder_layers, prompt_builder_for
+    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
     from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model(
-        args.model, attn_implementation=args.attn_implementation, dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    model, processor = _load_quietly(args, dtype)
     model = model.to(device)
     if policy is not None:
         policy = policy.check_layers(num_decoder_layers(model))
@@ -137,6 +138,25 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, doc)
         print(f"wrote {args.json}")
     return 0
+
+
+def _load_quietly(args, dtype):
+    """load_model, without transformers' weight-loading bar under --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    from dop.evaluate.loading import load_model
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if args.no_progress and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model(
+            args.model, attn_implementation=args.attn_implementation, dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+    finally:
+        if args.no_progress and was_on:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------- report
