@@ -141,6 +141,7 @@ def test_evaluate_api_with_dict_samples_and_given_baseline(loaded):
     policy = Policy(NUM_LAYERS, [1.0], {"mlp": [1]})
     pruned = evaluate(model, processor, samples, policy=policy, baseline=base, max_new_tokens=1, progress=False)
     assert pruned.baseline is base
+    assert pruned.ranker == "identity"  # the runtime's default when neither policy nor caller names one
     assert pruned.tasks["exist"].accuracy == 1.0
     assert pruned.rel_avg is None  # unpruned accuracy 0 on every task: no ratio
     assert pruned.flops["dop"]["decoder"] < base.flops["dop"]["decoder"]

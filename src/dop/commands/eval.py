@@ -261,10 +261,7 @@ def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, 
         "seed": seed,
         "policy_file": policy_file,
     }
-    main = result.to_dict()
-    if result.policy is not None and main.get("ranker") is None:
-        main["ranker"] = result.policy.ranker
-    doc.update(main)
+    doc.update(result.to_dict())
     base = result.baseline
     if base is not None:
         b = base.to_dict()

@@ -66,7 +66,9 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:  # hub id that is not cached and cannot be downloaded, etc.
-        raise ModelLoadError(f"cannot load the config of model {name!r}: {e}") from None
+        raise ModelLoadError(
+            f"cannot load model {name!r}: no such local folder, and the hub gave no config ({e})"
+        ) from None
     cls = model_class_for(config)  # ValueError listing the supported families
     try:
         model = cls.from_pretrained(

@@ -217,8 +217,15 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         from dop import apply_policy
 
         ctx = apply_policy(model, policy, ranker=ranker)
+        # the name as given (keeps options such as "random:seed=3"), else the one resolved
+        if isinstance(ranker, str):
+            ranker_name = ranker
+        elif ranker is None and policy.ranker:
+            ranker_name = policy.ranker
+        else:
+            ranker_name = getattr(ctx.ranker, "name", None)
     else:
-        ctx = nullcontext()
+        ctx, ranker_name = nullcontext(), None
 
     results: list[SampleResult] = []
     t_start = time.perf_counter()
@@ -285,6 +292,6 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         num_visual_tokens=sum(r.num_visual_tokens for r in results) / n,
         num_text_tokens=sum(r.num_text_tokens for r in results) / n,
         policy=policy,
-        ranker=ranker if isinstance(ranker, str) or ranker is None else getattr(ranker, "__name__", repr(ranker)),
+        ranker=ranker_name,
         wall_s=wall,
     )
