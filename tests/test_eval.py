@@ -300,3 +300,11 @@ def test_evaluate_rejects_layer_mismatch_before_work(loaded, monkeypatch):
     with pytest.raises(ValueError, match="policy is for 4 decoder layers but the model has 2"):
         evaluate(model, processor, [{"image": None, "question": "q", "answers": ["a"]}],
                  policy=Policy(4, [1.0], {"mlp": [1]}), progress=False)
+
+
+def test_processor_without_chat_template_fails_before_work(loaded, monkeypatch):
+    model, processor = loaded
+    monkeypatch.setattr(processor, "chat_template", None)
+    _fail_if_run(monkeypatch)
+    with pytest.raises(ValueError, match="has no chat template"):
+        evaluate(model, processor, [{"image": None, "question": "q", "answers": ["a"]}], progress=False)

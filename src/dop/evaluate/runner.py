@@ -158,7 +158,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model`` on ``samples``; see the module docstring for what is measured.
 
-    ``policy`` (a :class:`dop.Policy`) is applied with ``dop.apply_policy(model, policy,
+    ``policy`` (a :class:`dop.Policy` or a policy file path) is applied with ``dop.apply_policy(model, policy,
     ranker)``; its layer count must match the model's (checked before any work). With a
     policy, ``baseline`` (an unpruned :class:`EvalResult` on the same samples) is used for
     Rel. Avg., or computed when None and ``run_baseline``. ``build_prompt(processor,
@@ -172,6 +172,10 @@ def evaluate(
     if not samples:
         raise ValueError("evaluate: no samples")
     if policy is not None:
+        if not hasattr(policy, "check_layers"):  # a path to a policy file
+            from dop.policy import Policy
+
+            policy = Policy.from_json(policy)
         policy = policy.check_layers(_decoder_layers(model))
     elif ranker is not None:
         raise ValueError("a ranker only applies together with a policy")
@@ -181,6 +185,7 @@ def evaluate(
         )
     if build_prompt is None:
         from .loading import chat_prompt as build_prompt
+    build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
 
     result = _run_pass(
         model, processor, samples, policy, ranker, max_new_tokens, progress,
