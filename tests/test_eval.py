@@ -227,6 +227,7 @@ def _fail_if_run(monkeypatch):
         (["--data", "{tmp}/missing.jsonl"], r"not found"),
         (["--model", "not-a-model"], r"unknown model 'not-a-model'; expected 'demo'"),
         (["--model", "{tmp}"], r"holds no config.json"),
+        (["--model", "{tmp}/gone"], r"model folder '.*gone' not found; expected 'demo'"),
         (["--model", "{gpt2}"], r"unsupported model type 'gpt2'; supported: .*llava"),
         (["--policy", "{policy5}"], r"policy is for 5 decoder layers but the model has 2"),
         (["--policy", "{tmp}/nopolicy.json"], r"no such file"),
@@ -236,7 +237,7 @@ def _fail_if_run(monkeypatch):
         (["--limit", "0"], r"--limit must be a positive integer"),
     ],
     ids=["unknown-dataset", "unknown-split", "unknown-shapes-task", "unknown-jsonl-task", "missing-file",
-         "unknown-model", "folder-without-config", "unknown-family", "policy-layers", "missing-policy",
+         "unknown-model", "folder-without-config", "missing-folder", "unknown-family", "policy-layers", "missing-policy",
          "unknown-ranker", "ranker-without-policy", "json-folder", "bad-limit"],
 )
 def test_cli_errors(tmp_path, capsys, monkeypatch, ckpt, data, args, message):

@@ -57,6 +57,8 @@ def load_model(
     elif os.path.exists(name):
         raise ModelLoadError(f"model {name!r} is a file, not a folder; expected {_known_names()}")
     elif not _HUB_ID.match(name):
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name:
+            raise ModelLoadError(f"model folder {name!r} not found; expected {_known_names()}")
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 
     from transformers import AutoConfig, AutoProcessor
