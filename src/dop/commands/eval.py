@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own code to run (off by default)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.json:
         _check_output(args.json)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -109,6 +113,18 @@ def run(args: argparse.Namespace) -> int:
     samples = load_dataset(args.data, limit=args.limit, tasks=tasks)
 
     # ---- the model, then the policy against it, still before any sample is run
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_loaded(args, policy, samples, tasks)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called in-process
+
+
+def _run_loaded(args, policy, samples, tasks) -> int:
     import torch
 
     from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
