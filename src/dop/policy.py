@@ -155,9 +155,12 @@ class Policy:
             path = os.fspath(path_or_text)
             if not os.path.exists(path):
                 raise PolicyError(f"policy file {path!r}: no such file")
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
             where = f"policy file {path!r}"
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+            except UnicodeDecodeError:
+                raise PolicyError(f"{where}: not valid JSON (not UTF-8 text; policies are JSON, never pickle)") from None
         else:
             where = "policy JSON"
         if not text.strip():

@@ -1,0 +1,220 @@
+"""The pruning runtime against the slow masked reference (DESIGN 2.2, 5)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import dop
+from dop.models import get_adapter
+from reference import masked_reference, reference_greedy
+from tiny_models import FAMILIES, build_inputs, build_model
+
+ATTN = ("sdpa", "eager")
+KIND_SETS = [("attn", "mlp"), ("attn_q", "attn_kv", "mlp"), ("attn_q",), ("attn_kv",), ("mlp",),
+             ("attn_q", "mlp"), ("attn_kv", "mlp")]
+
+
+def random_policy(rng: random.Random, L: int, kinds=None) -> dict:
+    G = rng.randint(1, 3)
+    groups = sorted(rng.sample([0.125, 0.25, 0.4, 0.5, 0.75], G - 1)) + [1.0]
+    kinds = kinds or rng.choice(KIND_SETS)
+    return {"format": "dop-policy/1", "num_layers": L, "groups": groups,
+            "depth": {k: [rng.randint(0, L) for _ in groups] for k in kinds}}
+
+
+def _double(inputs):
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTN], ids=lambda p: f"{p[0]}-{p[1]}")
+def setup64(request):
+    fam, attn = request.param
+    model = build_model(fam, attn=attn).double()
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    return fam, model, _double(inputs), counts
+
+
+def _perms(counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g).tolist() for n in counts]
+
+
+@torch.no_grad()
+def test_pruned_equals_masked_reference(setup64):
+    """Prefill logits to 1e-6 and greedy decoding token for token, random policies of every op kind."""
+    fam, model, inputs, counts = setup64
+    adapter = get_adapter(model)
+    rng = random.Random(hash(fam) % 1000)
+    worst = 0.0
+    for trial, kinds in enumerate(KIND_SETS):
+        pd = random_policy(rng, adapter.num_layers, kinds)
+        perms = _perms(counts, trial)
+        with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                              adapter.image_token_id, pd, counts, perms):
+            ref = model(**inputs, use_cache=False).logits
+            ref_tokens = reference_greedy(model, inputs, 5)
+        with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+            out = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
+        diff = (out - ref).abs().max().item()
+        worst = max(worst, diff)
+        assert diff < 1e-6, f"{fam} policy {pd}: max |logit diff| {diff:.3g}"
+        assert gen == ref_tokens, f"{fam} policy {pd}: greedy {gen} != reference {ref_tokens}"
+    print(f"{fam}: largest logit difference vs reference {worst:.3g}")
+
+
+@torch.no_grad()
+def test_pruning_changes_output(setup64):
+    """The reference check above is only meaningful if pruning moves the logits."""
+    fam, model, inputs, counts = setup64
+    L = get_adapter(model).num_layers
+    vanilla = model(**inputs).logits
+    pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 1], "mlp": [L, 0]})
+    with dop.apply_policy(model, pol, ranker="random"):
+        pruned = model(**inputs).logits
+    assert (pruned - vanilla).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_full_depth_is_exact_and_restored(fam):
+    model = build_model(fam)
+    inputs, _ = build_inputs(model, fam, num_images=2)
+    adapter = get_adapter(model)
+    layers_before = list(adapter.decoder_layers())
+    vanilla = model(**inputs).logits
+    gen_vanilla = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    L = adapter.num_layers
+    full = dop.Policy(L, [0.25, 1.0], {"attn_q": [L, L], "attn_kv": [L, L], "mlp": [L, L]})
+    with dop.apply_policy(model, full, ranker="random") as handle:
+        assert handle.active
+        assert torch.equal(model(**inputs).logits, vanilla)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen_vanilla)
+    assert not handle.active
+    assert all(a is b for a, b in zip(adapter.decoder_layers(), layers_before))
+    assert not adapter.entry_module()._forward_pre_hooks
+    # a pruned policy, removed explicitly, also restores the exact outputs
+    h = dop.apply_policy(model, dop.Policy(L, [0.5, 1.0], {"attn": [L, 0], "mlp": [L, 0]}))
+    assert not torch.equal(model(**inputs).logits, vanilla)
+    h.remove()
+    assert torch.equal(model(**inputs).logits, vanilla)
+    assert all(a is b for a, b in zip(adapter.decoder_layers(), layers_before))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_kv_cache_holds_only_computed_entries(fam):
+    model = build_model(fam)
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    L = get_adapter(model).num_layers
+    n_img = sum(counts)
+    S = inputs["input_ids"].shape[1]
+    pol = dop.Policy(L, [0.25, 0.5, 1.0], {"attn_kv": [L, 2, 0], "attn_q": [1, 1, 1], "mlp": [L, 3, 1]})
+    with dop.apply_policy(model, pol, ranker="spatial"):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    for layer in range(L):
+        kept = sum(pol.tokens_processed("attn_kv", layer, n) for n in counts)
+        expected = S - n_img + kept + 2  # the last generated token is not fed back yet
+        assert cache.layers[layer].keys.shape[-2] == expected, f"layer {layer}"
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_sampling_generation_and_bypass(fam):
+    model = build_model(fam)
+    inputs, _ = build_inputs(model, fam, num_images=1)
+    L = get_adapter(model).num_layers
+    vanilla = model(**inputs).logits
+    with dop.apply_policy(model, dop.Policy.token_pruning(L, 0.25), ranker="random") as handle:
+        torch.manual_seed(0)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+        with handle.bypass():
+            assert torch.equal(model(**inputs).logits, vanilla)
+        assert not torch.equal(model(**inputs).logits, vanilla)
+
+
+@torch.no_grad()
+def test_prompt_without_images_runs_unpruned():
+    model = build_model("llava")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    vanilla = model(input_ids=ids).logits
+    with dop.apply_policy(model, dop.Policy.token_pruning(4, 0.1)):
+        assert torch.equal(model(input_ids=ids).logits, vanilla)
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+
+
+def test_batch_of_two_is_a_clear_error():
+    model = build_model("llava")
+    inputs, _ = build_inputs(model, "llava")
+    batch = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    with dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5)):
+        with pytest.raises(ValueError, match="batch size 1"):
+            model(**batch)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda ctx: [list(range(n - 1)) for n in ctx.counts], "permutation"),
+    (lambda ctx: [[0] * n for n in ctx.counts], "permutation"),
+    (lambda ctx: [list(range(n)) for n in ctx.counts][:1], "one permutation per image"),
+])
+def test_callable_ranker_must_return_permutations(bad, match):
+    model = build_model("llava")
+    inputs, _ = build_inputs(model, "llava", num_images=2)
+    with dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5), ranker=bad):
+        with pytest.raises(ValueError, match=match):
+            model(**inputs)
+
+
+def test_errors_on_apply():
+    model = build_model("llava")
+    with pytest.raises(dop.PolicyError, match="num_layers"):
+        dop.apply_policy(model, dop.Policy.token_pruning(8, 0.5))
+    with pytest.raises(ValueError, match="unknown ranker"):
+        dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5), ranker="nope")
+    with dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5)):
+        with pytest.raises(ValueError, match="already applied"):
+            dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5))
+    # transfer on request
+    with dop.apply_policy(model, dop.Policy.token_pruning(8, 0.5, depth=4), transfer=True) as h:
+        assert h.policy.num_layers == 4 and h.policy.depth["attn"] == [4, 2]
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_saved_and_reloaded_model_runs_pruned(fam, tmp_path):
+    from dop.models import model_class_for
+
+    model = build_model(fam)
+    inputs, _ = build_inputs(model, fam)
+    model.save_pretrained(tmp_path)
+    loaded = model_class_for(model.config).from_pretrained(tmp_path).eval()
+    L = get_adapter(loaded).num_layers
+    pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 1], "mlp": [L, 1]})
+    with dop.apply_policy(model, pol, ranker="spatial"):
+        a = model(**inputs).logits
+    with dop.apply_policy(loaded, pol, ranker="spatial"):
+        b = loaded(**inputs).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_images_are_ranked_and_grouped_on_their_own(fam):
+    model = build_model(fam)
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    seen = {}
+
+    def spy(ctx):
+        seen["counts"] = ctx.counts
+        seen["keep"] = ctx.n_keep
+        return [torch.arange(n) for n in ctx.counts]
+
+    pol = dop.Policy(4, [0.25, 1.0], {"attn": [4, 0], "mlp": [4, 0]})
+    with torch.no_grad(), dop.apply_policy(model, pol, ranker=spy):
+        model(**inputs)
+    assert seen["counts"] == counts
+    assert seen["keep"] == [int(0.25 * n + 1e-9) for n in counts]
