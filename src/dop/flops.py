@@ -261,10 +261,8 @@ def resolve_arch(model: Any) -> Arch:
             except Exception as e:  # transformers raises many types; one line for the user
                 raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from None
             return arch_from_config(cfg, name=text)
-        raise ValueError(
-            f"unknown model {text!r}: not a preset nor a local checkpoint folder; "
-            f"known presets: {', '.join(presets())}"
-        )
+        what = "no such checkpoint folder" if os.sep in text or text.startswith(".") else "not a preset"
+        raise ValueError(f"unknown model {text!r} ({what}); known presets: {', '.join(presets())}")
     config = getattr(model, "config", None)
     if config is not None and not hasattr(model, "to_dict"):
         return arch_from_config(config)

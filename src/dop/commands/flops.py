@@ -16,7 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tokens only, as published token-pruning tables count them."
         ),
     )
-    p.add_argument("--model", required=True, help="a preset name (see --list) or a local checkpoint folder")
+    from ..flops import presets
+
+    p.add_argument(
+        "--model", required=True, help=f"a preset ({', '.join(presets())}) or a local checkpoint folder"
+    )
     p.add_argument("--policy", help="policy JSON file (default: unpruned)")
     p.add_argument("--visual-tokens", type=int, help="visual tokens per image (default: the model's typical count)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt (default: 64)")
