@@ -5,7 +5,8 @@ generate greedily, decode the new tokens, score them against the references.
 
 - **Prefill time** is measured on a separate forward pass over the whole prompt
   (``model(**inputs, use_cache=True, logits_to_keep=1)``, as generation's first step does),
-  timed with ``time.perf_counter`` around the call, under ``torch.inference_mode``. The
+  timed with ``time.perf_counter`` around the call (CUDA synchronised on both sides),
+  under ``torch.inference_mode``. The
   first sample of a run is a warm-up and is left out of the mean when there are others.
   The pass costs one extra prefill per sample; ``time_prefill=False`` skips it.
 - **FLOPs** come from ``dop.count_flops`` in both conventions (``dop``: all decoder
@@ -118,6 +119,12 @@ def _greedy_config(model, max_new_tokens: int, tokenizer):
         pad = getattr(tokenizer, "pad_token_id", None)
         cfg.pad_token_id = pad if pad is not None else cfg.eos_token_id
     return cfg
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer around a forward pass measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _FlopsCache:
@@ -257,8 +264,10 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
             prefill_ms = None
             if time_prefill:
                 extra = {"logits_to_keep": 1} if accepts_keep else {}
+                _sync(param.device)
                 t0 = time.perf_counter()
                 model(**inputs, use_cache=True, **extra)
+                _sync(param.device)
                 prefill_ms = (time.perf_counter() - t0) * 1000.0
             out = model.generate(**inputs, generation_config=gen_cfg)
             new = out[0, input_ids.shape[1]:]
