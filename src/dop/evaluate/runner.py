@@ -6,9 +6,9 @@ generate greedily, decode the new tokens, score them against the references.
 - **Prefill time** is measured on a separate forward pass over the whole prompt
   (``model(**inputs, use_cache=True, logits_to_keep=1)``, as generation's first step does),
   timed with ``time.perf_counter`` around the call (CUDA synchronised on both sides),
-  under ``torch.inference_mode``. The
-  first sample of a run is a warm-up and is left out of the mean when there are others.
-  The pass costs one extra prefill per sample; ``time_prefill=False`` skips it.
+  under ``torch.inference_mode``. The first sample of a run is a warm-up and is left out
+  of the mean when there are others. The pass costs one extra prefill per sample;
+  ``time_prefill=False`` skips it.
 - **FLOPs** come from ``dop.count_flops`` in both conventions (``dop``: all decoder
   matrix products of the prefill; ``paper``: the published token-pruning formula) for
   each sample's measured visual-token count (per image, through the family's adapter)
@@ -165,8 +165,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model`` on ``samples``; see the module docstring for what is measured.
 
-    ``policy`` (a :class:`dop.Policy` or a policy file path) is applied with ``dop.apply_policy(model, policy,
-    ranker)``; its layer count must match the model's (checked before any work). With a
+    ``policy`` (a :class:`dop.Policy` or a policy file path) is applied with
+    ``dop.apply_policy(model, policy, ranker)``; its layer count must match the model's (checked before any work). With a
     policy, ``baseline`` (an unpruned :class:`EvalResult` on the same samples) is used for
     Rel. Avg., or computed when None and ``run_baseline``. ``build_prompt(processor,
     question)`` defaults to the chat-template prompt of
