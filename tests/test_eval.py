@@ -312,3 +312,14 @@ def test_processor_without_chat_template_fails_before_work(loaded, monkeypatch):
     _fail_if_run(monkeypatch)
     with pytest.raises(ValueError, match="has no chat template"):
         evaluate(model, processor, [{"image": None, "question": "q", "answers": ["a"]}], progress=False)
+
+
+def test_demo_name_routes_to_the_demo_loader_and_prompt(monkeypatch, loaded):
+    import dop.demo
+    from dop.evaluate.loading import prompt_builder_for
+
+    calls = []
+    monkeypatch.setattr(dop.demo, "load_demo", lambda attn_implementation="sdpa": calls.append(attn_implementation) or loaded)
+    model, processor = load_model("demo", attn_implementation="eager")
+    assert calls == ["eager"] and model is loaded[0] and processor is loaded[1]
+    assert prompt_builder_for("demo") is dop.demo.build_prompt
