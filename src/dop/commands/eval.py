@@ -200,7 +200,8 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
     lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
     if pruned:
         ranker = result.ranker or result.policy.ranker or "default"
-        lines.append(f"policy {policy_file or '(given)'}   ranker {ranker}")
+        shown = "(inline JSON)" if policy_file and policy_file.lstrip().startswith("{") else policy_file
+        lines.append(f"policy {shown or '(given)'}   ranker {ranker}")
     lines.append("")
     cols = ["task", "n", "accuracy", "F1"]
     if base is not None:
@@ -275,7 +276,8 @@ def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, 
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "policy_file": policy_file,
+        # null for inline policy JSON: the policy itself is under "policy"
+        "policy_file": None if policy_file and policy_file.lstrip().startswith("{") else policy_file,
     }
     doc.update(result.to_dict())
     base = result.baseline
