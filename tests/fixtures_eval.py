@@ -1,4 +1,4 @@
-"""A tiny LLaVA checkpoint (CLIP vision tower + Llama decoder) saved with its processor.
+"""A tiny LLaVA (or LLaVA-NeXT) checkpoint, CLIP tower + Llama decoder, saved with its processor.
 
 Built from configs with random weights, no downloads: a word-level tokenizer with the
 ``<image>`` token, a PIL CLIP image processor, a ``LlavaProcessor`` with a chat template,
@@ -61,16 +61,19 @@ def _tokenizer():
     return fast
 
 
-def build_tiny_llava(path: str | Path, *, constant_answer: bool = False, seed: int = 0) -> Path:
-    """Save a tiny random LLaVA checkpoint + processor to ``path``; returns the path."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def build_tiny_llava(
+    path: str | Path, *, constant_answer: bool = False, seed: int = 0, family: str = "llava"
+) -> Path:
+    """Save a tiny random LLaVA (``family="llava"``) or LLaVA-NeXT (``"llava_next"``, any-res
+    tiles from 32 px pinpoints) checkpoint + processor to ``path``; returns the path."""
+    import transformers as T
+    from transformers import CLIPVisionConfig, LlamaConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    if family not in ("llava", "llava_next"):
+        raise ValueError(f"family must be 'llava' or 'llava_next', got {family!r}")
+    pinpoints = [[32, 32], [32, 64], [64, 32]]
 
     path = Path(path)
     tokenizer = _tokenizer()
@@ -96,15 +99,20 @@ def build_tiny_llava(path: str | Path, *, constant_answer: bool = False, seed: i
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    common = dict(
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
+    if family == "llava":
+        config, model_cls = T.LlavaConfig(**common), T.LlavaForConditionalGeneration
+    else:
+        config = T.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints, image_seq_length=NUM_VISUAL_TOKENS)
+        model_cls = T.LlavaNextForConditionalGeneration
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     if constant_answer:
         with torch.no_grad():
             model.lm_head.weight.zero_()
@@ -112,10 +120,13 @@ def build_tiny_llava(path: str | Path, *, constant_answer: bool = False, seed: i
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
 
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
+    sizes = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if family == "llava":
+        image_processor, processor_cls = CLIPImageProcessorPil(**sizes), T.LlavaProcessor
+    else:
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
+        processor_cls = T.LlavaNextProcessor
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=PATCH,

@@ -323,3 +323,17 @@ def test_demo_name_routes_to_the_demo_loader_and_prompt(monkeypatch, loaded):
     model, processor = load_model("demo", attn_implementation="eager")
     assert calls == ["eager"] and model is loaded[0] and processor is loaded[1]
     assert prompt_builder_for("demo") is dop.demo.build_prompt
+
+
+def test_cli_eval_llava_next_checkpoint(tmp_path, data, capsys):
+    # another family through the same path: model_type picks the class, AutoProcessor the processor
+    from transformers import LlavaNextForConditionalGeneration
+
+    path = build_tiny_llava(tmp_path / "next", constant_answer=True, family="llava_next")
+    assert isinstance(load_model(str(path))[0], LlavaNextForConditionalGeneration)
+    out = tmp_path / "next.json"
+    assert main(_eval("--model", path, "--data", data, "--json", out, "--max-new-tokens", 1)) == 0
+    doc = json.loads(out.read_text())
+    assert doc["average"] == pytest.approx((EXIST_ACC + COLOR_ACC) / 2)
+    # any-res: the 40 x 40 images get a base tile plus padded tiles, more than one tile's 16 tokens
+    assert doc["num_visual_tokens"] > NUM_VISUAL_TOKENS
