@@ -1,0 +1,110 @@
+"""Check the additive proxy against the truth (``--verify K``).
+
+- the true joint divergence (full pruned forwards) of the chosen policy;
+- the proxy and true divergence of K random feasible policies of the space, and the Spearman
+  rank correlation between them;
+- token pruning at the same budget with the same ranker (the most visual tokens kept at
+  layer 0 whose cost fits), and its true divergence.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..policy import Policy
+from .divergence import PreparedSample, true_divergence
+from .solver import Solution, Solver
+
+
+@dataclass
+class Verification:
+    chosen_true: float
+    chosen_proxy: float
+    random: list[dict] = field(default_factory=list)  # {"assign", "proxy", "true", "cost"}
+    spearman: float | None = None
+    spearman_p: float | None = None
+    token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
+
+    def to_dict(self) -> dict:
+        return {
+            "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
+            "spearman": self.spearman, "spearman_p": self.spearman_p,
+            "random": self.random, "token_pruning": self.token_pruning,
+        }
+
+
+def random_feasible(space, solver: Solver, limit: int, k: int, seed: int = 0, max_tries: int = 20000) -> list[dict]:
+    """Up to ``k`` distinct random assignments whose cost fits ``limit``: draw every parameter
+    uniformly, then lower randomly chosen parameters at random until the policy fits."""
+    rng = random.Random(seed)
+    cost = solver.cost
+    out, seen = [], set()
+    for _ in range(max_tries):
+        if len(out) >= k:
+            break
+        a = {p.name: rng.choice(p.values) for p in space.params}
+        c = cost.policy_cost(space.policy(a))
+        while c > limit:
+            lowerable = [p for p in space.params if a[p.name] > min(p.values)]
+            if not lowerable:
+                break
+            p = rng.choice(lowerable)
+            a[p.name] = rng.choice([v for v in p.values if v < a[p.name]])
+            c = cost.policy_cost(space.policy(a))
+        key = tuple(sorted(a.items()))
+        if c <= limit and key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int) -> tuple[int, Policy] | None:
+    """The most tokens kept (pruned from every op from layer 0 on) whose cost fits ``limit``."""
+    def pol(n):
+        return Policy.token_pruning(num_layers, n / n_ref, 0)
+
+    if cost.policy_cost(pol(0)) > limit:
+        return None
+    lo, hi = 0, n_ref  # cost is monotone in n: largest n with cost <= limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost.policy_cost(pol(mid)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, pol(lo)
+
+
+def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
+           k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
+    from scipy.stats import spearmanr
+    from tqdm.auto import tqdm
+    import sys
+
+    cost = solver.cost
+    assigns = random_feasible(space, solver, solution.limit, k, seed)
+    bar = tqdm(total=len(assigns) + 2, desc="verify", unit="policy", disable=not progress, file=sys.stderr, leave=False)
+    chosen_true, _ = true_divergence(model, prepared, refs, solution.policy, ranker)
+    bar.update(1)
+    rows = []
+    for a in assigns:
+        pol = space.policy(a)
+        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        rows.append({"assign": a, "proxy": solver.proxy_of(a), "true": t, "cost": cost.policy_cost(pol)})
+        bar.update(1)
+    rho = pval = None
+    if len(rows) >= 3:
+        r = spearmanr([x["proxy"] for x in rows], [x["true"] for x in rows])
+        if r.statistic == r.statistic:  # not NaN (constant inputs)
+            rho, pval = float(r.statistic), float(r.pvalue)
+    tp = None
+    found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit)
+    if found is not None:
+        n, pol = found
+        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        tp = {"n_keep": n, "policy": pol.to_dict(), "cost": cost.policy_cost(pol), "true": t}
+    bar.update(1)
+    bar.close()
+    return Verification(chosen_true, solution.predicted, rows, rho, pval, tp)
