@@ -94,7 +94,7 @@ def rank_visual_tokens(model, inputs: dict, ranker: Any, n_keep: int | list[int]
     return [p.tolist() for p in rank_prompt(model, adapter, r, inputs, n_keep)]
 
 
-from . import basic  # noqa: E402,F401  (registration)
+from . import basic, cdpruner, dart, fastv, pdrop, vispruner  # noqa: E402,F401  (registration)
 
 __all__ = [
     "LayerState", "RankContext", "Ranker", "check_permutation", "known_rankers",

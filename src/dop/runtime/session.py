@@ -154,15 +154,20 @@ class PruneSession:
     def maybe_rerank(self, st: ForwardState, layer_idx: int, hidden, layer, position_embeddings, rotary_fn):
         if layer_idx not in self.rerank_layers or not st.has_visual or st.depths is None:
             return
-        active = []
+        # a token may move iff every op processed it at every layer below this one: its state
+        # is then that of an unpruned token, whichever group it joins from here on
+        active, processed = [], []
         for span in st.spans:
             pos = span.positions
-            act = torch.zeros(span.n, dtype=torch.bool)
+            act = torch.ones(span.n, dtype=torch.bool)
+            here = torch.zeros(span.n, dtype=torch.bool)
             for k in OP_KINDS:
-                act |= st.depths[k][pos] > layer_idx
+                act &= st.depths[k][pos] >= layer_idx
+                here |= st.depths[k][pos] > layer_idx
             active.append(act)
-        ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, None,
-                          [self.policy.n_keep(s.n) for s in st.spans])
+            processed.append(int(here.sum()))
+        # n_keep: per image, the visual tokens some op processes at this layer
+        ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, None, processed)
         state = LayerState(layer_idx, hidden, layer, position_embeddings, rotary_fn, active, st.ranks)
         new = self.ranker.rerank(ctx, state)
         if new is None:
