@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="shapes:SPLIT[:SEED]|FILE.jsonl",
                    help="validation data: the synthetic benchmark split, or a JSONL file / folder")
     p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
-    p.add_argument("--budget", metavar="B", help=f"the budget: {BUDGET_HELP}")
+    p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
     p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
     p.add_argument("--space", default="dop", choices=("dop", "multigroup"),
                    help="dop: n_v, D_attn, D_mlp (the paper's); multigroup: one depth per (op kind, rank group)")

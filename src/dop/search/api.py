@@ -118,7 +118,9 @@ def search(
     if not specs:
         raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
     parsed = [parse_budget(b) for b in specs]
-    resolve_ranker(ranker)  # unknown names fail before any work
+    rk = resolve_ranker(ranker)  # unknown names fail before any work
+    rerank = sorted(int(l) for l in (getattr(rk, "layers", ()) or ()))
+    min_depth = rerank[0] + 1 if rerank else 0
     if not isinstance(verify_k, int) or verify_k < 0:
         raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
     samples = list(samples)
@@ -129,7 +131,7 @@ def search(
     prepared = samples if isinstance(samples[0], PreparedSample) else prepare_samples(model, processor, samples, build_prompt)
     counts, text = reference_shape(prepared)
     sp = make_space(space, L, max(counts), groups=groups, kinds=kinds, min_tokens=min_tokens,
-                    stride=stride, nv_stride=nv_stride)
+                    stride=stride, nv_stride=nv_stride, min_depth=min_depth)
     costs = {c: CostModel(model, counts, text, c) for c in ("dop", "paper")}
     if convention not in costs:
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")

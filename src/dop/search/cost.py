@@ -99,18 +99,21 @@ class CostModel:
 # ---------------------------------------------------------------------- budgets
 _TFLOPS = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(t|tf|tflops?)\s*$", re.IGNORECASE)
 _TOKENS = re.compile(r"^\s*(?:tokens?:\s*([0-9]+)|([0-9]+)\s*tok(?:ens?)?)\s*$", re.IGNORECASE)
+_SHARE = re.compile(r"^\s*tokens?:\s*([0-9]+)\s*/\s*([0-9]+)\s*$", re.IGNORECASE)
 
 BUDGET_HELP = (
-    "a fraction of the unpruned decoder FLOPs (0.14), absolute decoder TFLOPs (2.5T), or the "
-    "FLOPs of keeping N visual tokens at every layer, paper convention (tokens:64)"
+    "a fraction of the unpruned decoder FLOPs (0.14 or 14%), absolute decoder TFLOPs (2.5T), or the "
+    "FLOPs of keeping N visual tokens (tokens:64) or a share of them (tokens:1/9) at every layer, "
+    "paper convention"
 )
 
 
 @dataclass(frozen=True)
 class Budget:
     kind: str  # "fraction" | "tflops" | "tokens"
-    value: float
+    value: float  # the fraction, the TFLOPs, or the tokens kept (a share of them when share=True)
     spec: str
+    share: bool = False
 
     def __str__(self) -> str:
         return self.spec
@@ -124,8 +127,8 @@ class Budget:
             return int(self.value * cost.unpruned + 1e-6)
         if self.kind == "tflops":
             return int(self.value * 1e12)
-        n = int(self.value)
         n_ref = max(cost.counts)
+        n = int(round(self.value * n_ref)) if self.share else int(self.value)
         if n > n_ref:
             raise BudgetError(f"budget {self.spec!r}: the images hold {n_ref} visual tokens, cannot keep {n}")
         frac = _flops.budget_from_tokens(cost.model, n, n_ref, num_images=len(cost.counts))
@@ -147,6 +150,12 @@ def parse_budget(spec) -> Budget:
         text, value = repr(spec), float(spec)
         return _fraction(value, text)
     text = str(spec).strip()
+    m = _SHARE.match(text)
+    if m:
+        a, b = int(m.group(1)), int(m.group(2))
+        if b == 0 or a > b:
+            raise BudgetError(f"budget {text!r}: a token share a/b needs 0 <= a <= b, b > 0")
+        return Budget("tokens", a / b, text, share=True)
     m = _TOKENS.match(text)
     if m:
         return Budget("tokens", float(int(m.group(1) or m.group(2))), text)
@@ -157,7 +166,7 @@ def parse_budget(spec) -> Budget:
             raise BudgetError(f"budget {text!r}: TFLOPs must be positive")
         return Budget("tflops", v, text)
     try:
-        value = float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise BudgetError(f"budget {text!r} not understood; give {BUDGET_HELP}") from None
     return _fraction(value, text)
@@ -165,8 +174,6 @@ def parse_budget(spec) -> Budget:
 
 def _fraction(value: float, text: str) -> Budget:
     if not (0.0 < value <= 1.0) or value != value:
-        raise BudgetError(
-            f"budget {text}: a fraction of the unpruned decoder FLOPs must lie in (0, 1]; "
-            f"for absolute TFLOPs write e.g. {text}T, for a token equivalent tokens:N"
-        )
+        hint = f"; for absolute TFLOPs write {text}T, for a token equivalent tokens:N" if value > 1 else ""
+        raise BudgetError(f"budget {text}: a fraction of the unpruned decoder FLOPs must lie in (0, 1]{hint}")
     return Budget("fraction", value, text)

@@ -66,9 +66,10 @@ class Solver:
         sp, c, L = self.space, self.cost, self.space.num_layers
         nvs = sp.param("n_v").values
         M, n_ref = sp.min_tokens, sp.n_ref
-        depths = np.arange(L + 1)
-        ca = np.zeros((len(nvs), L + 1), dtype=np.int64)
-        cm = np.zeros((len(nvs), L + 1), dtype=np.int64)
+        depths = list(sp.param("D_attn").values)  # min_depth..L
+        ca = np.zeros((len(nvs), len(depths)), dtype=np.int64)
+        cm = np.zeros((len(nvs), len(depths)), dtype=np.int64)
+        md, total = sp.min_depth, sum(c.counts)
         for i, nv in enumerate(nvs):
             s_min = s_nv = 0
             for n in c.counts:
@@ -76,14 +77,15 @@ class Solver:
                 b = n if nv >= n_ref else int(np.floor(nv / n_ref * n + 1e-9))
                 s_min += a
                 s_nv += b - a
-            hi_a, lo_a = c.attn(s_min + s_nv, s_min + s_nv), c.attn(s_min, s_min)
-            hi_m, lo_m = c.mlp(s_min + s_nv), c.mlp(s_min)
-            ca[i] = [d * hi_a + (L - d) * lo_a for d in depths]
-            cm[i] = [d * hi_m + (L - d) * lo_m for d in depths]
+            # layers < md: every token; md..D-1: the top n_v; D..L-1: the top min_tokens
+            all_a, hi_a, lo_a = c.attn(total, total), c.attn(s_min + s_nv, s_min + s_nv), c.attn(s_min, s_min)
+            all_m, hi_m, lo_m = c.mlp(total), c.mlp(s_min + s_nv), c.mlp(s_min)
+            ca[i] = [md * all_a + max(0, d - md) * hi_a + (L - max(d, md)) * lo_a for d in depths]
+            cm[i] = [md * all_m + max(0, d - md) * hi_m + (L - max(d, md)) * lo_m for d in depths]
         self._total = ca[:, :, None] + cm[:, None, :]
         pv = [np.array([self.proxy[n][v] for v in sp.param(n).values]) for n in ("n_v", "D_attn", "D_mlp")]
         self._obj = pv[0][:, None, None] + pv[1][None, :, None] + pv[2][None, None, :]
-        self._nvs = nvs
+        self._nvs, self._depths = nvs, depths
 
     def _solve_dop(self, limit: int) -> tuple[dict, float, int]:
         ok = self._total <= limit
@@ -93,7 +95,8 @@ class Solver:
         obj, tot = self._obj.reshape(-1)[flat], self._total.reshape(-1)[flat]
         best = flat[np.lexsort((flat, tot, obj))[0]]
         i, a, m = np.unravel_index(best, self._total.shape)
-        return {"n_v": int(self._nvs[i]), "D_attn": int(a), "D_mlp": int(m)}, float(self._obj[i, a, m]), int(self._total[i, a, m])
+        return ({"n_v": int(self._nvs[i]), "D_attn": int(self._depths[a]), "D_mlp": int(self._depths[m])},
+                float(self._obj[i, a, m]), int(self._total[i, a, m]))
 
     # ------------------------------------------------------------------ multigroup
     def _prepare_multigroup(self):

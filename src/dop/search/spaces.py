@@ -5,6 +5,10 @@ divergence table measures, the unpruned value) and a map from an assignment of v
 :class:`~dop.policy.Policy`. Every parameter's unpruned value leaves the model unchanged, so
 the table measures each parameter alone with the others at that value.
 
+``min_depth``: rankers that re-rank inside the LLM (FastV-like, first re-ranking layer K)
+need every visual token active up to and including layer K, so no op may stop below
+``K + 1``; tokens past ``n_v`` are then pruned from that layer on.
+
 ``min_tokens`` (M) puts the top-M ranked visual tokens of every image in a leading group
 that every op processes at every layer: no module ever sees fewer than M visual tokens.
 """
@@ -39,10 +43,11 @@ class Param:
     measured: list[int]  # values the table measures (the unpruned one excluded: divergence 0)
     kind: str | None = None  # op kind of a depth parameter
     group: int | None = None  # group index (within the searched groups) of a depth parameter
+    start: int = 0  # first layer a change of a non-depth parameter (n_v) affects
 
     def start_layer(self, value: int) -> int:
         """The first decoder layer whose computation differs from the unpruned run."""
-        return 0 if self.kind is None else int(value)
+        return self.start if self.kind is None else int(value)
 
     def interpolate(self, measured: dict[int, float]) -> dict[int, float]:
         """Proxy value of every candidate: measured points, the unpruned value at 0, linear
@@ -71,6 +76,7 @@ class Space:
     n_ref: int  # visual tokens per image the grid is laid out for
     min_tokens: int = 0
     params: list[Param] = field(default_factory=list)
+    min_depth: int = 0  # no op stops below this layer (rankers that re-rank inside the LLM)
 
     def baseline(self) -> dict[str, int]:
         return {p.name: p.unpruned for p in self.params}
@@ -93,7 +99,7 @@ class Space:
     def key(self) -> dict:
         return {
             "space": self.name, "num_layers": self.num_layers, "n_ref": self.n_ref,
-            "min_tokens": self.min_tokens,
+            "min_tokens": self.min_tokens, "min_depth": self.min_depth,
             "measured": {p.name: list(p.measured) for p in self.params},
         }
 
@@ -122,26 +128,26 @@ class DopSpace(Space):
     to depth ``D_attn`` and by the MLP to depth ``D_mlp``."""
 
     def __init__(self, num_layers: int, n_ref: int, *, min_tokens: int = 0, stride: int = 1,
-                 nv_stride: int | None = None):
-        L = num_layers
-        _check_common(L, n_ref, min_tokens, stride)
+                 nv_stride: int | None = None, min_depth: int = 0):
+        L, md = num_layers, min_depth
+        _check_common(L, n_ref, min_tokens, stride, md)
         if nv_stride is None:
             nv_stride = max(1, math.ceil(n_ref / 32))
         if not isinstance(nv_stride, int) or nv_stride < 1:
             raise SpaceError(f"nv_stride must be a positive integer, got {nv_stride!r}")
         params = [
-            Param("n_v", n_ref, list(range(min_tokens, n_ref + 1)), _grid(min_tokens, n_ref, nv_stride)),
-            Param("D_attn", L, list(range(0, L + 1)), _grid(0, L, stride), kind="attn"),
-            Param("D_mlp", L, list(range(0, L + 1)), _grid(0, L, stride), kind="mlp"),
+            Param("n_v", n_ref, list(range(min_tokens, n_ref + 1)), _grid(min_tokens, n_ref, nv_stride), start=md),
+            Param("D_attn", L, list(range(md, L + 1)), _grid(md, L, stride), kind="attn"),
+            Param("D_mlp", L, list(range(md, L + 1)), _grid(md, L, stride), kind="mlp"),
         ]
-        super().__init__("dop", L, n_ref, min_tokens, params)
+        super().__init__("dop", L, n_ref, min_tokens, params, md)
 
     def policy(self, assign: dict[str, int]) -> Policy:
         L, M = self.num_layers, self.min_tokens
         nv, da, dm = int(assign["n_v"]), int(assign["D_attn"]), int(assign["D_mlp"])
         if not (M <= nv <= self.n_ref):
             raise SpaceError(f"n_v must lie in [{M}, {self.n_ref}], got {nv}")
-        segs = [(M, {"attn": L, "mlp": L}), (nv, {"attn": da, "mlp": dm}), (self.n_ref, {"attn": 0, "mlp": 0})]
+        segs = [(M, {"attn": L, "mlp": L}), (nv, {"attn": da, "mlp": dm}), (self.n_ref, {"attn": self.min_depth, "mlp": self.min_depth})]
         return _compose(L, self.n_ref, segs, ("attn", "mlp"))
 
 
@@ -149,9 +155,9 @@ class MultiGroupSpace(Space):
     """G rank groups (cumulative fractions), one depth per (op kind, group)."""
 
     def __init__(self, num_layers: int, n_ref: int, *, groups=DEFAULT_GROUPS, kinds=DEFAULT_KINDS,
-                 min_tokens: int = 0, stride: int = 1):
-        L = num_layers
-        _check_common(L, n_ref, min_tokens, stride)
+                 min_tokens: int = 0, stride: int = 1, min_depth: int = 0):
+        L, md = num_layers, min_depth
+        _check_common(L, n_ref, min_tokens, stride, md)
         groups = check_groups(groups)
         kinds = check_kinds(kinds)
         # the searched groups: those ending past the always-kept top-M tokens
@@ -163,10 +169,10 @@ class MultiGroupSpace(Space):
         self.ends = [e for _, e in kept]
         self.kinds = kinds
         params = [
-            Param(f"{k}[{g}]", L, list(range(0, L + 1)), _grid(0, L, stride), kind=k, group=g)
+            Param(f"{k}[{g}]", L, list(range(md, L + 1)), _grid(md, L, stride), kind=k, group=g)
             for k in kinds for g in range(len(kept))
         ]
-        super().__init__("multigroup", L, n_ref, min_tokens, params)
+        super().__init__("multigroup", L, n_ref, min_tokens, params, md)
 
     def key(self) -> dict:
         return {**super().key(), "groups": self.fractions, "kinds": list(self.kinds)}
@@ -182,7 +188,12 @@ class MultiGroupSpace(Space):
         return Policy(L, groups, depth)
 
 
-def _check_common(L: int, n_ref: int, min_tokens: int, stride: int) -> None:
+def _check_common(L: int, n_ref: int, min_tokens: int, stride: int, min_depth: int = 0) -> None:
+    if not (0 <= min_depth < L):
+        raise SpaceError(
+            f"the ranker re-ranks inside the LLM from layer {min_depth - 1}, which leaves no depth to search "
+            f"in a model of {L} layers"
+        )
     if not isinstance(n_ref, int) or n_ref < 1:
         raise SpaceError(f"the samples hold no visual tokens (n_ref={n_ref!r})")
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not (0 <= min_tokens < n_ref):
@@ -218,15 +229,16 @@ def check_kinds(kinds) -> tuple[str, ...]:
 
 
 def make_space(name: str, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,
-               stride: int = 1, nv_stride: int | None = None) -> Space:
+               stride: int = 1, nv_stride: int | None = None, min_depth: int = 0) -> Space:
     """The named space; options that do not apply to it are an error."""
     if name == "dop":
         if groups is not None or kinds is not None:
             raise SpaceError("--groups and --kinds apply to --space multigroup only (dop has n_v, D_attn, D_mlp)")
-        return DopSpace(num_layers, n_ref, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride)
+        return DopSpace(num_layers, n_ref, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride,
+                        min_depth=min_depth)
     if name == "multigroup":
         if nv_stride is not None:
             raise SpaceError("--nv-stride applies to --space dop only")
         return MultiGroupSpace(num_layers, n_ref, groups=groups or DEFAULT_GROUPS, kinds=kinds or DEFAULT_KINDS,
-                               min_tokens=min_tokens, stride=stride)
+                               min_tokens=min_tokens, stride=stride, min_depth=min_depth)
     raise SpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")

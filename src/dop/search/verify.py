@@ -60,10 +60,11 @@ def random_feasible(space, solver: Solver, limit: int, k: int, seed: int = 0, ma
     return out
 
 
-def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int) -> tuple[int, Policy] | None:
-    """The most tokens kept (pruned from every op from layer 0 on) whose cost fits ``limit``."""
+def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int = 0) -> tuple[int, Policy] | None:
+    """The most tokens kept (the rest pruned from every op from layer ``depth`` on) whose cost
+    fits ``limit``."""
     def pol(n):
-        return Policy.token_pruning(num_layers, n / n_ref, 0)
+        return Policy.token_pruning(num_layers, n / n_ref, depth)
 
     if cost.policy_cost(pol(0)) > limit:
         return None
@@ -100,7 +101,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
         if r.statistic == r.statistic:  # not NaN (constant inputs)
             rho, pval = float(r.statistic), float(r.pvalue)
     tp = None
-    found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit)
+    found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
     if found is not None:
         n, pol = found
         t, _ = true_divergence(model, prepared, refs, pol, ranker)

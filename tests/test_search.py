@@ -1,0 +1,394 @@
+"""DOP search (issue 5): divergence, table (early start vs naive, resume), exact solver vs
+brute force, verification, CLI and every bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+import dop
+from dop.cli import main
+from dop.flops import count_flops
+from dop.rankers import Ranker
+from dop.search import (
+    BudgetError, CostModel, DivergenceTable, PreparedSample, SpaceError, Solver, TableError, build_table,
+    kl_divergence, make_space, parse_budget, search, true_divergence,
+)
+from dop.search.verify import random_feasible
+from dop.runtime.replay import last_logits
+from tiny_models import FAMILIES, build_inputs, build_model, make_config
+
+L = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: much faster than two on a shared 2-core machine for these tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _prepared(model, family, n=3):
+    out = []
+    for seed in range(n):
+        inputs, counts = build_inputs(model, family, num_images=1, seed=seed)
+        out.append(PreparedSample(inputs, counts, int(inputs["input_ids"].shape[1]) - sum(counts)))
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    model = build_model(request.param, num_layers=L)
+    return request.param, model, _prepared(model, request.param)
+
+
+def _refs(model, prepared):
+    with torch.inference_mode():
+        return [last_logits(model, s.inputs) for s in prepared]
+
+
+def _space(name, prepared, **kw):
+    return make_space(name, L, max(prepared[0].visual_counts), **kw)
+
+
+class NormReranker(Ranker):
+    """Re-ranks inside the LLM at layer 1 by hidden-state norm (a FastV-like ranker)."""
+
+    name = "norm-rerank"
+    layers = (1,)
+
+    def rank(self, ctx):
+        return [torch.arange(s.n) for s in ctx.spans]
+
+    def rerank(self, ctx, state):
+        out = []
+        for span, act, old in zip(ctx.spans, state.active, state.ranks):
+            norms = state.hidden_states[0, span.positions].norm(dim=-1)
+            new = torch.argsort(-norms, stable=True)
+            if not bool(act.all()):
+                return None
+            out.append(new)
+        return out
+
+
+# ---------------------------------------------------------------------- divergence
+def test_kl_divergence_values():
+    x = torch.randn(50)
+    assert kl_divergence(x, x) == 0.0
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
+    want = float((p * (p / q).log()).sum())
+    assert kl_divergence(p.log(), q.log()) == pytest.approx(want, rel=1e-6)
+    assert kl_divergence(torch.randn(50), torch.randn(50)) > 0
+
+
+@torch.no_grad()
+def test_unpruned_divergence_is_zero(tiny):
+    fam, model, prepared = tiny
+    refs = _refs(model, prepared)
+    for pol in (dop.Policy.unpruned(L), dop.Policy(L, [0.5, 1.0], {"attn": [L, L], "mlp": [L, L]})):
+        mean, per = true_divergence(model, prepared, refs, pol, "random")
+        assert mean == 0.0 and per == [0.0] * len(prepared)
+
+
+# ---------------------------------------------------------------------- table
+def _key(space, ranker="random:seed=2"):
+    return {"test": True, "ranker": str(ranker), **space.key()}
+
+
+@pytest.mark.parametrize("space_name", ["dop", "multigroup"])
+def test_early_start_table_equals_naive(tiny, space_name):
+    fam, model, prepared = tiny
+    kw = {"nv_stride": 3} if space_name == "dop" else {"groups": [0.25, 0.5, 1.0], "kinds": "attn_q,attn_kv,mlp"}
+    sp = _space(space_name, prepared, **kw)
+    fast = build_table(model, prepared, sp, "random:seed=2", _key(sp), progress=False)
+    slow = build_table(model, prepared, sp, "random:seed=2", _key(sp), progress=False, naive=True)
+    worst = max(abs(a - b) for n in fast.entries for v in fast.entries[n]
+                for a, b in zip(fast.entries[n][v], slow.entries[n][v]))
+    assert worst < 1e-6, f"{fam}: early-start and naive tables differ by {worst:.3g}"
+    assert fast.complete and slow.complete
+    assert slow.layer_evals == slow.naive_layer_evals
+    assert fast.naive_layer_evals == slow.naive_layer_evals
+    assert fast.layer_evals < fast.naive_layer_evals
+    assert any(x > 1e-6 for vals in fast.entries.values() for per in vals.values() for x in per)
+
+
+def test_early_start_with_reranking_ranker():
+    """A ranker that re-ranks inside the LLM: depths start past its layer, ranks recorded by
+    the probe forward, re-ranking at later layers done by the wrapped layers."""
+    model = build_model("llava", num_layers=L)
+    prepared = _prepared(model, "llava", 2)
+    ranker = NormReranker()
+    sp = _space("multigroup", prepared, groups=[0.5, 1.0], min_depth=2)
+    assert sp.param("attn[0]").measured == [2, 3]
+    fast = build_table(model, prepared, sp, ranker, _key(sp, "norm"), progress=False)
+    slow = build_table(model, prepared, sp, ranker, _key(sp, "norm"), progress=False, naive=True)
+    for n in fast.entries:
+        for v in fast.entries[n]:
+            assert fast.entries[n][v] == pytest.approx(slow.entries[n][v], abs=1e-6)
+    spd = _space("dop", prepared, nv_stride=4, min_depth=2)
+    a = build_table(model, prepared, spd, ranker, _key(spd, "norm"), progress=False)
+    b = build_table(model, prepared, spd, ranker, _key(spd, "norm"), progress=False, naive=True)
+    assert a.entries["n_v"][4] == pytest.approx(b.entries["n_v"][4], abs=1e-6)
+
+
+def test_proxy_equals_truth_for_one_parameter(tiny):
+    fam, model, prepared = tiny
+    sp = _space("dop", prepared, nv_stride=5)
+    table = build_table(model, prepared, sp, "random:seed=1", _key(sp), progress=False)
+    refs = _refs(model, prepared)
+    solver = Solver(sp, table.proxy(sp), CostModel(model, prepared[0].visual_counts, prepared[0].text_tokens))
+    for name, value in (("n_v", 5), ("D_attn", 1), ("D_mlp", 2), ("D_attn", 0)):
+        assign = {**sp.baseline(), name: value}
+        truth, _ = true_divergence(model, prepared, refs, sp.policy(assign), "random:seed=1")
+        assert solver.proxy_of(assign) == pytest.approx(truth, rel=1e-6, abs=1e-9)
+    assert solver.proxy_of(sp.baseline()) == 0.0
+
+
+def test_stride_interpolates_between_measured_depths():
+    sp = make_space("multigroup", 8, 16, groups=[0.5, 1.0], stride=3)
+    p = sp.param("mlp[1]")
+    assert p.measured == [0, 3, 6] and p.values == list(range(9))
+    got = p.interpolate({0: 3.0, 3: 1.5, 6: 0.6})
+    assert got[0] == 3.0 and got[3] == 1.5 and got[8] == 0.0
+    assert got[1] == pytest.approx(2.5) and got[7] == pytest.approx(0.3)
+
+
+def test_resume_after_interruption_gives_the_same_table(tmp_path):
+    model = build_model("qwen2_5_vl", num_layers=L)
+    prepared = _prepared(model, "qwen2_5_vl", 2)
+    sp = _space("dop", prepared, nv_stride=4)
+    key = _key(sp)
+    whole = build_table(model, prepared, sp, "random:seed=2", key, progress=False)
+    path = str(tmp_path / "table.json")
+
+    def stop(done):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_table(model, prepared, sp, "random:seed=2", key, path=path, progress=False, on_entry=stop)
+    saved = DivergenceTable.load(path)
+    assert saved.total() - saved.missing() == 5
+    resumed = build_table(model, prepared, sp, "random:seed=2", key, path=path, progress=False)
+    assert resumed.entries == whole.entries
+    assert DivergenceTable.load(path).entries == whole.entries
+    # the file of another search is refused, naming the difference
+    with pytest.raises(TableError, match="ranker"):
+        build_table(model, prepared, sp, "identity", _key(sp, "identity"), path=path, progress=False)
+
+
+# ---------------------------------------------------------------------- solver
+def _brute(space, proxy, cost):
+    names = [p.name for p in space.params]
+    rows = []
+    for combo in itertools.product(*(p.values for p in space.params)):
+        a = dict(zip(names, combo))
+        pol = space.policy(a)
+        c = count_flops(cost.model, pol, num_visual_tokens=cost.counts, num_text_tokens=cost.text,
+                        convention=cost.convention).decoder
+        rows.append((sum(proxy[n][v] for n, v in a.items()), c))
+    return rows
+
+
+def _random_proxy(space, seed):
+    rng = random.Random(seed)
+    return {p.name: {v: (0.0 if v == p.unpruned else rng.random() ** 2 * (1 + p.unpruned - v))
+                     for v in p.values} for p in space.params}
+
+
+SMALL_SPACES = [
+    ("dop", {}, [16]),
+    ("dop", {"min_tokens": 3}, [16, 16]),
+    ("dop", {"min_depth": 1}, [16]),
+    ("multigroup", {"groups": [0.25, 0.5, 1.0]}, [16]),
+    ("multigroup", {"groups": [0.5, 1.0], "kinds": "attn_q,attn_kv,mlp"}, [16]),
+    ("multigroup", {"groups": [0.25, 1.0], "kinds": "attn_kv,mlp", "min_tokens": 2}, [12, 16]),
+    ("multigroup", {"groups": [0.25, 0.5, 1.0], "kinds": "attn_q"}, [16]),
+]
+
+
+@pytest.mark.parametrize("convention", ["dop", "paper"])
+@pytest.mark.parametrize("name,kw,counts", SMALL_SPACES, ids=lambda x: str(x))
+def test_solver_equals_brute_force(name, kw, counts, convention):
+    config = make_config("llava", num_layers=3)
+    space = make_space(name, 3, max(counts), **kw)
+    cost = CostModel(config, counts, 7, convention)
+    for seed in range(2):
+        proxy = _random_proxy(space, seed)
+        solver = Solver(space, proxy, cost)
+        rows = _brute(space, proxy, cost)
+        cheapest = min(c for _, c in rows)
+        assert solver.cheapest() == cheapest
+        for frac in (0.3, 0.45, 0.6, 0.8, 1.0):
+            limit = int(frac * cost.unpruned)
+            feasible = [o for o, c in rows if c <= limit]
+            if not feasible:
+                with pytest.raises(BudgetError, match="cheapest"):
+                    solver.solve(limit)
+                continue
+            sol = solver.solve(limit)
+            assert sol.predicted == pytest.approx(min(feasible), abs=1e-12), (name, kw, frac)
+            assert sol.cost <= limit
+            assert count_flops(config, sol.policy, num_visual_tokens=counts, num_text_tokens=7,
+                               convention=convention).decoder == sol.cost
+
+
+def test_infeasible_budget_names_the_cheapest_figure():
+    config = make_config("llava", num_layers=3)
+    space = make_space("dop", 3, 16, min_tokens=8)
+    cost = CostModel(config, [16], 7)
+    solver = Solver(space, _random_proxy(space, 0), cost)
+    with pytest.raises(BudgetError, match=r"cheapest policy .* costs .*raise the budget to at least 0\.\d+"):
+        solver.solve(int(0.05 * cost.unpruned), "0.05")
+
+
+def test_random_feasible_policies_fit_the_budget():
+    config = make_config("llava", num_layers=3)
+    space = make_space("multigroup", 3, 16)
+    cost = CostModel(config, [16], 7)
+    solver = Solver(space, _random_proxy(space, 0), cost)
+    limit = int(0.5 * cost.unpruned)
+    got = random_feasible(space, solver, limit, 20, seed=3)
+    assert len(got) == 20 and len({tuple(sorted(a.items())) for a in got}) == 20
+    assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
+
+
+# ---------------------------------------------------------------------- API
+def test_one_table_serves_several_budgets():
+    model = build_model("llava", num_layers=L)
+    prepared = _prepared(model, "llava", 2)
+    first = search(model, None, prepared, budgets=[0.9, 0.8], ranker="random", progress=False, nv_stride=4)
+    evals = first.table.layer_evals
+    again = search(model, None, prepared, budgets=[0.95, 0.9, "tokens:4", "85%"], ranker="random",
+                   table=first.table, progress=False, nv_stride=4)
+    assert again.table.layer_evals == evals  # no model work for a finished table
+    assert again.results[1].policy.to_dict()["depth"] == first.results[0].policy.to_dict()["depth"]
+    preds = [r.solution.predicted for r in again.results[:2]]
+    assert preds[0] <= preds[1]
+    for r in again.results:
+        assert r.flops["dop" if r.budget.kind != "tokens" else "paper"]["after"] <= r.solution.limit
+        assert r.policy.meta["budget"] == r.budget.spec and r.policy.meta["samples"] == 2
+    assert first.layer_evals < first.naive_layer_evals
+
+
+# ---------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("spec,match", [
+    ("1.5", r"must lie in \(0, 1\]; for absolute TFLOPs write 1.5T"),
+    ("0", r"must lie in \(0, 1\]"),
+    ("cheap", "not understood"),
+    ("tokens:5/3", "token share"),
+    ("-2T", "not understood"),
+    (True, "budget must be"),
+])
+def test_bad_budget(spec, match):
+    with pytest.raises(BudgetError, match=match):
+        parse_budget(spec)
+
+
+def test_token_budget_beyond_the_image():
+    cost = CostModel(make_config("llava", num_layers=3), [16], 7, "paper")
+    with pytest.raises(BudgetError, match="hold 16 visual tokens"):
+        parse_budget("tokens:17").limit(cost)
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("tokens", {}, "unknown search space 'tokens'"),
+    ("dop", {"groups": [0.5, 1.0]}, "multigroup only"),
+    ("multigroup", {"nv_stride": 2}, "dop only"),
+    ("multigroup", {"groups": [0.5, 0.25, 1.0]}, "strictly increasing"),
+    ("multigroup", {"groups": [0.5]}, "ending with 1"),
+    ("multigroup", {"kinds": "attn,attn_q"}, "may not be combined"),
+    ("multigroup", {"kinds": "ffn"}, "unknown op kind"),
+    ("dop", {"min_tokens": 16}, "min-tokens must be an integer in"),
+    ("dop", {"stride": 0}, "stride must be an integer in"),
+    ("dop", {"min_depth": 4}, "leaves no depth"),
+])
+def test_bad_space(name, kw, match):
+    with pytest.raises(SpaceError, match=match):
+        make_space(name, 4, 16, **kw)
+
+
+# ---------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from fixtures_eval import build_tiny_llava, write_jsonl_dataset
+
+    root = tmp_path_factory.mktemp("search")
+    model = build_tiny_llava(root / "tiny")
+    rows = [{"question": "what color is the circle ?", "answers": ["red"], "colour": (30 * i, 90, 200 - 20 * i)}
+            for i in range(4)]
+    data = write_jsonl_dataset(root / "data", rows)
+    return root, str(model), str(data)
+
+
+def test_cli_search_verify_and_transfer(saved, capsys):
+    root, model, data = saved
+    out, table = root / "p.json", root / "t.json"
+    args = ["search", "--model", model, "--data", data, "--samples", "3", "--budgets", "0.9,tokens:8",
+            "--ranker", "random", "--no-progress", "--threads", "1", "-o", str(out), "--table", str(table),
+            "--seed", "3"]
+    assert main(args + ["--verify", "4", "--json", str(root / "s.json")]) == 0
+    text = capsys.readouterr().out
+    for needle in ("parameters: n_v=", "decoder FLOPs (dop)", "decoder MACs (paper)", "predicted divergence",
+                   "true divergence", "Spearman", "token pruning at the same budget", "decoder-layer evaluations",
+                   "wall time"):
+        assert needle in text, needle
+    pol = dop.Policy.from_json(str(root / "p.0.9.json"))
+    assert pol.meta["model"] == model and pol.meta["ranker"] == "random" and pol.meta["budget"] == "0.9"
+    assert pol.meta["samples"] == 3 and pol.meta["seed"] == 3 and pol.ranker == "random"
+    assert (root / "p.tokens-8.json").is_file()
+    doc = json.loads((root / "s.json").read_text())
+    assert doc["layer_evals"] < doc["naive_layer_evals"]
+    # a finished table: new budgets cost no model work
+    before = DivergenceTable.load(str(table)).layer_evals
+    assert main(args[:8] + ["0.8"] + args[9:]) == 0
+    assert DivergenceTable.load(str(table)).layer_evals == before
+    # transfer
+    assert main(["transfer", str(root / "p.0.9.json"), "--num-layers", "8", "-o", str(root / "p8.json")]) == 0
+    moved = dop.Policy.from_json(str(root / "p8.json"))
+    assert moved.num_layers == 8 and moved.meta["transferred_from_layers"] == 2
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--data", "nosuch:val"], "unknown data set"),
+    (["--data", "/nonexistent/x.jsonl"], "not found"),
+    (["--budget", "2"], "must lie in"),
+    (["--budget", "0.01"], "infeasible.*cheapest"),
+    (["--space", "multigroup", "--kinds", "attn,attn_kv"], "may not be combined"),
+    (["--groups", "0.5,1"], "multigroup only"),
+    (["--ranker", "nosuch"], "unknown ranker"),
+    (["--samples", "0"], "positive integer"),
+    (["-o", "/nonexistent/dir/p.json"], "does not exist"),
+    (["--min-tokens", "99"], "min-tokens"),
+])
+def test_cli_bad_inputs(saved, capsys, extra, match):
+    import re
+
+    root, model, data = saved
+    base = {"--model": model, "--data": data, "--budget": "0.9", "-o": str(root / "bad.json"),
+            "--ranker": "random"}
+    for k, v in zip(extra[::2], extra[1::2]):
+        base[k] = v
+    argv = ["search", "--samples", "2", "--no-progress", "--threads", "1"]
+    if "--samples" in base:
+        argv = ["search", "--no-progress"]
+    for k, v in base.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+
+
+def test_cli_transfer_errors(tmp_path, capsys):
+    assert main(["transfer", str(tmp_path / "none.json"), "--num-layers", "8"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    p = tmp_path / "p.json"
+    dop.Policy(4, [1.0], {"attn": [2]}).to_json(p)
+    assert main(["transfer", str(p), "--num-layers", "0"]) == 2
+    assert "positive integer" in capsys.readouterr().err
