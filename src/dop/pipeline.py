@@ -10,7 +10,6 @@ import datetime as _dt
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,40 +44,6 @@ class RunOptions:
         return d
 
 
-@dataclass
-class Budget:
-    label: str
-    fraction: float  # of the unpruned decoder FLOPs
-    spec: str
-    tokens: int | None = None
-
-
-def parse_budget(spec: str, model, n_visual: int) -> Budget:
-    """``0.14`` / ``14%`` (fraction of decoder FLOPs) or ``tokens:N`` / ``tokens:1/9``
-    (as many FLOPs as keeping N visual tokens, or that share of them; paper convention)."""
-    from .flops import budget_from_tokens
-
-    s = spec.strip()
-    if s.startswith("tokens:"):
-        val = s.split(":", 1)[1]
-        try:
-            frac = Fraction(val)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"budget {spec!r}: expected tokens:N or tokens:a/b") from None
-        n = int(round(float(frac) * n_visual)) if frac < 1 or "/" in val or "." in val else int(frac)
-        if not (1 <= n <= n_visual):
-            raise ValueError(f"budget {spec!r}: keeps {n} tokens; must lie in [1, {n_visual}]")
-        f = budget_from_tokens(model, n, n_visual)
-        return Budget(f"{n} tokens ({100 * f:.1f}% FLOPs)", f, spec, n)
-    try:
-        f = float(s[:-1]) / 100 if s.endswith("%") else float(s)
-    except ValueError:
-        raise ValueError(f"budget {spec!r}: expected a fraction (0.14), a percentage (14%) or tokens:N") from None
-    if not (0 < f <= 1):
-        raise ValueError(f"budget {spec!r}: a fraction of decoder FLOPs must lie in (0, 1]")
-    return Budget(f"{100 * f:.1f}% FLOPs", f, spec)
-
-
 def _machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     return f"{platform.machine()} {dev}, torch {torch.__version__}"
@@ -105,37 +70,35 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     val = load_dataset(opts.data, limit=opts.samples)
     test = load_dataset(opts.test_data, limit=opts.test_samples)
     adapter = get_adapter(model)
-    n_visual = _visual_tokens_per_image(model, processor, adapter, build_prompt, test[0])
-    budgets = [parse_budget(b, model, n_visual) for b in opts.budgets]
+    n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
+    budgets = [budget_for_baselines(spec, model, n_visual, n_text) for spec in opts.budgets]
     stages.times["load"] = time.perf_counter() - t0
-
     common = dict(model=opts.model, data=opts.data, samples=opts.samples, ranker=opts.ranker, seed=opts.seed)
 
-    # -- search: one divergence table per space serves every budget
-    from . import search_bridge as sb
-
-    tables = {}
+    # -- search: one divergence table per space serves every budget (checkpointed as it fills)
+    (out / "tables").mkdir(exist_ok=True)
+    searches = {}
     for space in opts.spaces:
-        log(f"[search] divergence table, space {space!r}")
-        tables[space] = stages.run(
-            f"table-{space}",
-            lambda space=space: sb.build_table(model, processor, val, space, opts, build_prompt),
-            key=dict(common, space=space),
+        log(f"[search] space {space!r}: divergence table on {len(val)} samples, then {len(budgets)} budgets")
+        searches[space] = stages.run(
+            f"search-{space}",
+            lambda space=space: _search(model, processor, val, space, opts, build_prompt, out),
+            key=dict(common, space=space, budgets=list(opts.budgets)),
         )
 
-    # -- policies per budget: DOP per space, then the baselines
-    plan = []  # (budget, method label, kind, policy dict, ranker)
+    # -- policies per budget: DOP per space, then the token-pruning baselines
+    plan = []  # (budget, method label, kind, policy dict, ranker spec)
     for b in budgets:
         for space in opts.spaces:
-            pol = stages.run(
-                f"policy-{space}-{b.spec.replace('/', '_').replace(':', '_')}",
-                lambda space=space, b=b: sb.solve(model, tables[space], space, b.fraction, opts, n_visual),
-                key=dict(common, space=space, budget=b.fraction),
-            )
+            pol = searches[space]["policies"][b["spec"]]
             plan.append((b, f"DOP ({space})", "dop", pol, opts.ranker))
         for method in opts.baselines:
-            pol, ranker = sb.baseline(model, method, b.fraction, n_visual, opts)
-            plan.append((b, method, "baseline", pol, ranker))
+            try:
+                pol, ranker = _baseline(model, method, b, n_visual, n_text, adapter.num_layers)
+            except ValueError as e:
+                log(f"[baseline] {method} at {b['spec']}: skipped ({e})")
+                continue
+            plan.append((b, method, "baseline", pol.to_dict(), ranker))
 
     # -- evaluation on the test split
     def eval_stage(name, policy=None, ranker=None, baseline=None):
@@ -156,19 +119,19 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     for b in budgets:
         rows = []
         for bb, label, kind, pol_d, ranker in plan:
-            if bb is not b:
+            if bb["spec"] != b["spec"]:
                 continue
             policy = Policy.from_dict(pol_d)
-            fname = f"policies/{_slug(b.spec)}-{_slug(label)}.json"
+            fname = f"policies/{_slug(b['spec'])}-{_slug(label)}.json"
             policy.to_json(out / fname)
-            log(f"[eval] {b.label}: {label}")
+            log(f"[eval] {b['label']}: {label}")
             d = stages.run(
-                f"eval-{_slug(b.spec)}-{_slug(label)}",
+                f"eval-{_slug(b['spec'])}-{_slug(label)}",
                 eval_stage(label, policy, ranker, unpruned_obj),
                 key=dict(common, test=opts.test_data, n=len(test), policy=pol_d, ranker=str(ranker)),
             )
             rows.append(_row(label, kind, d, unpruned_d, fname, policy, n_visual))
-        results_budgets.append(dict(label=b.label, spec=b.spec, fraction=b.fraction, tokens=b.tokens, methods=rows))
+        results_budgets.append(dict(b, methods=rows))
 
     # -- report
     from .report.markdown import write_report
@@ -185,13 +148,13 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         finished=_dt.datetime.now().isoformat(timespec="seconds"),
         unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
         budgets=results_budgets,
-        tables={s: sb.table_summary(t) for s, t in tables.items()},
+        tables={s: dict(summary=r["summary"]) for s, r in searches.items()},
     )
     points = [dict(method=m["method"], flops_fraction=m["flops_fraction"], rel_avg=m["rel_avg"])
               for b in results_budgets for m in b["methods"]]
     pareto_plot(points, out / "pareto.png", title=f"{opts.model}: Rel. Avg. vs decoder FLOPs ({len(test)} test samples)")
-    for space, t in tables.items():
-        curves = sb.table_curves(t)
+    for space, r in searches.items():
+        curves = {name: [(int(v), kl) for v, kl in pts.items()] for name, pts in r["curves"].items()}
         if curves:
             divergence_curves(curves, out / f"divergence_{space}.png", title=f"Divergence table, space {space}")
             results["tables"][space]["plot"] = f"divergence_{space}.png"
@@ -257,11 +220,66 @@ def _result_from_dict(d: dict):
                       num_text_tokens=d.get("num_text_tokens", 0))
 
 
-def _visual_tokens_per_image(model, processor, adapter, build_prompt, sample) -> int:
+def _prompt_shape(processor, adapter, build_prompt, sample) -> tuple[int, int]:
+    """(visual tokens of the first image, text tokens) of one prompt."""
     image = sample.load_image() if hasattr(sample, "load_image") else sample["image"]
     prompt = build_prompt(processor, sample.question if hasattr(sample, "question") else sample["question"])
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     spans = adapter.image_spans(inputs["input_ids"], dict(inputs))
     if not spans:
         raise ValueError("the processor produced no image tokens for the first test sample")
-    return spans[0].n
+    return spans[0].n, int(inputs["input_ids"].shape[1]) - sum(sp.n for sp in spans)
+
+
+def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
+    """A budget spec as (fraction, convention) for the baselines, and a label.
+
+    ``tokens:N`` / ``tokens:a/b`` are the paper convention's FLOPs of keeping N tokens (or
+    that share); fractions and TFLOPs are the dop convention's, as in `dop search`."""
+    from .flops import budget_from_tokens, count_flops
+    from .search.cost import parse_budget
+
+    b = parse_budget(spec)
+    if b.kind == "tokens":
+        n = int(round(b.value * n_visual)) if b.share else int(b.value)
+        if not 0 <= n <= n_visual:
+            raise ValueError(f"budget {spec!r}: the images hold {n_visual} visual tokens, cannot keep {n}")
+        frac = budget_from_tokens(model, n, n_visual)
+        return dict(spec=spec, label=f"{spec} ({n} tokens)", fraction=frac, convention="paper", tokens=n)
+    if b.kind == "tflops":
+        full = count_flops(model, None, num_visual_tokens=n_visual, num_text_tokens=n_text).decoder
+        frac = b.value * 1e12 / full
+        return dict(spec=spec, label=f"{spec}", fraction=frac, convention="dop", tokens=None)
+    return dict(spec=spec, label=f"{100 * b.value:.1f}% FLOPs", fraction=b.value, convention="dop", tokens=None)
+
+
+def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
+    from .search import search
+
+    res = search(model, processor, val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
+                 table=str(out / "tables" / f"table-{space}.json"), seed=opts.seed,
+                 build_prompt=build_prompt, progress=opts.progress, meta={"model": opts.model})
+    proxy = res.table.proxy(res.space)
+    summary = (f"{len(res.space.params)} parameters, {res.table.total()} table entries, "
+               f"{res.layer_evals} decoder-layer evaluations (naive: {res.naive_layer_evals}), "
+               f"{res.wall_s:.1f} s")
+    return dict(
+        policies={r.budget.spec: r.policy.to_dict() for r in res.results},
+        predicted={r.budget.spec: r.solution.predicted for r in res.results},
+        curves={name: {str(v): kl for v, kl in pts.items()} for name, pts in proxy.items()},
+        summary=summary, layer_evals=res.layer_evals, naive_layer_evals=res.naive_layer_evals, wall_s=res.wall_s,
+    )
+
+
+def _baseline(model, method: str, b: dict, n_visual: int, n_text: int, L: int):
+    """A published token pruner as (Policy, ranker spec) at budget ``b``, its stage layers
+    scaled to the model's depth (FastV/DART prune after layer 2, PDrop at L/4, L/2, 3L/4)."""
+    from . import baselines as bl
+
+    kw = dict(budget=b["fraction"], convention=b["convention"], visual_tokens=n_visual, text_tokens=n_text)
+    if method == "pdrop":
+        layers = tuple(sorted({max(1, round(L * k / 4)) for k in (1, 2, 3)}))
+        return bl.pdrop(model, layers=layers, **kw)
+    if method in ("fastv", "dart"):
+        return bl.baseline(method, model, K=min(2, L - 1), **kw)
+    return bl.baseline(method, model, **kw)

@@ -30,6 +30,7 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
         if p["method"] not in methods:
             methods.append(p["method"])
     markers = "osD^v<>ph*"
+    drawn = 0
     for i, m in enumerate(methods):
         pts = sorted((100.0 * p["flops_fraction"], 100.0 * p["rel_avg"]) for p in points if p["method"] == m and p["rel_avg"] is not None)
         if not pts:
@@ -37,6 +38,7 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
         xs, ys = zip(*pts)
         style = dict(lw=2.4, zorder=3) if m.startswith("DOP") else dict(lw=1.4, alpha=0.85)
         ax.plot(xs, ys, marker=markers[i % len(markers)], label=m, **style)
+        drawn += 1
     ax.axhline(100.0, color="grey", lw=0.8, ls="--", zorder=1)
     ax.annotate("unpruned = 100%", (0.0, 100.0), xycoords=("axes fraction", "data"), textcoords="offset points",
                 xytext=(4, 3), fontsize=8, color="grey")
@@ -44,7 +46,11 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
     ax.set_ylabel("Rel. Avg. (% of unpruned accuracy)")
     ax.set_title(title or "Accuracy kept vs decoder FLOPs")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if drawn:
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no Rel. Avg. to plot\n(the unpruned model scores 0 on this data)",
+                transform=ax.transAxes, ha="center", va="center", color="grey")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
