@@ -45,8 +45,8 @@ def test_permutation_deterministic_several_images(tiny, spec):
 @pytest.mark.parametrize("spec", ["vispruner", "cdpruner"])
 @torch.no_grad()
 def test_set_rankers_honour_n_keep_inside_the_runtime(tiny, spec):
-    """The ranking used by a pruned forward is the one rank_visual_tokens gives at the
-    policy's kept count (the vision hook of apply_policy sees the same attention)."""
+    """The ranking used by a pruned generate() (which may encode the images before the
+    forward) is the one rank_visual_tokens gives at the policy's kept count."""
     fam, model, inputs, counts = tiny
     L = get_adapter(model).num_layers
     pol = dop.Policy.token_pruning(L, 0.25)
@@ -61,7 +61,10 @@ def test_set_rankers_honour_n_keep_inside_the_runtime(tiny, spec):
 
     r.rank = spy
     with dop.apply_policy(model, pol, ranker=r):
-        model(**inputs)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    entry = get_adapter(model).entry_module()
+    assert "get_image_features" not in entry.__dict__ and not entry._forward_pre_hooks
+    assert not get_adapter(model).vision_module()._forward_pre_hooks
     assert seen["n_keep"] == [pol.n_keep(n) for n in counts]
     assert seen["perms"] == rank_visual_tokens(model, inputs, spec, n_keep=seen["n_keep"])
 

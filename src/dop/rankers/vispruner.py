@@ -29,6 +29,8 @@ rest (attention order).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import register_ranker
@@ -82,23 +84,44 @@ class VisPrunerRanker(Ranker):
         if not 0.0 <= important_ratio <= 1.0:
             raise ValueError(f"vispruner: important_ratio must lie in [0, 1], got {important_ratio}")
         self.important_ratio = important_ratio
-        self._hook = None
+        self._undo: list = []
         self._captured: list | None = None
 
     # ------------------------------------------------------------------ hooks
     def install(self, model, adapter) -> None:
         layer = _attention_layer(model, adapter)
+        self._extra: dict = {}
+        self._undo: list = []
 
         def capture(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self._captured = [hidden.detach(), dict(kwargs)]
+            self._captured = [hidden.detach(), dict(kwargs), dict(self._extra)]
 
-        self._hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        self._undo.append(layer.register_forward_pre_hook(capture, with_kwargs=True).remove)
+        # generate() may encode the images before the forward that ranks, and then the
+        # forward's inputs lack image_grid_thw / image_sizes: record them on the way in
+        mt = adapter.config.model_type
+        if mt == "qwen2_5_vl":
+            def grid(module, args, kwargs):
+                self._extra["image_grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+            self._undo.append(adapter.vision_module().register_forward_pre_hook(grid, with_kwargs=True).remove)
+        elif mt == "llava_next":
+            entry = adapter.entry_module()
+            original = entry.get_image_features
+
+            @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+            def get_image_features(*args, **kwargs):
+                self._extra["image_sizes"] = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+                return original(*args, **kwargs)
+
+            entry.get_image_features = get_image_features  # on the instance; removed by uninstall
+            self._undo.append(lambda: entry.__dict__.pop("get_image_features", None))
 
     def uninstall(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for undo in reversed(getattr(self, "_undo", [])):
+            undo()
+        self._undo = []
         self._captured = None
 
     # ------------------------------------------------------------------ ranking
@@ -139,20 +162,28 @@ def token_scores(ctx: RankContext, captured) -> list[torch.Tensor]:
     """Per image, one attention score per LLM visual token."""
     mt = ctx.adapter.config.model_type
     layer = _attention_layer(ctx.model, ctx.adapter)
-    hidden, kwargs = captured
+    hidden, kwargs, extra = captured
     with torch.no_grad():
         if mt == "qwen2_5_vl":
-            flat = _qwen_scores(ctx, layer, hidden, kwargs)
+            flat = _qwen_scores(ctx, layer, hidden, kwargs, _input(ctx, extra, "image_grid_thw"))
         elif mt == "internvl":
             flat = _internvl_scores(ctx, layer, hidden)
         elif mt == "llava_next":
-            flat = _llava_next_scores(ctx, layer, hidden)
+            flat = _llava_next_scores(ctx, layer, hidden, extra)
         else:
             flat = _cls_rows(ctx, layer, hidden).reshape(-1)
     counts = ctx.counts
     if flat.numel() != sum(counts):
         raise ValueError(f"vispruner: {flat.numel()} vision scores for {sum(counts)} visual tokens ({mt})")
     return list(torch.split(flat, counts))
+
+
+def _input(ctx, extra, key):
+    val = ctx.inputs.get(key)
+    val = val if val is not None else extra.get(key)
+    if val is None:
+        raise ValueError(f"vispruner: the forward carried no {key} to map the vision tower's tokens")
+    return val
 
 
 def _clip_probs(layer, hidden):
@@ -172,12 +203,12 @@ def _cls_rows(ctx, layer, hidden) -> torch.Tensor:
     return rows
 
 
-def _llava_next_scores(ctx, layer, hidden) -> torch.Tensor:
+def _llava_next_scores(ctx, layer, hidden, extra) -> torch.Tensor:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = ctx.adapter.config
     rows = _cls_rows(ctx, layer, hidden)
-    sizes = ctx.inputs["image_sizes"]
+    sizes = _input(ctx, extra, "image_sizes")
     tiles = [
         image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
         for s in sizes
@@ -209,7 +240,7 @@ def _internvl_scores(ctx, layer, hidden) -> torch.Tensor:
     return merged.mean(-1).reshape(-1)
 
 
-def _qwen_scores(ctx, block, hidden, kwargs) -> torch.Tensor:
+def _qwen_scores(ctx, block, hidden, kwargs, grid_thw) -> torch.Tensor:
     import sys
 
     from transformers.vision_utils import get_vision_window_index
@@ -231,7 +262,7 @@ def _qwen_scores(ctx, block, hidden, kwargs) -> torch.Tensor:
     unit = tower.spatial_merge_size**2
     merged = received.reshape(-1, unit).mean(-1)  # window order
     window_index, _ = get_vision_window_index(
-        ctx.inputs["image_grid_thw"], spatial_merge_size=tower.spatial_merge_size,
+        grid_thw, spatial_merge_size=tower.spatial_merge_size,
         window_size=tower.window_size, patch_size=tower.patch_size,
     )
     return merged[torch.argsort(window_index)]
