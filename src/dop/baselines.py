@@ -167,9 +167,10 @@ def dart(model, tokens=None, budget=None, *, K: int = 2, pivots: int = 4, text_p
     return _in_llm("dart", spec, model, tokens, budget, K, **kw)
 
 
-def pdrop(model, ratio: float | None = None, budget=None, *, layers=(8, 16, 24), convention="paper",
+def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, convention="paper",
           visual_tokens=None, text_tokens=64, tokens=None):
-    """PyramidDrop with stage boundaries ``layers`` and ratio ``ratio`` (lambda), or the
+    """PyramidDrop with stage boundaries ``layers`` (default: the quarter points of the
+    decoder, 8-16-24 for 32 layers as published) and ratio ``ratio`` (lambda), or the
     largest lambda that meets ``budget``. ``tokens`` is not a PDrop parameter: pass
     ``budget`` (e.g. :func:`dop.flops.budget_from_tokens`) instead."""
     if tokens is not None:
@@ -178,7 +179,7 @@ def pdrop(model, ratio: float | None = None, budget=None, *, layers=(8, 16, 24),
         raise ValueError("give exactly one of ratio (lambda) or budget (FLOPs fraction)")
     arch = _arch(model)
     n, L = _visual(arch, visual_tokens), arch.decoder.num_layers
-    layers = parse_layers(layers)
+    layers = parse_layers(layers if layers is not None else (L // 4, L // 2, 3 * L // 4))
     spec_of = lambda lam: f"pdrop:layers={'-'.join(map(str, layers))},ratio={lam:.6g}"  # noqa: E731
     if ratio is None:
         if not 0.0 < budget <= 1.0:

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--visual-tokens", type=int, help="visual tokens per image (default: the model's typical count)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens, for the dop convention (default: 64)")
     p.add_argument("-K", "--K", dest="K", type=int, default=2, help="fastv/dart: layers run on every token (default 2)")
-    p.add_argument("--layers", default="8-16-24", help="pdrop: stage layers, e.g. 8-16-24 (default)")
+    p.add_argument("--layers", help="pdrop: stage layers, e.g. 8-16-24 (default: the decoder's quarter points)")
     p.add_argument("--important-ratio", type=float, default=0.5, help="vispruner: share of important tokens (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="random: seed (default 0)")
     p.add_argument("-o", "--output", required=True, help="policy JSON file to write")
