@@ -274,3 +274,14 @@ def test_all_rankers_registered():
     from dop.rankers import known_rankers
 
     assert set(known_rankers()) >= {"vispruner", "cdpruner", "fastv", "pdrop", "dart", "identity", "spatial", "random"}
+
+
+def test_in_llm_ranker_layers_must_exist():
+    model = build_model("llava", num_layers=4)
+    pol = dop.Policy(4, [0.5, 1.0], {"attn": [4, 4], "mlp": [4, 4]})
+    for spec in ("pdrop", "fastv:K=5", "dart:K=4"):
+        with pytest.raises(ValueError, match="decoder has 4 layers"):
+            dop.apply_policy(model, pol, ranker=spec)
+    from dop.runtime.layer import PrunedDecoderLayer
+
+    assert not any(isinstance(l, PrunedDecoderLayer) for l in get_adapter(model).decoder_layers())

@@ -87,7 +87,16 @@ def present_keys(ctx: RankContext, state: LayerState, length: int) -> torch.Tens
     return mask
 
 
-# ---------------------------------------------------------------------- in-LLM rankers outside a pruned forward
+# ---------------------------------------------------------------------- in-LLM rankers
+def check_layers_exist(ranker, adapter) -> None:
+    """An in-LLM ranker whose layers lie past the decoder would silently never rank."""
+    L = adapter.num_layers
+    bad = [l for l in ranker.layers if not 0 <= l < L]
+    if bad:
+        raise ValueError(f"ranker {ranker.name!r} ranks at layer(s) {bad}, but the decoder has {L} layers (0..{L - 1})")
+
+
+
 class _Stop(Exception):
     pass
 
@@ -178,6 +187,6 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
 
 
 __all__ = [
-    "decoder_keys", "decoder_qk", "greedy_dpp", "last_token_attention", "order_desc", "present_keys",
+    "check_layers_exist", "decoder_keys", "decoder_qk", "greedy_dpp", "last_token_attention", "order_desc", "present_keys",
     "rank_by_hooks", "reorder_active", "softmax_attention", "vision_layer_index", "visual_mask",
 ]

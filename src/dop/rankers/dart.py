@@ -29,7 +29,7 @@ import torch
 
 from . import register_ranker
 from .base import LayerState, RankContext, Ranker
-from .common import decoder_keys, order_desc, rank_by_hooks, visual_mask
+from .common import check_layers_exist, decoder_keys, order_desc, rank_by_hooks, visual_mask
 
 
 def place_active(old: torch.Tensor, active: torch.Tensor, ordered: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,9 @@ class DARTRanker(Ranker):
         self.text_pivots = int(text_pivots)
         self.layers = (K - 1, K)
         self._norms: torch.Tensor | None = None
+
+    def install(self, model, adapter) -> None:
+        check_layers_exist(self, adapter)
 
     def rank(self, ctx: RankContext):
         return rank_by_hooks(self, ctx)

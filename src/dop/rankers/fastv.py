@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from . import register_ranker
 from .base import LayerState, RankContext, Ranker
-from .common import last_token_attention, present_keys, rank_by_hooks, reorder_active
+from .common import check_layers_exist, last_token_attention, present_keys, rank_by_hooks, reorder_active
 
 
 @register_ranker
@@ -35,6 +35,9 @@ class FastVRanker(Ranker):
             raise ValueError(f"fastv: K (layers run on every token) must be >= 1, got {K}")
         self.K = K
         self.layers = (K - 1,)
+
+    def install(self, model, adapter) -> None:
+        check_layers_exist(self, adapter)
 
     def rank(self, ctx: RankContext):
         return rank_by_hooks(self, ctx)

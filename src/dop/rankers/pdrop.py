@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..policy import Policy
 from . import register_ranker
 from .base import LayerState, RankContext, Ranker
-from .common import last_token_attention, present_keys, reorder_active
+from .common import check_layers_exist, last_token_attention, present_keys, reorder_active
 
 
 def parse_layers(layers) -> tuple[int, ...]:
@@ -64,6 +64,9 @@ class PDropRanker(Ranker):
 
     def spec(self) -> str:
         return f"pdrop:layers={'-'.join(map(str, self.layers))},ratio={self.ratio:g}"
+
+    def install(self, model, adapter) -> None:
+        check_layers_exist(self, adapter)
 
     def rank(self, ctx: RankContext):
         from ..runtime import apply_policy

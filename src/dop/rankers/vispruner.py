@@ -127,6 +127,11 @@ class VisPrunerRanker(Ranker):
     # ------------------------------------------------------------------ ranking
     def rank(self, ctx: RankContext):
         captured, self._captured = self._captured, None
+        if captured is None and self._undo:
+            raise ValueError(
+                "vispruner: the vision tower did not run for this prompt (precomputed image features?); "
+                "it needs the tower's attention, pass pixel values"
+            )
         if captured is None:  # not inside apply_policy: run the tower once with the hook
             self.install(ctx.model, ctx.adapter)
             try:
