@@ -48,6 +48,8 @@ class SearchResult:
     space: Space
     wall_s: float
     shape: dict = field(default_factory=dict)  # reference prompt shape
+    table_s: float = 0.0  # building (or finishing) the table in this call
+    verify_s: float = 0.0
 
     @property
     def policy(self):
@@ -68,6 +70,7 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {
             "space": self.space.key(), "shape": self.shape, "wall_s": self.wall_s,
+            "table_s": self.table_s, "verify_s": self.verify_s,
             "layer_evals": self.layer_evals, "naive_layer_evals": self.naive_layer_evals,
             "results": [r.to_dict() for r in self.results],
         }
@@ -146,11 +149,14 @@ def search(
     }
     path = table if isinstance(table, str) else None
     tab = table if isinstance(table, DivergenceTable) else None
+    t_table = time.perf_counter()
     if tab is None or not tab.complete:
         tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive)
     else:
         tab.check_key(key)
+    t_table = time.perf_counter() - t_table
     proxy = tab.proxy(sp)
+    t_verify = 0.0
     solvers: dict[str, Solver] = {}
     refs = None
     results = []
@@ -171,6 +177,7 @@ def search(
             flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
         res = BudgetResult(b, sol, policy, flops)
         if verify_k:
+            tv = time.perf_counter()
             if refs is None:
                 from ..runtime.replay import last_logits
 
@@ -178,6 +185,7 @@ def search(
                     refs = [last_logits(model, s.inputs) for s in prepared]
             res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, ranker, seed, progress)
             policy.meta["true_divergence"] = res.verification.chosen_true
+            t_verify += time.perf_counter() - tv
         results.append(res)
     shape = {"visual_tokens": counts, "text_tokens": text}
-    return SearchResult(results, tab, sp, time.perf_counter() - t0, shape)
+    return SearchResult(results, tab, sp, time.perf_counter() - t0, shape, t_table, t_verify)
