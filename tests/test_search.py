@@ -392,3 +392,28 @@ def test_cli_transfer_errors(tmp_path, capsys):
     dop.Policy(4, [1.0], {"attn": [2]}).to_json(p)
     assert main(["transfer", str(p), "--num-layers", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_min_tokens_group_is_never_skipped():
+    sp = make_space("multigroup", 4, 16, groups=[0.125, 0.25, 0.5, 1.0], min_tokens=3)
+    pol = sp.policy({p.name: 0 for p in sp.params})
+    assert pol.groups[0] == 3 / 16 and [pol.kind_depths(k)[0] for k in ("attn_q", "attn_kv", "mlp")] == [4, 4, 4]
+    assert all(pol.tokens_processed(k, 3, 16) == 3 for k in ("attn_q", "attn_kv", "mlp"))
+    assert [p.name for p in sp.params][:3] == ["attn[0]", "attn[1]", "attn[2]"]  # 0.125*16 = 2 <= 3 dropped
+    d = make_space("dop", 4, 16, min_tokens=3).policy({"n_v": 8, "D_attn": 0, "D_mlp": 0})
+    assert d.groups == [3 / 16, 0.5, 1.0] and d.depth == {"attn": [4, 0, 0], "mlp": [4, 0, 0]}
+
+
+def test_search_is_deterministic_for_a_seed():
+    model = build_model("internvl", num_layers=L)
+    prepared = _prepared(model, "internvl", 2)
+
+    def run():
+        r = search(model, None, prepared, budget=0.9, space="multigroup", ranker="random", progress=False,
+                   verify_k=3, seed=5, groups=[0.5, 1.0])
+        d = r.to_dict()
+        for k in ("wall_s", "table_s", "verify_s"):
+            d.pop(k)
+        return d, r.table.entries
+
+    assert run() == run()

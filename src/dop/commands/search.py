@@ -57,6 +57,7 @@ def register(subparsers) -> None:
                         "and token pruning at the same budget")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own code to run")
@@ -143,6 +144,7 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
+    model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = search(
         model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
         groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..policy import Policy
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .solver import Solution, Solver
@@ -28,7 +29,7 @@ from .verify import Verification, verify
 class BudgetResult:
     budget: Budget
     solution: Solution
-    policy: 'object'
+    policy: Policy
     flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
     verification: Verification | None = None
 

@@ -112,23 +112,20 @@ class Solver:
             bits = [(k, g) for k in ("attn_q", "attn_kv") if k in kinds for g in range(G)]
         self._bits = bits
         nb = len(bits)
-        A = np.zeros(1 << nb, dtype=np.int64)
-        for mask in range(1 << nb):
-            vq = vkv = s_min
-            for k, side in (("attn_q", "q"), ("attn_kv", "kv")):
-                v = s_min
-                for g in range(G):
-                    if k in kinds or "attn" in kinds:
-                        name = "attn" if "attn" in kinds else k
-                        on = mask >> bits.index((name, g)) & 1
-                    else:
-                        on = 1  # kind not searched: never skipped
-                    v += S[g] * on
-                if side == "q":
-                    vq = v
+        def rows(mask: int, kind: str) -> int:
+            """Visual rows op ``kind`` processes at a layer where the bits of ``mask`` are active."""
+            v = s_min
+            for g in range(G):
+                if "attn" in kinds:
+                    on = mask >> bits.index(("attn", g)) & 1
+                elif kind in kinds:
+                    on = mask >> bits.index((kind, g)) & 1
                 else:
-                    vkv = v
-            A[mask] = c.attn(vq, vkv)
+                    on = 1  # kind not searched: never skipped
+                v += S[g] * on
+            return v
+
+        A = np.array([c.attn(rows(m, "attn_q"), rows(m, "attn_kv")) for m in range(1 << nb)], dtype=np.int64)
         # proxy of stopping bit b at layer l (inf where l is not a candidate depth)
         T = np.full((nb, L), np.inf)
         for b, (k, g) in enumerate(bits):

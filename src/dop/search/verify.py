@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -82,7 +83,6 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
            k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
-    import sys
 
     cost = solver.cost
     assigns = random_feasible(space, solver, solution.limit, k, seed)
