@@ -145,13 +145,19 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
     model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = search(
-        model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
-        groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
-        convention=args.convention, table=args.table, verify_k=args.verify, seed=args.seed,
-        build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
-        meta={"model": args.model, "data": args.data},
-    )
+    try:
+        result = search(
+            model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
+            groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
+            convention=args.convention, table=args.table, verify_k=args.verify, seed=args.seed,
+            build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
+            meta={"model": args.model, "data": args.data},
+        )
+    except KeyboardInterrupt:
+        if args.table:
+            print(f"the divergence table so far is saved in {args.table}; run the same command again to resume",
+                  file=sys.stderr)
+        raise
     wall = time.perf_counter() - t0
     for r, out in zip(result.results, outputs):
         r.policy.to_json(out)
