@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
-DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "spatial", "random")
+DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
 DEFAULT_SPACES = ("dop", "multigroup")
 
 

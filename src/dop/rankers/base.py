@@ -6,7 +6,8 @@ appearance) from most to least important. Rank 0 comes first.
 
 Rankers that decide *inside* the LLM (FastV, PyramidDrop) also declare ``layers``: before
 each of those decoder layers the runtime calls :meth:`Ranker.rerank` with that layer's
-input state, and the ranker may reorder the visual tokens still active there.
+input state, and the ranker may reorder the visual tokens that every op has processed at
+every earlier layer (their state is that of unpruned tokens); the others keep their ranks.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class LayerState:
     layer: torch.nn.Module  # the original decoder layer (for its q/k projections)
     position_embeddings: Any  # (cos, sin) for all S positions
     rotary_fn: Any  # apply_rotary_pos_emb of the family
-    active: list[torch.Tensor]  # per image: bool (n,) tokens that some op processes at this layer
+    active: list[torch.Tensor]  # per image: bool (n,) tokens every op processed at every layer below
     ranks: list[torch.Tensor]  # per image: current permutation (rank -> token index)
 
 
