@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import sys
-import tempfile
+
+from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
 
 FORMAT = "dop-eval/1"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,23 +67,6 @@ def _check_output(path: str) -> None:
         raise ValueError(f"--json {path!r} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--json {path!r}: folder {folder!r} does not exist")
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:

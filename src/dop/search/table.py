@@ -19,13 +19,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from ..jsonio import write_json_atomic
 from .divergence import PreparedSample, kl_divergence
 from .spaces import Space
 
@@ -116,19 +116,7 @@ class DivergenceTable:
             raise TableError(f"{where}: malformed table ({e})") from None
 
     def save(self, path: str) -> None:
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str) -> "DivergenceTable":
