@@ -57,6 +57,17 @@ def patch_labels(scene: shapes.Scene, grid: int, patch: int) -> torch.Tensor:
     return lab
 
 
+def balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged separately over the patches with an object (label > 0) and the
+    empty ones, then the two means averaged: objects cover only a few of the 144 patches,
+    and a plain mean is already small when every patch is called empty."""
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    pos = target.flatten() > 0
+    if not pos.any():
+        return ce.mean()
+    return 0.5 * (ce[pos].mean() + ce[~pos].mean())
+
+
 class Heads(nn.Module):
     """Auxiliary per-patch classifiers (training only)."""
 
@@ -74,12 +85,11 @@ class Heads(nn.Module):
         pos = torch.arange(P)
         rows = (pos // grid).expand(B, -1)
         cols = (pos % grid).expand(B, -1)
-        loss = F.cross_entropy(self.kind(h).flatten(0, 1), lab[:, 0].flatten())
-        loss = loss + F.cross_entropy(self.color(h).flatten(0, 1), lab[:, 1].flatten())
+        loss = balanced_ce(self.kind(h), lab[:, 0]) + balanced_ce(self.color(h), lab[:, 1])
         loss = loss + 0.5 * F.cross_entropy(self.row(h).flatten(0, 1), rows.flatten())
         loss = loss + 0.5 * F.cross_entropy(self.col(h).flatten(0, 1), cols.flatten())
         if with_role:
-            loss = loss + F.cross_entropy(self.role(h).flatten(0, 1), lab[:, 2].flatten())
+            loss = loss + balanced_ce(self.role(h), lab[:, 2])
         return loss
 
 
@@ -133,6 +143,26 @@ class Batcher:
         return ids, mask, labels, pix, plab
 
 
+def attention_targets(visual: torch.Tensor, roles: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """Target attention of heads 0 and 1 at the answer position: head h spreads its weight
+    evenly over the visual tokens of role h + 1 (the object asked about; the reference object
+    or second letter, else again role 1) and the first token, which acts as a sink: with n
+    such tokens each gets 1 / (n + 1), so the sink's share also tells how many there are."""
+    B, T = visual.shape
+    tgt = torch.zeros(B, 2, T)
+    for b in range(B):
+        pos = visual[b].nonzero().squeeze(1)
+        r = roles[b]
+        for h in range(2):
+            sel = pos[r == h + 1]
+            if h == 1 and sel.numel() == 0:
+                sel = pos[r == 1]
+            tgt[b, h, 0] = 1.0
+            tgt[b, h, sel] = 1.0
+            tgt[b, h] /= tgt[b, h].sum()
+    return tgt
+
+
 def lr_at(step: int, progress: float, warmup: int, base: float, floor: float = 0.05) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor * base`` as
     ``progress`` goes from 0 to 1."""
@@ -177,6 +207,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tower-lr-scale", type=float, default=0.3, help="tower LR / LR in stage B (0 freezes it)")
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--aux-layers", default="2,4", help="decoder layers whose outputs get the aux heads")
+    ap.add_argument("--attn-weight", type=float, default=0.5, help="weight of the attention supervision")
+    ap.add_argument("--attn-layers", default="4,5", help="decoder layers whose heads 0/1 are supervised")
+    ap.add_argument("--blind-frac", type=float, default=0.1,
+                    help="share of training samples whose image tokens are masked out of attention")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
@@ -207,6 +241,9 @@ def main(argv=None) -> int:
                   vision_width=args.vision_width, vision_layers=args.vision_layers)
     processor = build_processor()
     model = build_model(processor, sizes)
+    attn_layers = [int(x) for x in args.attn_layers.split(",") if x] if args.attn_weight > 0 else []
+    if attn_layers:
+        model.set_attn_implementation("eager")  # attention probabilities are needed for the loss
     grid = sizes.image_size // sizes.patch_size
     heads_t = Heads(sizes.vision_width, grid)
     aux_layers = [int(x) for x in args.aux_layers.split(",") if x]
@@ -236,6 +273,8 @@ def main(argv=None) -> int:
         opt_b.load_state_dict(ck["opt_b"])
         state = ck["state"]
         torch.set_rng_state(ck["torch_rng"])
+        if state["stage"] == "B" and "t0" not in state:
+            state["t0"] = time.time()  # start of the time-based schedule (--until)
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']}", log_path)
     else:
         n_params = sum(p.numel() for p in model.parameters())
@@ -307,7 +346,7 @@ def main(argv=None) -> int:
         return frac
 
     # ---- stage B: end to end
-    run_loss, run_aux, n_run = 0.0, 0.0, 0
+    run_loss, run_aux, run_att, n_run = 0.0, 0.0, 0.0, 0
     while state["stage"] == "B" and state["step"] < args.steps and not out_of_time():
         model.train()
         step = state["step"]
@@ -315,15 +354,29 @@ def main(argv=None) -> int:
         for g in opt_b.param_groups:
             g["lr"] = lr * g["scale"]
         ids, mask, labels, pix, plab = batcher.batch(step * args.batch, args.batch)
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, output_hidden_states=True)
+        visual = ids == model.config.image_token_index
+        # image dropout: a few samples see no image at all (attention mask 0 on its tokens), so
+        # the model learns to answer from the question alone with a guess from the answer set
+        blind = torch.tensor([random.Random(f"blind/{args.seed}/{step * args.batch + j}").random() < args.blind_frac
+                              for j in range(args.batch)])
+        mask = mask.masked_fill(visual & blind[:, None], 0)
+        keep = ~blind
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, output_hidden_states=True,
+                    output_attentions=bool(attn_layers))
         logits = out.logits[:, :-1]
         ans_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        visual = ids == model.config.image_token_index
         aux = torch.zeros(())
         for head, layer in zip(heads_d, aux_layers):
             h = out.hidden_states[layer][visual].view(ids.shape[0], grid * grid, -1)
-            aux = aux + head.loss(h, plab, grid) / len(aux_layers)
-        loss = ans_loss + args.aux_weight * aux
+            aux = aux + head.loss(h[keep], plab[keep], grid) / len(aux_layers)
+        att = torch.zeros(())
+        if attn_layers:
+            qpos = (labels != -100).int().argmax(1) - 1  # the last prompt token predicts the answer
+            targets = attention_targets(visual, plab[:, 2], qpos)  # (B, 2, T)
+            for layer in attn_layers:
+                a = out.attentions[layer][torch.arange(ids.shape[0]), :2, qpos]  # (B, 2, T)
+                att = att - (targets * torch.log(a + 1e-9)).sum(-1)[keep].mean() / len(attn_layers)
+        loss = ans_loss + args.aux_weight * aux + args.attn_weight * att
         opt_b.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt_b.param_groups for p in g["params"]], 1.0)
@@ -334,17 +387,19 @@ def main(argv=None) -> int:
         t_last = now
         run_loss += ans_loss.item()
         run_aux += aux.item()
+        run_att += att.item()
         n_run += 1
         if state["step"] % 25 == 0:
-            log(f"B {state['step']} answer {run_loss / n_run:.4f} aux {run_aux / n_run:.4f} lr {lr:.2e} "
+            log(f"B {state['step']} answer {run_loss / n_run:.4f} aux {run_aux / n_run:.4f} attn {run_att / n_run:.4f} lr {lr:.2e} "
                 f"({state['elapsed']:.0f}s)", log_path)
-            run_loss, run_aux, n_run = 0.0, 0.0, 0
+            run_loss, run_aux, run_att, n_run = 0.0, 0.0, 0.0, 0
         if state["step"] % args.ckpt_every == 0:
             save()
         if state["step"] % args.eval_every == 0:
             model.eval()
             acc = evaluate(model, processor, val)
             log(f"eval B {state['step']} val: {fmt(acc)}", log_path)
+            log(f"eval B {state['step']} blind val: {fmt(evaluate(model, processor, val, blind=True))}", log_path)
             t_last = time.time()  # evaluation time is not training time
     save()
     model.eval()
