@@ -88,6 +88,7 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
 
     # -- policies per budget: DOP per space, then the token-pruning baselines
     plan = []  # (budget, method label, kind, policy dict, ranker spec)
+    skipped = []  # (budget spec, method, reason)
     for b in budgets:
         for space in opts.spaces:
             pol = searches[space]["policies"][b["spec"]]
@@ -97,6 +98,7 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
                 pol, ranker = _baseline(model, method, b, n_visual, n_text, adapter.num_layers)
             except ValueError as e:
                 log(f"[baseline] {method} at {b['spec']}: skipped ({e})")
+                skipped.append(dict(budget=b["spec"], method=method, reason=str(e)))
                 continue
             plan.append((b, method, "baseline", pol.to_dict(), ranker))
 
@@ -149,6 +151,7 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
         budgets=results_budgets,
         tables={s: dict(summary=r["summary"]) for s, r in searches.items()},
+        skipped=skipped,
     )
     points = [dict(method=m["method"], flops_fraction=m["flops_fraction"], rel_avg=m["rel_avg"])
               for b in results_budgets for m in b["methods"]]
@@ -158,13 +161,21 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         if curves:
             divergence_curves(curves, out / f"divergence_{space}.png", title=f"Divergence table, space {space}")
             results["tables"][space]["plot"] = f"divergence_{space}.png"
-    dop_rows = [(b, m) for b in results_budgets for m in b["methods"] if m["kind"] == "dop"]
-    if dop_rows:
-        b, m = dop_rows[len(dop_rows) // 2] if len(dop_rows) > 1 else dop_rows[0]
-        pm = Policy.from_json(out / m["policy_file"])
-        title = f"{m['method']} at {b['label']}"
-        policy_map(pm, n_visual, out / "policy_map.png", title=title)
-        results["policy_map"] = dict(file="policy_map.png", title=title)
+    # a map per chosen DOP policy beside its file; the headline one is the first space's
+    # policy at the middle budget
+    for b in results_budgets:
+        for m in b["methods"]:
+            if m["kind"] == "dop":
+                title = f"{m['method']} at {b['label']}"
+                m["policy_map"] = m["policy_file"].replace(".json", ".png")
+                policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / m["policy_map"], title=title)
+    if results_budgets and opts.spaces:
+        b = results_budgets[len(results_budgets) // 2]
+        m = next((m for m in b["methods"] if m["method"] == f"DOP ({opts.spaces[0]})"), None)
+        if m is not None:
+            title = f"{m['method']} at {b['label']}"
+            policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / "policy_map.png", title=title)
+            results["policy_map"] = dict(file="policy_map.png", title=title)
     stages.times["total"] = time.perf_counter() - t_start
     results["stage_times"] = dict(stages.times)
     results["reused"] = list(stages.reused)
@@ -273,13 +284,24 @@ def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
 
 def _baseline(model, method: str, b: dict, n_visual: int, n_text: int, L: int):
     """A published token pruner as (Policy, ranker spec) at budget ``b``, its stage layers
-    scaled to the model's depth (FastV/DART prune after layer 2, PDrop at L/4, L/2, 3L/4)."""
+    scaled to the model's depth: FastV/DART prune after layer 2, PDrop at L/4, L/2, 3L/4.
+    Where that costs more than the budget even with no token kept, the earliest layers are
+    tried (K=1; PDrop at layers 1-2-3) before the method is reported as infeasible."""
     from . import baselines as bl
 
     kw = dict(budget=b["fraction"], convention=b["convention"], visual_tokens=n_visual, text_tokens=n_text)
     if method == "pdrop":
-        layers = tuple(sorted({max(1, round(L * k / 4)) for k in (1, 2, 3)}))
-        return bl.pdrop(model, layers=layers, **kw)
-    if method in ("fastv", "dart"):
-        return bl.baseline(method, model, K=min(2, L - 1), **kw)
-    return bl.baseline(method, model, **kw)
+        tries = [tuple(sorted({max(1, round(L * k / 4)) for k in (1, 2, 3)})), (1, 2, 3)]
+        call = lambda layers: bl.pdrop(model, layers=layers, **kw)  # noqa: E731
+    elif method in ("fastv", "dart"):
+        tries = [min(2, L - 1), 1]
+        call = lambda K: bl.baseline(method, model, K=K, **kw)  # noqa: E731
+    else:
+        return bl.baseline(method, model, **kw)
+    error = None
+    for t in dict.fromkeys(tries):
+        try:
+            return call(t)
+        except ValueError as e:
+            error = e  # keep the last (earliest layers) reason
+    raise error

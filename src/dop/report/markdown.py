@@ -60,13 +60,19 @@ def write_report(results: dict[str, Any], path) -> None:
         L.append("")
         L.extend(method_table([results["unpruned"], *b["methods"]], tasks))
         L.append("")
+        for sk in results.get("skipped", []):
+            if sk["budget"] == b["spec"]:
+                L.append(f"- {sk['method']} is not in this table: {sk['reason']}")
+        if any(sk["budget"] == b["spec"] for sk in results.get("skipped", [])):
+            L.append("")
     L.append("## Chosen DOP policies")
     L.append("")
     for b in results["budgets"]:
         for m in b["methods"]:
             if m.get("kind") != "dop":
                 continue
-            L.append(f"- {b['label']}, {m['method']}: `{m['policy_file']}` — {m.get('summary', '')}")
+            L.append(f"- {b['label']}, {m['method']}: `{m['policy_file']}` ([map]({m.get('policy_map', '')})) — "
+                     f"{m.get('summary', '')}")
     if results.get("policy_map"):
         L.append("")
         L.append(f"![Policy map]({results['policy_map']['file']})")

@@ -41,7 +41,7 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
         drawn += 1
     ax.axhline(100.0, color="grey", lw=0.8, ls="--", zorder=1)
     ax.annotate("unpruned = 100%", (0.0, 100.0), xycoords=("axes fraction", "data"), textcoords="offset points",
-                xytext=(4, 3), fontsize=8, color="grey")
+                xytext=(4, -11), fontsize=8, color="grey")
     ax.set_xlabel("decoder prefill FLOPs (% of the unpruned model, dop convention)")
     ax.set_ylabel("Rel. Avg. (% of unpruned accuracy)")
     ax.set_title(title or "Accuracy kept vs decoder FLOPs")
@@ -96,7 +96,8 @@ def divergence_curves(curves: dict[str, Sequence[tuple[float, float]]], path, *,
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker=".", lw=1.5)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("value", fontsize=8)
+        is_count = name.lower().startswith(("n_v", "nv"))
+        ax.set_xlabel("visual tokens kept" if is_count else "depth (layers that keep doing the op)", fontsize=8)
         ax.set_ylabel("mean first-token KL", fontsize=8)
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[n:]:
