@@ -57,15 +57,15 @@ def patch_labels(scene: shapes.Scene, grid: int, patch: int) -> torch.Tensor:
     return lab
 
 
-def balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged separately over the patches with an object (label > 0) and the
-    empty ones, then the two means averaged: objects cover only a few of the 144 patches,
-    and a plain mean is already small when every patch is called empty."""
+def balanced_ce(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged within groups of patches, then over the groups present. By
+    default the groups are "holds an object centre" (label > 0) and "empty": objects cover
+    only a few of the 144 patches, and a plain mean is already small when every patch is
+    called empty."""
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-    pos = target.flatten() > 0
-    if not pos.any():
-        return ce.mean()
-    return 0.5 * (ce[pos].mean() + ce[~pos].mean())
+    g = (target.flatten() > 0).long() if groups is None else groups.flatten()
+    means = [ce[g == k].mean() for k in g.unique()]
+    return torch.stack(means).mean()
 
 
 class Heads(nn.Module):
@@ -88,8 +88,8 @@ class Heads(nn.Module):
         loss = balanced_ce(self.kind(h), lab[:, 0]) + balanced_ce(self.color(h), lab[:, 1])
         loss = loss + 0.5 * F.cross_entropy(self.row(h).flatten(0, 1), rows.flatten())
         loss = loss + 0.5 * F.cross_entropy(self.col(h).flatten(0, 1), cols.flatten())
-        if with_role:
-            loss = loss + balanced_ce(self.role(h), lab[:, 2])
+        if with_role:  # objects that are not the one asked about count as a third group
+            loss = loss + balanced_ce(self.role(h), lab[:, 2], groups=lab[:, 2] + 3 * (lab[:, 0] > 0))
         return loss
 
 
@@ -211,6 +211,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-layers", default="4,5", help="decoder layers whose heads 0/1 are supervised")
     ap.add_argument("--blind-frac", type=float, default=0.1,
                     help="share of training samples whose image tokens are masked out of attention")
+    ap.add_argument("--task-mix", default=",".join(shapes.TASKS),
+                    help="round-robin order of tasks in the training batches (repeat a task to weight it)")
+    ap.add_argument("--no-attn-exist-no", action="store_true",
+                    help="no attention supervision on `exist` samples whose answer is no")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
@@ -353,7 +357,7 @@ def main(argv=None) -> int:
         lr = lr_at(step, progress(step), args.warmup, args.lr)
         for g in opt_b.param_groups:
             g["lr"] = lr * g["scale"]
-        ids, mask, labels, pix, plab = batcher.batch(step * args.batch, args.batch)
+        ids, mask, labels, pix, plab = batcher.batch(step * args.batch, args.batch, tuple(args.task_mix.split(",")))
         visual = ids == model.config.image_token_index
         # image dropout: a few samples see no image at all (attention mask 0 on its tokens), so
         # the model learns to answer from the question alone with a guess from the answer set
@@ -373,9 +377,15 @@ def main(argv=None) -> int:
         if attn_layers:
             qpos = (labels != -100).int().argmax(1) - 1  # the last prompt token predicts the answer
             targets = attention_targets(visual, plab[:, 2], qpos)  # (B, 2, T)
+            sup = keep.clone()
+            if args.no_attn_exist_no:  # "no" answers of `exist`: leave the attention free
+                mix = args.task_mix.split(",")
+                for j in range(ids.shape[0]):
+                    if mix[(step * args.batch + j) % len(mix)] == "exist" and not (plab[j, 2] > 0).any():
+                        sup[j] = False
             for layer in attn_layers:
                 a = out.attentions[layer][torch.arange(ids.shape[0]), :2, qpos]  # (B, 2, T)
-                att = att - (targets * torch.log(a + 1e-9)).sum(-1)[keep].mean() / len(attn_layers)
+                att = att - (targets * torch.log(a + 1e-9)).sum(-1)[sup].mean() / len(attn_layers)
         loss = ans_loss + args.aux_weight * aux + args.attn_weight * att
         opt_b.zero_grad(set_to_none=True)
         loss.backward()
