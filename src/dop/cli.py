@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # order shown in `dop --help`; a module that is absent is simply not offered
-COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")
+COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")  # modules in dop/commands/
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,9 +18,9 @@ import os
 import sys
 
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
+from .options import add_model_runtime_options  # noqa: E402
 
 FORMAT = "dop-eval/1"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
@@ -50,14 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="with --policy, skip the unpruned pass (no Rel. Avg.)")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file (docs/eval.md)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
-    p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own code to run (off by default)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_runtime_options(p)
     p.set_defaults(func=run)
 
 

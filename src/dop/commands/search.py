@@ -17,6 +17,9 @@ import sys
 import time
 
 
+from .options import add_model_runtime_options
+
+
 def register(subparsers) -> None:
     from dop.search.cost import BUDGET_HELP
 
@@ -57,13 +60,7 @@ def register(subparsers) -> None:
                         "and token pruning at the same budget")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own code to run")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy machine")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_runtime_options(p)
     p.set_defaults(func=run)
 
 

@@ -78,7 +78,7 @@ class PrunedDecoderLayer(nn.Module):
         rows_q = s.rows(st, "attn_q", l)
         rows_kv = s.rows(st, "attn_kv", l)
         rows_m = s.rows(st, "mlp", l)
-        pos_new = torch.arange(st.past, st.past + st.n_new)
+        pos_new = st.past + st.positions
 
         # -- keys/values of the rows that keep attn_kv at this layer
         cos, sin = position_embeddings
@@ -102,12 +102,11 @@ class PrunedDecoderLayer(nn.Module):
         # -- queries of the rows that keep attn_q; a query with no allowed key gets no update
         q_pos = _take(pos_new, rows_q, 0)
         n_kv = kv_pos.numel()
-        if n_kv == 0:
-            rows_q, q_pos = torch.zeros(0, dtype=torch.long), q_pos[:0]
-        elif kv_pos[0] > q_pos.min() if q_pos.numel() else False:
-            keep = q_pos >= kv_pos[0]  # kv_pos is increasing: the first key is the earliest
-            full_q = torch.arange(st.n_new) if rows_q is None else rows_q
-            rows_q, q_pos = full_q[keep], q_pos[keep]
+        # kv_pos is increasing, so a query sees some key iff it is not before the first one
+        keep = q_pos >= kv_pos[0] if n_kv else torch.zeros_like(q_pos, dtype=torch.bool)
+        if not bool(keep.all()):
+            rows_q = (st.positions if rows_q is None else rows_q)[keep]
+            q_pos = q_pos[keep]
         if q_pos.numel() > 0:
             same = _same_rows(rows_q, rows_kv)
             hn_q = hn_kv if same else layer.input_layernorm(_take(h, rows_q))

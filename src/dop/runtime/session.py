@@ -41,6 +41,9 @@ class ForwardState:
     ranks: list[torch.Tensor] | None = None
     rows_cache: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.positions = torch.arange(self.n_new)  # indices of the new tokens, built once per forward
+
     @property
     def has_visual(self) -> bool:
         return bool(self.spans)
