@@ -43,9 +43,34 @@ KIND_INDEX = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
 KIND_INDEX.update({ch: 1 + len(shapes.SHAPES) + i for i, ch in enumerate(shapes.LETTERS)})
 
 
-def patch_labels(scene: shapes.Scene, grid: int, patch: int) -> torch.Tensor:
-    """(3, grid*grid) long: kind, colour and role of the object centred in each patch."""
-    lab = torch.zeros(3, grid * grid, dtype=torch.long)
+SHAPE_WORDS = {s: s for s in shapes.SHAPES} | {p: s for s, p in shapes.PLURALS.items()}
+
+
+def asked_attributes(question: str) -> tuple[list[str], list[str]]:
+    """The colours and the shapes a question names, in order (the object asked about first,
+    then the reference object of `position`)."""
+    words = [w.strip("?.,").lower() for w in question.split()]
+    return [w for w in words if w in shapes.COLORS], [SHAPE_WORDS[w] for w in words if w in SHAPE_WORDS]
+
+
+def match_class(value, asked: list[str]) -> int:
+    """-100 when the question names no such attribute; else 0 (no match), 1 (matches the first
+    one named), 2 (matches only the second)."""
+    if not asked:
+        return -100
+    for i, a in enumerate(asked[:2]):
+        if value == a:
+            return i + 1
+    return 0
+
+
+def patch_labels(scene: shapes.Scene, grid: int, patch: int, question: str = "") -> torch.Tensor:
+    """(5, grid*grid) long: kind, colour and role of the object centred in each patch, and
+    whether its colour / its shape matches one the question names (-100 where no object is
+    centred or the question names none)."""
+    lab = torch.zeros(5, grid * grid, dtype=torch.long)
+    lab[3:] = -100
+    colors, kinds = asked_attributes(question)
     for o in scene.objects:
         if o.kind == "label":
             continue
@@ -54,7 +79,18 @@ def patch_labels(scene: shapes.Scene, grid: int, patch: int) -> torch.Tensor:
         lab[0, r * grid + c] = KIND_INDEX[o.name]
         lab[1, r * grid + c] = COLOR_INDEX.get(o.color, 0)
         lab[2, r * grid + c] = o.role
+        lab[3, r * grid + c] = match_class(o.color, colors)
+        lab[4, r * grid + c] = match_class(o.name, kinds)
     return lab
+
+
+def class_balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged within each target class present (-100 ignored), then over the
+    classes; zero when nothing is labelled."""
+    t = target.flatten()
+    ce = F.cross_entropy(logits.flatten(0, 1), t.clamp(min=0), reduction="none")
+    means = [ce[t == k].mean() for k in t.unique() if k >= 0]
+    return torch.stack(means).mean() if means else logits.sum() * 0.0
 
 
 def balanced_ce(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,10 +112,13 @@ class Heads(nn.Module):
         self.kind = nn.Linear(d, N_KIND)
         self.color = nn.Linear(d, N_COLOR)
         self.role = nn.Linear(d, 3)
+        self.cmatch = nn.Linear(d, 3)  # colour matches the question's first / second colour
+        self.smatch = nn.Linear(d, 3)  # shape matches the question's first / second shape
         self.row = nn.Linear(d, grid)
         self.col = nn.Linear(d, grid)
 
-    def loss(self, h: torch.Tensor, lab: torch.Tensor, grid: int, with_role: bool = True) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, lab: torch.Tensor, grid: int, with_role: bool = True,
+             match_weight: float = 0.0) -> torch.Tensor:
         # h: (B, P, d); lab: (B, 3, P)
         B, P, _ = h.shape
         pos = torch.arange(P)
@@ -90,6 +129,9 @@ class Heads(nn.Module):
         loss = loss + 0.5 * F.cross_entropy(self.col(h).flatten(0, 1), cols.flatten())
         if with_role:  # objects that are not the one asked about count as a third group
             loss = loss + balanced_ce(self.role(h), lab[:, 2], groups=lab[:, 2] + 3 * (lab[:, 0] > 0))
+        if match_weight > 0:  # the two halves of "is this the object asked about?", separately
+            loss = loss + match_weight * (class_balanced_ce(self.cmatch(h), lab[:, 3])
+                                          + class_balanced_ce(self.smatch(h), lab[:, 4]))
         return loss
 
 
@@ -139,7 +181,7 @@ class Batcher:
             ids[j, : len(x)] = torch.tensor(x)
             labels[j, : len(y)] = torch.tensor(y)
             mask[j, : len(x)] = 1
-        plab = torch.stack([patch_labels(sc, self.grid, self.patch) for sc in scenes])
+        plab = torch.stack([patch_labels(sc, self.grid, self.patch, s["question"]) for s, sc in zip(samples, scenes)])
         return ids, mask, labels, pix, plab
 
 
@@ -207,6 +249,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tower-lr-scale", type=float, default=0.3, help="tower LR / LR in stage B (0 freezes it)")
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--aux-layers", default="2,4", help="decoder layers whose outputs get the aux heads")
+    ap.add_argument("--match-weight", type=float, default=0.0,
+                    help="weight of the aux heads telling whether a patch's colour / shape matches the question's")
+    ap.add_argument("--deep-weight", type=float, default=0.0,
+                    help="weight of answer cross-entropy read out (final norm + lm_head) after --deep-layers")
+    ap.add_argument("--deep-layers", default="6,7", help="hidden-state indices for the deep answer supervision")
     ap.add_argument("--attn-weight", type=float, default=0.5, help="weight of the attention supervision")
     ap.add_argument("--attn-layers", default="4,5", help="decoder layers whose heads 0/1 are supervised")
     ap.add_argument("--blind-frac", type=float, default=0.1,
@@ -222,7 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-layers", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--name", default="demo", help="run name: checkpoints/<name>/")
+    ap.add_argument("--name", default="demo", help="run name: <ckpt-root>/<name>/")
+    ap.add_argument("--ckpt-root", default=None, help="folder of the runs' checkpoints (default: checkpoints/ in the repo)")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=150, help="val samples per evaluation (all tasks)")
@@ -235,7 +283,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    ckpt_dir = ROOT / "checkpoints" / args.name
+    ckpt_dir = (Path(args.ckpt_root) if args.ckpt_root else ROOT / "checkpoints") / args.name
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log_path = ckpt_dir / "train.log"
     ckpt_path = ckpt_dir / "last.pt"
@@ -251,6 +299,7 @@ def main(argv=None) -> int:
     grid = sizes.image_size // sizes.patch_size
     heads_t = Heads(sizes.vision_width, grid)
     aux_layers = [int(x) for x in args.aux_layers.split(",") if x]
+    deep_layers = [int(x) for x in args.deep_layers.split(",") if x]
     heads_d = nn.ModuleList([Heads(sizes.width, grid) for _ in aux_layers])
     batcher = Batcher(processor, args.seed, grid, sizes.patch_size)
     batcher.check(shapes.make_sample("train", args.seed, 0, "position")[0])
@@ -372,7 +421,14 @@ def main(argv=None) -> int:
         aux = torch.zeros(())
         for head, layer in zip(heads_d, aux_layers):
             h = out.hidden_states[layer][visual].view(ids.shape[0], grid * grid, -1)
-            aux = aux + head.loss(h[keep], plab[keep], grid) / len(aux_layers)
+            aux = aux + head.loss(h[keep], plab[keep], grid, match_weight=args.match_weight) / len(aux_layers)
+        deep = torch.zeros(())
+        if args.deep_weight > 0:  # the answer, read out early: earlier layers must gather it
+            tgt = labels[:, 1:]
+            sel = tgt != -100
+            for layer in deep_layers:
+                hd = model.model.language_model.norm(out.hidden_states[layer][:, :-1][sel])
+                deep = deep + F.cross_entropy(model.lm_head(hd), tgt[sel]) / len(deep_layers)
         att = torch.zeros(())
         if attn_layers:
             qpos = (labels != -100).int().argmax(1) - 1  # the last prompt token predicts the answer
@@ -386,7 +442,7 @@ def main(argv=None) -> int:
             for layer in attn_layers:
                 a = out.attentions[layer][torch.arange(ids.shape[0]), :2, qpos]  # (B, 2, T)
                 att = att - (targets * torch.log(a + 1e-9)).sum(-1)[sup].mean() / len(attn_layers)
-        loss = ans_loss + args.aux_weight * aux + args.attn_weight * att
+        loss = ans_loss + args.aux_weight * aux + args.attn_weight * att + args.deep_weight * deep
         opt_b.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt_b.param_groups for p in g["params"]], 1.0)
