@@ -13,7 +13,7 @@ from dop.rankers.common import greedy_dpp
 from dop.rankers.pdrop import pdrop_policy
 from dop.rankers.vispruner import token_scores
 from dop.runtime.session import capture_decoder_input
-from tiny_models import FAMILIES, build_inputs, build_model
+from tiny_models import FAMILIES, IMAGE_TOKEN, build_inputs, build_model
 
 RANKERS = ("vispruner", "cdpruner", "fastv", "pdrop:layers=1-2-3", "dart", "identity", "spatial", "random:seed=3")
 
@@ -84,14 +84,9 @@ def _eager_vision_attentions(model, inputs):
     return out.attentions
 
 
-@torch.no_grad()
-def test_vispruner_scores_are_cls_attention(tiny):
-    """Per LLM visual token, the score equals an eager vision forward's attention at the
-    feature layer: [CLS] row (LLaVA; LLaVA-NeXT's base tile leads each image), mean attention
-    received merged by the pixel shuffle (InternVL)."""
-    fam, model, inputs, counts = tiny
-    if fam == "qwen2_5_vl":
-        pytest.skip("Qwen2.5-VL's window-permuted tower is covered by the contract tests")
+def _vispruner_scores(model, inputs, counts):
+    """The ranker's per-token scores (hooked forward, as inside the runtime), checked for shape
+    and for not being all equal (else a comparison with a reference proves little)."""
     r = resolve_ranker("vispruner")
     ctx = _ctx(model, inputs)
     r.install(model, ctx.adapter)
@@ -100,6 +95,105 @@ def test_vispruner_scores_are_cls_attention(tiny):
         scores = token_scores(ctx, r._captured)
     finally:
         r.uninstall()
+    assert [sc.numel() for sc in scores] == counts
+    flat = torch.cat(scores).double()
+    assert not torch.allclose(flat, flat.mean().expand_as(flat), atol=1e-6), "all scores equal: an empty comparison"
+    return scores
+
+
+def _qwen_last_block_received(model, inputs) -> torch.Tensor:
+    """Qwen2.5-VL reference, one score per LLM visual token (all images, in the LLM's order):
+    the attention probabilities of the tower's last block as transformers' eager attention
+    computes them (the module-level ``eager_attention_forward``, wrapped for one forward),
+    heads then queries averaged per attention chunk, averaged over the patches of each merge
+    unit. Which window-order row holds which patch is found by matching the rows of the
+    patch embedding (input order) against the first block's input (window order), not from
+    ``get_vision_window_index``; the mapping is confirmed on the tower's own output."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
+
+    tower = get_adapter(model).vision_module()
+    assert tower.config._attn_implementation == "eager"
+    last = tower.blocks[-1].attn
+    grid = inputs["image_grid_thw"]
+    seen: dict = {"probs": []}
+    original = mq.eager_attention_forward
+
+    def spy(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        out, weights = original(module, query, key, value, attention_mask, scaling, dropout, **kw)
+        if module is last:
+            assert attention_mask is None  # one call per chunk: its weights are the whole softmax
+            seen["probs"].append(weights.detach())
+        return out, weights
+
+    hooks = [
+        tower.patch_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("embed", o.detach())),
+        tower.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("block0", a[0].detach())),
+        tower.merger.register_forward_pre_hook(lambda m, a: seen.__setitem__("merger_in", a[0].detach())),
+    ]
+    mq.eager_attention_forward = spy
+    try:
+        pooled = tower(inputs["pixel_values"], grid_thw=grid).pooler_output
+    finally:
+        mq.eager_attention_forward = original
+        for h in hooks:
+            h.remove()
+    # the last block attends over each whole image (one chunk per image, in image order)
+    sizes = [int(t * h * w) for t, h, w in grid.tolist()]
+    assert [p.shape[-1] for p in seen["probs"]] == sizes
+    received = torch.cat([p[0].double().mean(0).mean(0) for p in seen["probs"]])  # window order
+    # window position of every input patch, by matching rows (random pixels: rows are distinct)
+    embed, block0 = seen["embed"], seen["block0"]
+    S = embed.shape[0]
+    same = (embed[:, None, :] == block0[None, :, :]).all(-1)  # (input patch, window row)
+    assert bool((same.sum(1) == 1).all()) and bool((same.sum(0) == 1).all())
+    pos = same.float().argmax(1)  # input patch -> window row
+    assert not torch.equal(pos, torch.arange(S)), "the window order is the input order: nothing tested"
+    unit = tower.spatial_merge_size**2
+    pos = pos.reshape(-1, unit)  # LLM token t <- input patches t*unit .. t*unit+unit-1
+    # confirm on transformers' own output: token t is the merger applied to exactly those rows
+    x = seen["merger_in"]
+    assert torch.allclose(tower.merger(x[pos.reshape(-1)]), pooled, atol=1e-5)
+    return received[pos].mean(-1)
+
+
+@torch.no_grad()
+def test_vispruner_scores_are_cls_attention(tiny):
+    """Per LLM visual token, the score equals an eager vision forward's attention at the
+    feature layer: [CLS] row (LLaVA; LLaVA-NeXT's base tile leads each image), mean attention
+    received merged by the pixel shuffle (InternVL), mean attention received in the tower's
+    last block averaged over each 2x2 merge unit, in the LLM's token order (Qwen2.5-VL)."""
+    fam, model, inputs, counts = tiny
+    scores = _vispruner_scores(model, inputs, counts)
+    if fam == "qwen2_5_vl":
+        for a, b in zip(scores, torch.split(_qwen_last_block_received(model, inputs), counts)):
+            assert torch.allclose(a.double(), b, atol=1e-6)
+        # the fixture is weak on its own: its tower (0.02 init) attends almost uniformly (scores
+        # within an image differ by ~2e-5) and its window order is its own inverse
+        # (argsort(window_index) == window_index). Hence a copy whose last block's queries and
+        # keys are scaled up (peaked attention), on the fixture's images and on a 12x12 image
+        # (3x3 windows) and a 6x10 one (padded windows), whose window orders are not involutions.
+        sharp = build_model("qwen2_5_vl", attn="eager", num_layers=2)
+        qkv = get_adapter(sharp).vision_module().blocks[-1].attn.qkv
+        d = qkv.in_features
+        qkv.weight[: 2 * d] *= 20.0
+        qkv.bias[: 2 * d] *= 20.0
+        gen = torch.Generator().manual_seed(5)
+        grids = torch.tensor([[1, 12, 12], [1, 6, 10]])
+        wide = {"pixel_values": torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen),
+                "image_grid_thw": grids}
+        wide_counts = [int(n) // 4 for n in grids.prod(-1)]
+        ids = [1, 5, 6]
+        for n in wide_counts:
+            ids += [IMAGE_TOKEN + 2] + [IMAGE_TOKEN] * n + [IMAGE_TOKEN + 3, 7, 8]
+        wide["input_ids"] = torch.tensor([ids])
+        wide["attention_mask"] = torch.ones(1, len(ids), dtype=torch.long)
+        for inp, cnt in ((inputs, counts), (wide, wide_counts)):
+            sc = _vispruner_scores(sharp, inp, cnt)
+            ref = _qwen_last_block_received(sharp, inp)
+            for a, b in zip(sc, torch.split(ref, cnt)):
+                assert float(b.max() - b.min()) > 1e-3  # differences far above the tolerance
+                assert torch.allclose(a.double(), b, atol=1e-6)
+        return
     f = model.config.vision_feature_layer
     att = _eager_vision_attentions(model, inputs)[f].double()  # (tiles, H, S, S)
     if fam in ("llava", "llava_next"):
