@@ -337,7 +337,7 @@ def test_cli_search_verify_and_transfer(saved, capsys):
     text = capsys.readouterr().out
     for needle in ("parameters: n_v=", "decoder FLOPs (dop)", "decoder MACs (paper)", "predicted divergence",
                    "true divergence", "Spearman", "token pruning at the same budget", "decoder-layer evaluations",
-                   "wall time"):
+                   "blind policy (no visual operation at all)", "wall time"):
         assert needle in text, needle
     pol = dop.Policy.from_json(str(root / "p.0.9.json"))
     assert pol.meta["model"] == model and pol.meta["ranker"] == "random" and pol.meta["budget"] == "0.9"
@@ -345,6 +345,11 @@ def test_cli_search_verify_and_transfer(saved, capsys):
     assert (root / "p.tokens-8.json").is_file()
     doc = json.loads((root / "s.json").read_text())
     assert doc["layer_evals"] < doc["naive_layer_evals"]
+    v = doc["results"][0]["verification"]
+    # the blind reference is the policy that prunes every visual op of every layer, and the
+    # count of random policies at least as far from the unpruned model follows from it
+    assert v["blind_true"] > 0
+    assert v["n_at_least_blind"] == sum(r["true"] >= v["blind_true"] * (1 - 1e-6) for r in v["random"])
     # a finished table: new budgets cost no model work
     before = DivergenceTable.load(str(table)).layer_evals
     assert main(args[:8] + ["0.8"] + args[9:]) == 0

@@ -201,6 +201,11 @@ def format_summary(result, args, outputs, wall: float) -> str:
             lines.append(f"  true divergence: {v.chosen_true:.5g}")
             if v.spearman is not None:
                 lines.append(f"  Spearman proxy vs truth over {len(v.random)} random feasible policies: {v.spearman:.3f}")
+            if v.blind_true is not None and v.random:
+                lines.append(f"  blind policy (no visual operation at all): true divergence {v.blind_true:.5g}; "
+                             f"{v.n_at_least_blind} of {len(v.random)} random policies are at least as far"
+                             + (f" (Spearman over the others: {v.spearman_below_blind:.3f})"
+                                if v.spearman_below_blind is not None else ""))
             elif v.random:
                 lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
             tp = v.token_pruning

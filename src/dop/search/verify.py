@@ -4,7 +4,11 @@
 - the proxy and true divergence of K random feasible policies of the space, and the Spearman
   rank correlation between them;
 - token pruning at the same budget with the same ranker (the most visual tokens kept at
-  layer 0 whose cost fits), and its true divergence.
+  layer 0 whose cost fits), and its true divergence;
+- the true divergence of the blind policy (no visual operation at any layer) and how many of
+  the random policies are at least that far from the unpruned model. Such policies have lost
+  what the image tells; their divergences bunch up near the blind one, so their order says
+  little and a low Spearman over a sample made mostly of them is expected.
 """
 
 from __future__ import annotations
@@ -27,12 +31,23 @@ class Verification:
     spearman: float | None = None
     spearman_p: float | None = None
     token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
+    blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
+    spearman_below_blind: float | None = None  # over the random policies closer than the blind one
+
+    @property
+    def n_at_least_blind(self) -> int | None:
+        """Random policies whose true divergence is at least the blind policy's."""
+        if self.blind_true is None:
+            return None
+        return sum(1 for r in self.random if r["true"] >= self.blind_true * (1 - 1e-6))
 
     def to_dict(self) -> dict:
         return {
             "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
             "spearman": self.spearman, "spearman_p": self.spearman_p,
             "random": self.random, "token_pruning": self.token_pruning,
+            "blind_true": self.blind_true, "n_at_least_blind": self.n_at_least_blind,
+            "spearman_below_blind": self.spearman_below_blind,
         }
 
 
@@ -81,12 +96,11 @@ def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int =
 
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
            k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
-    from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
     cost = solver.cost
     assigns = random_feasible(space, solver, solution.limit, k, seed)
-    bar = tqdm(total=len(assigns) + 2, desc="verify", unit="policy", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=len(assigns) + 3, desc="verify", unit="policy", disable=not progress, file=sys.stderr, leave=False)
     chosen_true, _ = true_divergence(model, prepared, refs, solution.policy, ranker)
     bar.update(1)
     rows = []
@@ -95,11 +109,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
         t, _ = true_divergence(model, prepared, refs, pol, ranker)
         rows.append({"assign": a, "proxy": solver.proxy_of(a), "true": t, "cost": cost.policy_cost(pol)})
         bar.update(1)
-    rho = pval = None
-    if len(rows) >= 3:
-        r = spearmanr([x["proxy"] for x in rows], [x["true"] for x in rows])
-        if r.statistic == r.statistic:  # not NaN (constant inputs)
-            rho, pval = float(r.statistic), float(r.pvalue)
+    rho, pval = _spearman(rows)
     tp = None
     found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
     if found is not None:
@@ -107,5 +117,22 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
         t, _ = true_divergence(model, prepared, refs, pol, ranker)
         tp = {"n_keep": n, "policy": pol.to_dict(), "cost": cost.policy_cost(pol), "true": t}
     bar.update(1)
+    blind_policy = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
+    blind, _ = true_divergence(model, prepared, refs, blind_policy, ranker)
+    bar.update(1)
     bar.close()
-    return Verification(chosen_true, solution.predicted, rows, rho, pval, tp)
+    v = Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
+    v.spearman_below_blind = _spearman([r for r in rows if r["true"] < blind * (1 - 1e-6)])[0]
+    return v
+
+
+def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
+    """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
+    from scipy.stats import spearmanr
+
+    if len(rows) < 3:
+        return None, None
+    r = spearmanr([x["proxy"] for x in rows], [x["true"] for x in rows])
+    if r.statistic != r.statistic:  # NaN: constant inputs
+        return None, None
+    return float(r.statistic), float(r.pvalue)
