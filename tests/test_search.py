@@ -422,3 +422,34 @@ def test_search_is_deterministic_for_a_seed():
         return d, r.table.entries
 
     assert run() == run()
+
+
+def test_summary_warns_when_the_choice_is_worse_than_token_pruning_or_blind():
+    """The summary says so when the verified choice is further from the unpruned model than
+    token pruning at the same FLOPs or than the blind policy, and stays quiet otherwise."""
+    import argparse
+
+    from dop.commands.search import format_summary
+    from dop.search import search
+    from dop.search.verify import Verification
+
+    model = build_model("llava", num_layers=2)
+    inputs, _ = build_inputs(model, "llava")
+    from dop.search.divergence import PreparedSample
+    from dop.models import get_adapter
+
+    counts = [sp.n for sp in get_adapter(model).image_spans(inputs["input_ids"], inputs)]
+    prep = [PreparedSample(dict(inputs), counts, int(inputs["input_ids"].shape[1]) - sum(counts))]
+    res = search(model, None, prep, budget=0.9, ranker="spatial", progress=False)
+    args = argparse.Namespace(model="m", data="d", ranker="spatial", seed=0, table=None)
+    r = res.results[0]
+    tp = {"n_keep": 3, "true": 0.5}
+    r.verification = Verification(0.1, 0.1, [{"proxy": 0.0, "true": 0.2}], None, None, tp, 1.0)
+    assert "warning" not in format_summary(res, args, ["p.json"], 1.0)
+    r.verification = Verification(0.7, 0.1, [{"proxy": 0.0, "true": 0.2}], None, None, tp, 1.0)
+    text = format_summary(res, args, ["p.json"], 1.0)
+    assert "warning: the chosen policy is further from the unpruned model than token pruning" in text
+    assert "blind policy (no visual operation at all): true divergence 1; 0 of 1 random policies" in text
+    r.verification = Verification(1.5, 0.1, [{"proxy": 0.0, "true": 1.2}], None, None, tp, 1.0)
+    text = format_summary(res, args, ["p.json"], 1.0)
+    assert "than token pruning at the same budget and the blind policy" in text and "1 of 1 random" in text

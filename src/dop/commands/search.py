@@ -201,17 +201,23 @@ def format_summary(result, args, outputs, wall: float) -> str:
             lines.append(f"  true divergence: {v.chosen_true:.5g}")
             if v.spearman is not None:
                 lines.append(f"  Spearman proxy vs truth over {len(v.random)} random feasible policies: {v.spearman:.3f}")
+            elif v.random:
+                lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
             if v.blind_true is not None and v.random:
                 lines.append(f"  blind policy (no visual operation at all): true divergence {v.blind_true:.5g}; "
                              f"{v.n_at_least_blind} of {len(v.random)} random policies are at least as far"
                              + (f" (Spearman over the others: {v.spearman_below_blind:.3f})"
                                 if v.spearman_below_blind is not None else ""))
-            elif v.random:
-                lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
             tp = v.token_pruning
             if tp:
                 lines.append(f"  token pruning at the same budget (keep {tp['n_keep']} of {sp.n_ref}, same ranker): "
                              f"true divergence {tp['true']:.5g}")
+            worse = [name for name, ref in (("token pruning at the same budget", tp["true"] if tp else None),
+                                            ("the blind policy", v.blind_true))
+                     if ref is not None and v.chosen_true > ref]
+            if worse:
+                lines.append(f"  warning: the chosen policy is further from the unpruned model than {' and '.join(worse)}; "
+                             "the proxy does not rank this model's policies well here (see the Spearman above)")
     lines += ["", f"wall time {wall:.1f} s (divergence table {result.table_s:.1f} s, verification {result.verify_s:.1f} s, "
                   f"the rest loading and solving)"]
     return "\n".join(lines)
