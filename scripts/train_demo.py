@@ -84,24 +84,16 @@ def patch_labels(scene: shapes.Scene, grid: int, patch: int, question: str = "")
     return lab
 
 
-def class_balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged within each target class present (-100 ignored), then over the
-    classes; zero when nothing is labelled."""
+def balanced_ce(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged within groups of patches, then over the groups present; targets
+    of -100 are left out (zero when nothing is left). By default the groups are "holds an
+    object centre" (label > 0) and "empty": objects cover only a few of the 144 patches, and a
+    plain mean is already small when every patch is called empty."""
     t = target.flatten()
     ce = F.cross_entropy(logits.flatten(0, 1), t.clamp(min=0), reduction="none")
-    means = [ce[t == k].mean() for k in t.unique() if k >= 0]
+    g = (t > 0).long() if groups is None else groups.flatten()
+    means = [ce[(g == k) & (t >= 0)].mean() for k in g[t >= 0].unique()]
     return torch.stack(means).mean() if means else logits.sum() * 0.0
-
-
-def balanced_ce(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy averaged within groups of patches, then over the groups present. By
-    default the groups are "holds an object centre" (label > 0) and "empty": objects cover
-    only a few of the 144 patches, and a plain mean is already small when every patch is
-    called empty."""
-    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-    g = (target.flatten() > 0).long() if groups is None else groups.flatten()
-    means = [ce[g == k].mean() for k in g.unique()]
-    return torch.stack(means).mean()
 
 
 class Heads(nn.Module):
@@ -119,7 +111,7 @@ class Heads(nn.Module):
 
     def loss(self, h: torch.Tensor, lab: torch.Tensor, grid: int, with_role: bool = True,
              match_weight: float = 0.0) -> torch.Tensor:
-        # h: (B, P, d); lab: (B, 3, P)
+        # h: (B, P, d); lab: (B, 5, P) from patch_labels
         B, P, _ = h.shape
         pos = torch.arange(P)
         rows = (pos // grid).expand(B, -1)
@@ -130,8 +122,8 @@ class Heads(nn.Module):
         if with_role:  # objects that are not the one asked about count as a third group
             loss = loss + balanced_ce(self.role(h), lab[:, 2], groups=lab[:, 2] + 3 * (lab[:, 0] > 0))
         if match_weight > 0:  # the two halves of "is this the object asked about?", separately
-            loss = loss + match_weight * (class_balanced_ce(self.cmatch(h), lab[:, 3])
-                                          + class_balanced_ce(self.smatch(h), lab[:, 4]))
+            loss = loss + match_weight * (balanced_ce(self.cmatch(h), lab[:, 3], groups=lab[:, 3])
+                                          + balanced_ce(self.smatch(h), lab[:, 4], groups=lab[:, 4]))
         return loss
 
 

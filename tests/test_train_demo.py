@@ -66,14 +66,14 @@ def test_patch_labels_follow_the_scene(td, task):
             assert not both and len(half) >= 2
 
 
-def test_class_balanced_ce(td):
+def test_balanced_ce_per_class_ignoring_unlabelled(td):
     logits = torch.zeros(1, 4, 3)
     logits[0, 0, 1] = 5.0  # confident and right on the rare class
     target = torch.tensor([[1, 0, 0, -100]])
     ce = torch.nn.functional.cross_entropy(logits[0], target[0].clamp(min=0), reduction="none")
     want = (ce[0] + ce[1:3].mean()) / 2  # class 1 and class 0 weigh the same
-    assert torch.allclose(td.class_balanced_ce(logits, target), want)
-    none = td.class_balanced_ce(logits, torch.full((1, 4), -100))
+    assert torch.allclose(td.balanced_ce(logits, target, groups=target), want)
+    none = td.balanced_ce(logits, torch.full((1, 4), -100), groups=torch.full((1, 4), -100))
     assert none.item() == 0.0 and none.requires_grad is False
 
 

@@ -34,12 +34,14 @@ class Verification:
     blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
     spearman_below_blind: float | None = None  # over the random policies closer than the blind one
 
+    def closer_than_blind(self) -> list[dict]:
+        """The random policies whose true divergence is below the blind policy's."""
+        return [r for r in self.random if self.blind_true is not None and r["true"] < self.blind_true * (1 - 1e-6)]
+
     @property
     def n_at_least_blind(self) -> int | None:
         """Random policies whose true divergence is at least the blind policy's."""
-        if self.blind_true is None:
-            return None
-        return sum(1 for r in self.random if r["true"] >= self.blind_true * (1 - 1e-6))
+        return None if self.blind_true is None else len(self.random) - len(self.closer_than_blind())
 
     def to_dict(self) -> dict:
         return {
@@ -122,7 +124,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
     bar.update(1)
     bar.close()
     v = Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
-    v.spearman_below_blind = _spearman([r for r in rows if r["true"] < blind * (1 - 1e-6)])[0]
+    v.spearman_below_blind = _spearman(v.closer_than_blind())[0]
     return v
 
 
