@@ -297,6 +297,13 @@ def test_token_budget_beyond_the_image():
         parse_budget("tokens:17").limit(cost)
 
 
+def test_token_budget_counts_tokens():
+    assert parse_budget("tokens:12").tokens(144) == 12
+    assert parse_budget("tokens:1/4").tokens(144) == 36
+    with pytest.raises(BudgetError, match="not a token count"):
+        parse_budget("0.5").tokens(144)
+
+
 @pytest.mark.parametrize("name,kw,match", [
     ("tokens", {}, "unknown search space 'tokens'"),
     ("dop", {"groups": [0.5, 1.0]}, "multigroup only"),

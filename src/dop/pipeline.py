@@ -252,9 +252,7 @@ def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
 
     b = parse_budget(spec)
     if b.kind == "tokens":
-        n = int(round(b.value * n_visual)) if b.share else int(b.value)
-        if not 0 <= n <= n_visual:
-            raise ValueError(f"budget {spec!r}: the images hold {n_visual} visual tokens, cannot keep {n}")
+        n = b.tokens(n_visual)
         frac = budget_from_tokens(model, n, n_visual)
         return dict(spec=spec, label=f"{spec} ({n} tokens)", fraction=frac, convention="paper", tokens=n)
     if b.kind == "tflops":

@@ -128,11 +128,18 @@ class Budget:
         if self.kind == "tflops":
             return int(self.value * 1e12)
         n_ref = max(cost.counts)
-        n = int(round(self.value * n_ref)) if self.share else int(self.value)
-        if n > n_ref:
-            raise BudgetError(f"budget {self.spec!r}: the images hold {n_ref} visual tokens, cannot keep {n}")
+        n = self.tokens(n_ref)
         frac = _flops.budget_from_tokens(cost.model, n, n_ref, num_images=len(cost.counts))
         return int(round(frac * cost.unpruned))
+
+    def tokens(self, n_visual: int) -> int:
+        """The number of visual tokens a ``tokens:`` budget keeps out of ``n_visual``."""
+        if self.kind != "tokens":
+            raise BudgetError(f"budget {self.spec!r} is not a token count")
+        n = int(round(self.value * n_visual)) if self.share else int(self.value)
+        if not 0 <= n <= n_visual:
+            raise BudgetError(f"budget {self.spec!r}: the images hold {n_visual} visual tokens, cannot keep {n}")
+        return n
 
     def describe(self, cost: CostModel) -> str:
         lim = self.limit(cost)
