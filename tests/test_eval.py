@@ -325,6 +325,24 @@ def test_demo_name_routes_to_the_demo_loader_and_prompt(monkeypatch, loaded):
     assert prompt_builder_for("demo") is dop.demo.build_prompt
 
 
+def test_retrained_demo_folder_gets_the_demo_prompt(tmp_path):
+    # a folder exported by scripts/train_demo.py was trained without the short-answer
+    # instruction; any other folder (or a malformed training.json) gets the chat prompt
+    import dop.demo
+    from dop.evaluate.loading import chat_prompt, prompt_builder_for
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    assert prompt_builder_for(str(folder)) is chat_prompt
+    (folder / "training.json").write_text('{"command": "python scripts/train_demo.py --name x"}')
+    assert prompt_builder_for(str(folder)) is dop.demo.build_prompt
+    (folder / "training.json").write_text('{"command": "train.py"}')
+    assert prompt_builder_for(str(folder)) is chat_prompt
+    (folder / "training.json").write_text('[1, 2')
+    assert prompt_builder_for(str(folder)) is chat_prompt
+    assert prompt_builder_for(str(dop.demo.DEMO_DIR)) is dop.demo.build_prompt
+
+
 def test_cli_eval_llava_next_checkpoint(tmp_path, data, capsys):
     # another family through the same path: model_type picks the class, AutoProcessor the processor
     from transformers import LlavaNextForConditionalGeneration

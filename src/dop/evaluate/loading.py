@@ -9,8 +9,10 @@ unless asked for.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -103,10 +105,25 @@ def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_IN
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def is_demo_export(path) -> bool:
+    """Whether ``path`` is a folder exported by ``scripts/train_demo.py`` (a retrained demo
+    model): such a model was trained on the demo's prompt, without the short-answer
+    instruction real checkpoints get, and answers garbage with the other."""
+    meta = Path(str(path)) / "training.json"
+    if not meta.is_file():
+        return False
+    try:
+        command = json.loads(meta.read_text()).get("command", "")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(command, str) and "train_demo.py" in command
+
+
 def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     """The prompt builder to use with the model loaded from ``name_or_path``: the demo's
-    own format for ``demo``, :func:`chat_prompt` otherwise."""
-    if str(name_or_path) == DEMO:
+    own format for ``demo`` and for a folder exported by ``scripts/train_demo.py`` (it holds
+    that script's ``training.json``), :func:`chat_prompt` otherwise."""
+    if str(name_or_path) == DEMO or is_demo_export(name_or_path):
         from dop.demo import build_prompt
 
         return build_prompt
