@@ -8,6 +8,11 @@ Recipe (see src/dop/demo/README.md for the figures):
            --aux-layers) predicting that patch's kind, colour, row, column and its role in
            the question (not involved / the object asked about / the reference object).
            The heads are discarded; the exported checkpoint is a plain LLaVA.
+  fine-tune (optional: --init-from an export, --tower-steps 0) with operation dropout:
+           some samples have their visual tokens skip attention / MLP from a random depth on
+           (--op-depth-frac), some lose a random share of the visual tokens that do not show
+           the objects asked about (--op-token-frac), so that pruning either way costs
+           accuracy gradually rather than all at once. The other losses skip those samples.
 AdamW, linear warm-up then cosine decay, fixed seeds, one thread. Checkpoints go to --ckpt-dir
 every --ckpt-every steps; a restarted run resumes from the last one. At the end (or with
 --export-only) the weights are saved with save_pretrained to --export-dir.
@@ -197,6 +202,80 @@ def attention_targets(visual: torch.Tensor, roles: torch.Tensor, qpos: torch.Ten
     return tgt
 
 
+class OpDropout:
+    """Training-time operation dropout, under the masked semantics of DESIGN 2.2: per sample,
+    visual tokens stop receiving attention (and stop being attended to) from layer ``attn[b, t]``
+    on, and stop receiving the MLP update from layer ``mlp[b, t]`` on. Text tokens are never
+    touched. Set ``depths`` before a forward pass; ``None`` leaves the model unchanged."""
+
+    def __init__(self, model):
+        self.depths: tuple[torch.Tensor, torch.Tensor] | None = None  # (attn, mlp), each (B, T)
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.self_attn.register_forward_pre_hook(self._kv_hook(i), with_kwargs=True)
+            layer.self_attn.register_forward_hook(self._q_hook(i))
+            layer.mlp.register_forward_hook(self._mlp_hook(i))
+
+    def _kv_hook(self, i):
+        def pre(module, args, kwargs):
+            if self.depths is None:
+                return None
+            m = kwargs.get("attention_mask")
+            if m is None:  # causal without padding (sdpa's fast path): spell the mask out
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                m = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()[None, None]
+                if module.config._attn_implementation == "eager":
+                    m = torch.zeros(m.shape, dtype=h.dtype).masked_fill(~m, torch.finfo(h.dtype).min)
+            keep = (self.depths[0] > i)[:, None, None, : m.shape[-1]]
+            kwargs["attention_mask"] = m & keep if m.dtype == torch.bool else m.masked_fill(~keep, torch.finfo(m.dtype).min)
+            return args, kwargs
+        return pre
+
+    def _q_hook(self, i):
+        def post(module, args, out):
+            if self.depths is None:
+                return None
+            keep = (self.depths[0] > i)[..., None].to(out[0].dtype)
+            return (out[0] * keep, *out[1:])
+        return post
+
+    def _mlp_hook(self, i):
+        def post(module, args, out):
+            if self.depths is None:
+                return None
+            return out * (self.depths[1] > i)[..., None].to(out.dtype)
+        return post
+
+
+def draw_op_depths(visual: torch.Tensor, roles: torch.Tensor, grid: int, layers: int, seed: int, first: int,
+                   p_depth: float, p_tokens: float) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-token depths for :class:`OpDropout`, drawn per sample (index ``first + b`` of the
+    stream, so a resumed run draws the same). With probability ``p_depth`` every visual token
+    keeps attention only in the first ``U{1..L-1}`` layers and the MLP in the first ``U{0..L-1}``
+    (what DOP's D_attn / D_mlp do); independently, with probability ``p_tokens`` a fraction
+    ``U(0.2, 0.9)`` of the visual tokens away from the objects the question names (role 0
+    after growing the roles by one patch) is dropped from every layer (what token pruning
+    does). Returns the depths and a mask of the samples left untouched."""
+    B, T = visual.shape
+    attn = torch.full((B, T), layers, dtype=torch.long)
+    mlp = torch.full((B, T), layers, dtype=torch.long)
+    clean = torch.ones(B, dtype=torch.bool)
+    near = F.max_pool2d((roles > 0).float().view(B, 1, grid, grid), 3, 1, 1).view(B, -1) > 0
+    for b in range(B):
+        rng = random.Random(f"opdrop/{seed}/{first + b}")
+        pos = visual[b].nonzero().squeeze(1)
+        if rng.random() < p_depth:
+            attn[b, pos] = rng.randint(1, layers - 1)
+            mlp[b, pos] = rng.randint(0, layers - 1)
+            clean[b] = False
+        if rng.random() < p_tokens:
+            free = pos[~near[b]].tolist()
+            drop = rng.sample(free, int(rng.uniform(0.2, 0.9) * len(free)))
+            attn[b, drop] = 0
+            mlp[b, drop] = 0
+            clean[b] = False
+    return (attn, mlp), clean
+
+
 def lr_at(step: int, progress: float, warmup: int, base: float, floor: float = 0.05) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor * base`` as
     ``progress`` goes from 0 to 1."""
@@ -254,6 +333,11 @@ def main(argv=None) -> int:
                     help="round-robin order of tasks in the training batches (repeat a task to weight it)")
     ap.add_argument("--no-attn-exist-no", action="store_true",
                     help="no attention supervision on `exist` samples whose answer is no")
+    ap.add_argument("--op-depth-frac", type=float, default=0.0,
+                    help="fraction of samples whose visual tokens skip attention / MLP from a random depth on")
+    ap.add_argument("--op-token-frac", type=float, default=0.0,
+                    help="fraction of samples that lose a random share of the visual tokens away from the objects asked about")
+    ap.add_argument("--init-from", default=None, help="start from the weights of this exported LLaVA folder (fine-tuning)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
@@ -288,6 +372,11 @@ def main(argv=None) -> int:
     attn_layers = [int(x) for x in args.attn_layers.split(",") if x] if args.attn_weight > 0 else []
     if attn_layers:
         model.set_attn_implementation("eager")  # attention probabilities are needed for the loss
+    if args.init_from:
+        from transformers import LlavaForConditionalGeneration
+
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(args.init_from).state_dict())
+    op_drop = OpDropout(model) if args.op_depth_frac > 0 or args.op_token_frac > 0 else None
     grid = sizes.image_size // sizes.patch_size
     heads_t = Heads(sizes.vision_width, grid)
     aux_layers = [int(x) for x in args.aux_layers.split(",") if x]
@@ -406,6 +495,10 @@ def main(argv=None) -> int:
                               for j in range(args.batch)])
         mask = mask.masked_fill(visual & blind[:, None], 0)
         keep = ~blind
+        if op_drop is not None:  # training-only operation / token dropout; the other losses skip those samples
+            op_drop.depths, clean = draw_op_depths(visual, plab[:, 2], grid, sizes.layers, args.seed, step * args.batch,
+                                                   args.op_depth_frac, args.op_token_frac)
+            keep = keep & clean
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, output_hidden_states=True,
                     output_attentions=bool(attn_layers))
         logits = out.logits[:, :-1]
@@ -434,6 +527,8 @@ def main(argv=None) -> int:
             for layer in attn_layers:
                 a = out.attentions[layer][torch.arange(ids.shape[0]), :2, qpos]  # (B, 2, T)
                 att = att - (targets * torch.log(a + 1e-9)).sum(-1)[sup].mean() / len(attn_layers)
+        if op_drop is not None:
+            op_drop.depths = None
         loss = ans_loss + args.aux_weight * aux + args.attn_weight * att + args.deep_weight * deep
         opt_b.zero_grad(set_to_none=True)
         loss.backward()

@@ -96,3 +96,78 @@ def test_tiny_run_checkpoints_resumes_and_exports(td, tmp_path):
     assert "resumed from" in log and "final stage B step 3" in log
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "w").state_dict()
     assert any(not torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_op_dropout_matches_the_pruning_runtime(td, attn):
+    """Training-time dropout (compute and mask) gives the runtime's logits (gather and skip)
+    for the same depths; with no depths set it leaves the model unchanged."""
+    from tiny_models import IMAGE_TOKEN, build_inputs, build_model
+
+    from dop.policy import Policy
+    from dop.runtime import apply_policy
+
+    model = build_model("llava", attn=attn, num_layers=4)
+    inputs, _ = build_inputs(model, "llava", num_images=1)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    drop = td.OpDropout(model)
+    with torch.no_grad():
+        full = model(**inputs).logits
+        for a, m in [(2, 1), (0, 3), (3, 0), (1, 1)]:
+            pol = Policy.from_dict({"format": "dop-policy/1", "num_layers": 4, "groups": [1.0],
+                                    "depth": {"attn": [a], "mlp": [m]}})
+            with apply_policy(model, pol, "identity"):
+                want = model(**inputs).logits
+            drop.depths = (torch.where(visual, a, 4), torch.where(visual, m, 4))
+            got = model(**inputs).logits
+            drop.depths = None
+            assert torch.allclose(got, want, atol=1e-5), (a, m, (got - want).abs().max())
+            assert not torch.allclose(got, full, atol=1e-3)
+        assert torch.equal(model(**inputs).logits, full)
+
+
+def test_op_depths_spare_text_and_the_objects_asked_about(td):
+    grid, layers, B = 12, 8, 64
+    ids, visual, roles = [], torch.zeros(B, 160, dtype=torch.bool), torch.zeros(B, 144, dtype=torch.long)
+    visual[:, 10:154] = True
+    for b in range(B):
+        roles[b, (7 * b) % 144] = 1 + b % 2
+    (attn, mlp), clean = td.draw_op_depths(visual, roles, grid, layers, seed=0, first=0, p_depth=0.4, p_tokens=0.3)
+    again = td.draw_op_depths(visual, roles, grid, layers, seed=0, first=0, p_depth=0.4, p_tokens=0.3)
+    assert torch.equal(attn, again[0][0]) and torch.equal(mlp, again[0][1]) and torch.equal(clean, again[1])
+    assert (attn[~visual] == layers).all() and (mlp[~visual] == layers).all()  # text is never touched
+    assert (attn[clean] == layers).all() and (mlp[clean] == layers).all()
+    assert 0.2 < (~clean).float().mean() < 0.8  # about 1 - 0.6 * 0.7 of the samples
+    for b in range(B):
+        c = (7 * b) % 144
+        r, k = divmod(c, grid)
+        near = [10 + rr * grid + kk for rr in range(max(0, r - 1), min(grid, r + 2))
+                for kk in range(max(0, k - 1), min(grid, k + 2))]
+        assert (attn[b, near] > 0).all()  # the object asked about and its neighbours keep a depth
+        v = attn[b, visual[b]]
+        depths = set(v.tolist()) - {0}
+        assert len(depths) == 1  # one depth per sample for the tokens that are not dropped
+        assert (v == 0).sum() <= int(0.9 * (144 - len(near)))
+
+
+def test_fine_tune_with_op_dropout_starts_from_an_export(td, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    tiny = ["--batch", "4", "--width", "32", "--layers", "2", "--heads", "2", "--vision-width", "32",
+            "--vision-layers", "1", "--aux-layers", "1", "--attn-layers", "0,1", "--deep-layers", "1",
+            "--eval-n", "5", "--eval-every", "1000", "--ckpt-root", str(tmp_path / "ck")]
+    assert td.main(["--name", "a", "--export-dir", str(tmp_path / "a"), "--tower-steps", "1", "--steps", "1", *tiny]) == 0
+    start = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a").state_dict()
+    assert td.main(["--name", "b", "--export-dir", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
+                    "--tower-steps", "0", "--steps", "2", "--lr", "1e-2", "--op-depth-frac", "1", "--op-token-frac", "1",
+                    *tiny]) == 0
+    log = (tmp_path / "ck" / "b" / "train.log").read_text()
+    assert "final stage B step 2" in log
+    tuned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b").state_dict()
+    fresh = td.build_model(td.build_processor(), td.Sizes(width=32, layers=2, heads=2, mlp=128, vision_width=32,
+                                                          vision_layers=1)).state_dict()
+    moved = [k for k in start if not torch.equal(start[k], tuned[k])]
+    assert moved  # it trained ...
+    # ... from the export: its weights stay nearer the starting point than a fresh model's
+    k = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert (tuned[k] - start[k]).norm() < (fresh[k] - start[k]).norm()
