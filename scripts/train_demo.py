@@ -12,7 +12,9 @@ Recipe (see src/dop/demo/README.md for the figures):
            some samples have their visual tokens skip attention / MLP from a random depth on
            (--op-depth-frac), some lose a random share of the visual tokens that do not show
            the objects asked about (--op-token-frac), so that pruning either way costs
-           accuracy gradually rather than all at once. The other losses skip those samples.
+           accuracy gradually rather than all at once. The answer loss and the early
+           read-out see every sample; the attention supervision and the patch heads only
+           the untouched ones.
 AdamW, linear warm-up then cosine decay, fixed seeds, one thread. Checkpoints go to --ckpt-dir
 every --ckpt-every steps; a restarted run resumes from the last one. At the end (or with
 --export-only) the weights are saved with save_pretrained to --export-dir.
@@ -495,7 +497,7 @@ def main(argv=None) -> int:
                               for j in range(args.batch)])
         mask = mask.masked_fill(visual & blind[:, None], 0)
         keep = ~blind
-        if op_drop is not None:  # training-only operation / token dropout; the other losses skip those samples
+        if op_drop is not None:  # training-only operation / token dropout; attention and patch-head losses skip those samples
             op_drop.depths, clean = draw_op_depths(visual, plab[:, 2], grid, sizes.layers, args.seed, step * args.batch,
                                                    args.op_depth_frac, args.op_token_frac)
             keep = keep & clean
