@@ -460,3 +460,15 @@ def test_summary_warns_when_the_choice_is_worse_than_token_pruning_or_blind():
     r.verification = Verification(1.5, 0.1, [{"proxy": 0.0, "true": 1.2}], None, None, tp, 1.0)
     text = format_summary(res, args, ["p.json"], 1.0)
     assert "than token pruning at the same budget and the blind policy" in text and "1 of 1 random" in text
+
+
+def test_verification_counts_and_ranks_against_the_blind_policy():
+    from dop.search.verify import Verification
+
+    rows = [{"proxy": p, "true": t} for p, t in [(0.1, 0.1), (0.2, 0.3), (0.3, 0.2), (0.4, 0.5), (0.0, 2.0)]]
+    v = Verification(0.1, 0.1, rows, None, None, None, 1.0)
+    assert v.n_at_least_blind == 1 and len(v.closer_than_blind()) == 4
+    assert v.spearman_below_blind == pytest.approx(0.8)  # ranks 1,2,3,4 vs 1,3,2,4
+    assert v.to_dict()["spearman_below_blind"] == v.spearman_below_blind
+    none = Verification(0.1, 0.1, rows, None, None, None, None)
+    assert none.n_at_least_blind is None and none.spearman_below_blind is None and none.closer_than_blind() == []

@@ -128,7 +128,7 @@ def test_op_dropout_matches_the_pruning_runtime(td, attn):
 
 def test_op_depths_spare_text_and_the_objects_asked_about(td):
     grid, layers, B = 12, 8, 64
-    ids, visual, roles = [], torch.zeros(B, 160, dtype=torch.bool), torch.zeros(B, 144, dtype=torch.long)
+    visual, roles = torch.zeros(B, 160, dtype=torch.bool), torch.zeros(B, 144, dtype=torch.long)
     visual[:, 10:154] = True
     for b in range(B):
         roles[b, (7 * b) % 144] = 1 + b % 2
@@ -158,16 +158,16 @@ def test_fine_tune_with_op_dropout_starts_from_an_export(td, tmp_path):
             "--eval-n", "5", "--eval-every", "1000", "--ckpt-root", str(tmp_path / "ck")]
     assert td.main(["--name", "a", "--export-dir", str(tmp_path / "a"), "--tower-steps", "1", "--steps", "1", *tiny]) == 0
     start = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a").state_dict()
-    assert td.main(["--name", "b", "--export-dir", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
-                    "--tower-steps", "0", "--steps", "2", "--lr", "1e-2", "--op-depth-frac", "1", "--op-token-frac", "1",
-                    *tiny]) == 0
-    log = (tmp_path / "ck" / "b" / "train.log").read_text()
-    assert "final stage B step 2" in log
-    tuned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b").state_dict()
-    fresh = td.build_model(td.build_processor(), td.Sizes(width=32, layers=2, heads=2, mlp=128, vision_width=32,
-                                                          vision_layers=1)).state_dict()
-    moved = [k for k in start if not torch.equal(start[k], tuned[k])]
-    assert moved  # it trained ...
-    # ... from the export: its weights stay nearer the starting point than a fresh model's
-    k = "model.language_model.layers.0.mlp.down_proj.weight"
-    assert (tuned[k] - start[k]).norm() < (fresh[k] - start[k]).norm()
+
+    def tune(name, steps, *extra):
+        assert td.main(["--name", name, "--export-dir", str(tmp_path / name), "--init-from", str(tmp_path / "a"),
+                        "--tower-steps", "0", "--steps", steps, *extra, *tiny]) == 0
+        return LlavaForConditionalGeneration.from_pretrained(tmp_path / name).state_dict()
+
+    # no step: the export is the starting point itself, not the fresh model of the same seed
+    same = tune("b0", "0")
+    assert all(torch.equal(start[k], same[k]) for k in start)
+    # with operation and token dropout on every sample it trains
+    tuned = tune("b2", "2", "--lr", "1e-2", "--op-depth-frac", "1", "--op-token-frac", "1")
+    assert "final stage B step 2" in (tmp_path / "ck" / "b2" / "train.log").read_text()
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)

@@ -32,11 +32,17 @@ class Verification:
     spearman_p: float | None = None
     token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
     blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
-    spearman_below_blind: float | None = None  # over the random policies closer than the blind one
 
     def closer_than_blind(self) -> list[dict]:
         """The random policies whose true divergence is below the blind policy's."""
-        return [r for r in self.random if self.blind_true is not None and r["true"] < self.blind_true * (1 - 1e-6)]
+        if self.blind_true is None:
+            return []
+        return [r for r in self.random if r["true"] < self.blind_true * (1 - 1e-6)]
+
+    @property
+    def spearman_below_blind(self) -> float | None:
+        """Spearman proxy vs truth over the random policies closer than the blind one."""
+        return None if self.blind_true is None else _spearman(self.closer_than_blind())[0]
 
     @property
     def n_at_least_blind(self) -> int | None:
@@ -123,9 +129,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
     blind, _ = true_divergence(model, prepared, refs, blind_policy, ranker)
     bar.update(1)
     bar.close()
-    v = Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
-    v.spearman_below_blind = _spearman(v.closer_than_blind())[0]
-    return v
+    return Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
 
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
