@@ -49,7 +49,7 @@ def dart_select(cand: torch.Tensor, key_norm: torch.Tensor, feats: torch.Tensor,
     n_keep = max(0, min(int(n_keep), cand.numel()))
     pivots = cand[: min(n_pivots, n_keep)]
     chosen = list(pivots.tolist())
-    left = torch.ones(cand.numel(), dtype=torch.bool)
+    left = torch.ones(cand.numel(), dtype=torch.bool, device=cand.device)
     left[: pivots.numel()] = False
     x = torch.nn.functional.normalize(feats.double(), dim=-1)
     all_pivots = list(pivots.tolist()) + list(text_pivots.tolist())
@@ -67,7 +67,7 @@ def dart_select(cand: torch.Tensor, key_norm: torch.Tensor, feats: torch.Tensor,
         extra = cand[left][: n_keep - len(chosen)]
         chosen.extend(extra.tolist())
         left &= ~torch.isin(cand, extra)
-    return torch.cat([torch.tensor(chosen, dtype=torch.long), cand[left]])
+    return torch.cat([torch.tensor(chosen, dtype=torch.long, device=cand.device), cand[left]])
 
 
 @register_ranker
@@ -103,7 +103,7 @@ class DARTRanker(Ranker):
             raise RuntimeError("dart: layer K ran without the keys of layer K - 1")
         feats = ctx.adapter.language_model().norm(state.hidden_states)[0]
         S = feats.shape[0]
-        is_text = ~visual_mask(S, ctx.spans)
+        is_text = ~visual_mask(S, ctx.spans, feats.device)
         out = []
         keeps = ctx.n_keep or [s.n for s in ctx.spans]
         for span, old, act, keep in zip(ctx.spans, state.ranks, state.active, keeps):
@@ -116,6 +116,6 @@ class DARTRanker(Ranker):
             cand_tok = torch.nonzero(act).flatten()
             order_pos = dart_select(pos[cand_tok], norms, feats, txt, min(keep, cand_tok.numel()), self.pivots)
             tok_of_pos = {int(p): i for i, p in enumerate(pos.tolist())}
-            ordered = torch.tensor([tok_of_pos[int(p)] for p in order_pos], dtype=torch.long)
+            ordered = torch.tensor([tok_of_pos[int(p)] for p in order_pos], dtype=torch.long, device=feats.device)
             out.append(place_active(old, act, ordered))
         return out

@@ -28,7 +28,7 @@ import torch
 
 from ..models import get_adapter
 from ..policy import Policy
-from .layer import PrunedDecoderLayer
+from .layer import is_patched
 from .session import ForwardState
 
 
@@ -61,7 +61,7 @@ def capture_prefix(model, inputs: dict) -> PrefixCache:
     """Run the unpruned model once and keep every decoder layer's input."""
     layers = get_adapter(model).decoder_layers()
     for layer in layers:
-        if isinstance(layer, PrunedDecoderLayer):
+        if is_patched(layer):
             raise ValueError("capture_prefix needs the unmodified model; remove the applied policy first")
     hidden: list = [None] * len(layers)
     kwargs: list = [None] * len(layers)
@@ -149,7 +149,9 @@ def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]
     inputs = prefix.inputs
     ids = inputs["input_ids"]
     spans = handle.adapter.image_spans(ids, inputs)
-    st = ForwardState(past=0, n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs), record=None)
+    present = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    st = ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs),
+                      record=None, present=present, device=ids.device)
     if st.has_visual and not s.unpruned:
         st.ranks = [r.clone() for r in ranks[start]]
         st.depths = s._depths_from_ranks(st, st.ranks)
