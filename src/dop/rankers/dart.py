@@ -86,7 +86,9 @@ class DARTRanker(Ranker):
         self.pivots = int(pivots)
         self.text_pivots = int(text_pivots)
         self.layers = (K - 1, K)
-        self._norms: torch.Tensor | None = None
+        # key norms of layer K - 1, one entry per prompt: a batch is re-ranked row by row, in
+        # the same row order at layer K - 1 and at layer K (first in, first out)
+        self._norms: list[torch.Tensor] = []
 
     def install(self, model, adapter) -> None:
         check_layers_exist(self, adapter)
@@ -96,9 +98,9 @@ class DARTRanker(Ranker):
 
     def rerank(self, ctx: RankContext, state: LayerState):
         if state.layer_idx == self.K - 1:
-            self._norms = decoder_keys(state).abs().sum(-1)
+            self._norms.append(decoder_keys(state).abs().sum(-1))
             return None
-        norms, self._norms = self._norms, None
+        norms = self._norms.pop(0) if self._norms else None
         if norms is None:
             raise RuntimeError("dart: layer K ran without the keys of layer K - 1")
         feats = ctx.adapter.language_model().norm(state.hidden_states)[0]
