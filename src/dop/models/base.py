@@ -82,6 +82,12 @@ class Adapter:
             out.append((r, r) if r * r == n else None)
         return out
 
+    def padded_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids of a batch padded on the left, so that each prompt sees the positions
+        it would alone (as ``generate`` computes them); None where the model derives its own
+        from the attention mask."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
     def input_embeddings(self) -> nn.Module:
         """The token embedding table of the language model."""
         return self.model.get_input_embeddings()
