@@ -1,4 +1,4 @@
-"""The pruning runtime against the slow masked reference (DESIGN 2.2, 5)."""
+"""The pruning runtime against the slow masked reference (docs/design.md, "What skipping means")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``search()``: samples in, one policy per budget out (DESIGN 1, issue 5).
+"""``search()``: samples in, one policy per budget out (docs/design.md, "Search").
 
     from dop.search import search
     result = search(model, processor, samples, budget=0.14, space="dop", ranker="vispruner")
