@@ -246,3 +246,33 @@ def test_hidden_states_for_every_layer(fam):
     assert len(out.hidden_states) == L + 1
     for i in range(1, L):  # the input of layer i is what the pruned layer i - 1 returned
         assert torch.equal(out.hidden_states[i], seen[i - 1])
+
+
+@pytest.mark.parametrize("fam", ["llava"])  # compiling takes a while on CPU; one family shows the path
+@pytest.mark.parametrize("pruning", [True, False], ids=["prune", "noop"])
+@torch.no_grad()
+def test_compiled_decoding_full_graph_without_recompiles(fam, pruning):
+    """generate() with a static cache compiles the decoding steps with fullgraph=True; under a
+    policy they trace once (a second generation must not recompile) and equal eager decoding."""
+    from transformers import CompileConfig
+
+    torch.compiler.reset()
+    model = build_model(fam)
+    inputs, _ = build_inputs(model, fam, num_images=1)
+    L = get_adapter(model).num_layers
+    pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 2], "mlp": [L, 2]} if pruning else {"attn": [L, L], "mlp": [L, L]})
+    cc = CompileConfig(fullgraph=True, dynamic=False)
+    cc._compile_all_devices = True  # compile on CPU too
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    other["input_ids"][0, 1] = 7  # same shape, other text
+    with dop.apply_policy(model, pol, ranker="random"):
+        with torch.compiler.set_stance("force_eager"):
+            eager = [model.generate(**x, **kw) for x in (inputs, other)]
+        first = model.generate(**inputs, cache_implementation="static", compile_config=cc, **kw)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            second = model.generate(**other, cache_implementation="static", compile_config=cc, **kw)
+    assert hasattr(model, "_compiled_call")
+    for e, c in zip(eager, (first, second)):
+        assert torch.equal(e.sequences, c.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(e.scores, c.scores)) < 1e-4

@@ -89,7 +89,9 @@ def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tenso
             return out.reshape(B, Mq, -1), q_real
     allowed = visible(q_pos, kv_pos, window)
     seen = allowed.any(-1)
-    if not bool(seen.all()):  # no key for some slot: let it see everything, then drop its output
+    # no key for some slot: let it see everything, then drop its output (unconditionally when
+    # compiled: a value read back to Python would break the graph)
+    if torch.compiler.is_compiling() or not bool(seen.all()):
         allowed = allowed | ~seen[:, :, None]
     mask = allowed[:, None]
     if impl == "eager":

@@ -57,6 +57,8 @@ class PrunedForward:
                 f"layer {self.layer_idx}: got hidden states of shape {tuple(hidden_states.shape[:2])}, "
                 f"expected (batch, new tokens) = {(st.batch, st.n_new)}"
             )
+        if st.compiled:
+            return self._compute_compiled(st, hidden_states, position_embeddings, cache)
         if self.layer_idx == 0 and st.depths is None and st.has_visual:
             s.prepare(st, hidden_states)
         s.maybe_rerank(st, self.layer_idx, hidden_states, self.layer, position_embeddings, self.rotary)
@@ -98,6 +100,30 @@ class PrunedForward:
             update = layer.mlp(layer.post_attention_layernorm(_rows(h, rm)))
             h = _scatter_add(h, rm.flat, update, rm.every)
         return h
+
+
+    def _compute_compiled(self, st: ForwardState, h, position_embeddings, cache):
+        """A decoding step traced by torch.compile (docs/design.md, "Compile"): every new token is
+        text, so every row is computed; the static cache's holes stay hidden by the mask. Only
+        tensor operations, no value read back to Python."""
+        l, layer = self.layer_idx, self.layer
+        attn = layer.self_attn
+        B, S, _ = h.shape
+        cos, sin = (t.to(h.device).expand(B, -1, -1) for t in position_embeddings)
+        hn = layer.input_layernorm(h)
+        q = _heads(attn.q_proj(hn), attn.head_dim)
+        k = _heads(attn.k_proj(hn), attn.head_dim)
+        v = _heads(attn.v_proj(hn), attn.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
+        cols = cache.layers[l].cumulative_length + torch.arange(S, device=h.device)
+        keys, values = cache.update(k, v, l)
+        kv_pos = st.record.kv_pos[l]
+        kv_pos.index_copy_(1, cols, cols[None, :].expand(B, -1).contiguous())
+        q_pos = cols[None, :].expand(B, -1)
+        out, meaningful = attend(attn, q, keys, values, q_pos=q_pos, kv_pos=kv_pos, same_rows=False,
+                                 counts=None, eager_fn=self.eager)
+        h = h + attn.o_proj(out) * meaningful[..., None].to(h.dtype)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _on(rows: RowSet, device) -> RowSet:

@@ -15,7 +15,6 @@ Every tensor made here follows the device of the inputs it describes.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +79,7 @@ class CacheRecord:
     seen: int = 0
     kv_pos: dict[int, torch.Tensor] = field(default_factory=dict)
     pruned: bool = False  # some layer's entries differ from "every column, in order"
+    owner: int = 0  # id() of the session that made it
 
 
 @dataclass
@@ -97,9 +97,13 @@ class ForwardState:
     depths: dict[str, torch.Tensor] | None = None  # kind -> (B, S) int64
     ranks: list[torch.Tensor] | None = None  # per span
     rows_cache: dict = field(default_factory=dict)
+    compiled: bool = False  # traced by torch.compile: dense rows, columns read from the static cache
 
     def __post_init__(self) -> None:
-        self.columns = self.past + torch.arange(self.n_new, device=self.device)  # built once per forward
+        # built once per forward; a compiled forward reads its columns from the cache instead
+        # (a Python int that changes every step would make the compiler recompile every step)
+        if not self.compiled:
+            self.columns = self.past + torch.arange(self.n_new, device=self.device)
 
     @property
     def has_visual(self) -> bool:
@@ -123,7 +127,6 @@ class PruneSession:
         self.num_layers = adapter.num_layers
         self.current: ForwardState | None = None
         self.bypass = False
-        self._records: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
         self.unpruned = policy.is_unpruned()
         self.rerank_layers = tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
@@ -154,6 +157,8 @@ class PruneSession:
         batch, n_new = int(ref.shape[0]), int(ref.shape[1])
         device = ref.device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if torch.compiler.is_compiling():
+            return self._pre_compiled(cache, kwargs, batch, n_new, device)
         record = self._record_for(cache, kwargs.get("attention_mask"), device)
         past = record.seen if record is not None else 0
         # visual tokens only where this forward carries images: a generated token that happens
@@ -170,15 +175,34 @@ class PruneSession:
             record.seen = past + n_new
         return None
 
+    def _pre_compiled(self, cache, kwargs, batch, n_new, device):
+        """A forward traced by torch.compile (docs/design.md, "Compile"): decoding steps on a
+        static cache whose prefill ran pruned. Only tensor state is touched here."""
+        if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
+            raise ValueError(
+                "a pruned forward over images cannot be compiled (its row counts depend on the ranks); "
+                "compile the decoding steps only, as generate() does with cache_implementation='static'"
+            )
+        record = getattr(cache, "_dop_record", None) if cache is not None else None
+        if record is not None and (record.owner != id(self) or not _is_static_cache(cache)):
+            raise ValueError("a compiled forward under a pruning policy needs the static cache its pruned prefill filled")
+        present = torch.ones((batch, n_new), dtype=torch.bool, device=device)
+        self.current = ForwardState(past=0, batch=batch, n_new=n_new, spans=[], inputs={}, record=record,
+                                    present=present, device=device, compiled=True)
+        return None
+
     def _record_for(self, cache, mask, device) -> CacheRecord | None:
         if cache is None:
             return None
-        rec = self._records.get(cache)
-        if rec is None:
-            rec = CacheRecord()
+        rec = getattr(cache, "_dop_record", None)
+        if rec is None or rec.owner != id(self):
+            rec = CacheRecord(owner=id(self))
             existing = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             rec.seen = existing
-            self._records[cache] = rec
+            try:
+                cache._dop_record = rec
+            except (AttributeError, TypeError):
+                raise ValueError(f"dop cannot keep its records on a {type(cache).__name__}") from None
             if existing:  # entries written before the policy was applied: every column, in order
                 rows = _cache_batch(cache)
                 cols = torch.arange(existing, device=device)[None, :].expand(rows, -1)
@@ -308,6 +332,11 @@ def _present(mask, batch: int, n_new: int, device) -> torch.Tensor:
     return torch.ones((batch, n_new), dtype=torch.bool, device=device)
 
 
+def _is_static_cache(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "max_cache_len") for layer in layers)
+
+
 def _cache_batch(cache) -> int:
     """Batch rows of a cache that already holds entries."""
     for layer in getattr(cache, "layers", []):
@@ -328,14 +357,16 @@ def _patch_cache(cache, record: CacheRecord) -> None:
       derives the next position from ``cache.get_seq_length()``: answer the logical length;
     - beam search reorders the cache's batch rows: reorder our per-row entry columns with it.
     """
-    original_len = cache.get_seq_length
+    patches = {}
+    if not _is_static_cache(cache):  # a static cache counts every column itself
+        original_len = cache.get_seq_length
 
-    def get_seq_length(layer_idx: int = 0, *args, **kwargs):
-        if record.pruned:
-            return record.seen
-        return original_len(layer_idx, *args, **kwargs)
+        def get_seq_length(layer_idx: int = 0, *args, **kwargs):
+            if record.pruned:
+                return record.seen
+            return original_len(layer_idx, *args, **kwargs)
 
-    patches = {"get_seq_length": get_seq_length}
+        patches["get_seq_length"] = get_seq_length
     original_reorder = getattr(cache, "reorder_cache", None)
     if original_reorder is not None:
         def reorder_cache(beam_idx, *args, **kwargs):
