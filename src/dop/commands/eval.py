@@ -103,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, policy, samples, tasks) -> int:
     import torch
 
+    from dop import distributed
     from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
     from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
 
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_for(args.device)
     model, processor = _load_quietly(args, dtype)
     model = model.to(device)
     if policy is not None:
@@ -120,6 +121,8 @@ def _run_loaded(args, policy, samples, tasks) -> int:
         run_baseline=not args.no_baseline, seed=args.seed,
     )
 
+    if not distributed.is_main():
+        return 0  # rank 0 prints the report and writes the JSON
     print(format_report(result, model=args.model, data=args.data, policy_file=args.policy))
     if args.json:
         doc = to_json_document(

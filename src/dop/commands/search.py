@@ -135,13 +135,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     import torch
 
+    from dop import distributed
     from dop.commands.eval import _load_quietly, write_json_atomic
     from dop.evaluate.loading import prompt_builder_for
     from dop.search import search
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
-    model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(distributed.device_for(args.device))
     try:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
@@ -156,6 +157,8 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
                   file=sys.stderr)
         raise
     wall = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and prints the summary
     for r, out in zip(result.results, outputs):
         r.policy.to_json(out)
     print(format_summary(result, args, outputs, wall))

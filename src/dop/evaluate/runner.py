@@ -6,9 +6,12 @@ generate greedily, decode the new tokens, score them against the references.
 - **Prefill time** is measured on a separate forward pass over the whole prompt
   (``model(**inputs, use_cache=True, logits_to_keep=1)``, as generation's first step does),
   timed with ``time.perf_counter`` around the call (CUDA synchronised on both sides),
-  under ``torch.inference_mode``. The first sample of a run is a warm-up and is left out
-  of the mean when there are others. The pass costs one extra prefill per sample;
-  ``time_prefill=False`` skips it.
+  under ``torch.inference_mode``. The first sample of a run (of each rank's share, under
+  torch.distributed) is a warm-up and is left out of the mean when there are others. The
+  pass costs one extra prefill per sample; ``time_prefill=False`` skips it.
+- Under a process group of several ranks (:mod:`dop.distributed`) each rank runs its share
+  of the samples and the per-sample results are gathered in sample order, so every figure
+  but the times is one process's.
 - **FLOPs** come from ``dop.count_flops`` in both conventions (``dop``: all decoder
   matrix products of the prefill; ``paper``: the published token-pruning formula) for
   each sample's measured visual-token count (per image, through the family's adapter)
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -212,8 +214,7 @@ def evaluate(
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc) -> EvalResult:
-    from tqdm.auto import tqdm
-
+    from dop import distributed as dd
     from dop.models import get_adapter
 
     adapter = get_adapter(model)
@@ -239,12 +240,14 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
     else:
         ctx, ranker_name = nullcontext(), None
 
+    mine = dd.shard(len(samples))  # this rank's samples (all of them in one process)
     results: list[SampleResult] = []
     t_start = time.perf_counter()
-    bar = tqdm(samples, desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False)
+    bar = dd.JobProgress(len(samples), desc=desc, unit="sample", disable=not progress)
     correct = 0.0
     with ctx, torch.inference_mode():
-        for i, s in enumerate(bar):
+        for i in mine:
+            s = samples[i]
             image = s.load_image()
             prompt = build_prompt(processor, s.question)
             inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -279,15 +282,19 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
                 prediction=prediction, score=score, num_visual_tokens=n_vis,
                 num_text_tokens=n_text, prefill_ms=prefill_ms, visual_counts=tuple(counts),
             ))
+            bar.update(1)
             if progress:
-                bar.set_postfix(acc=f"{correct / (i + 1):.3f}", refresh=False)
+                bar.set_postfix(acc=f"{correct / len(results):.3f}")
+    bar.wait(len(samples))
     bar.close()
+    times = [r.prefill_ms for r in results if r.prefill_ms is not None]
+    if len(times) > 1:
+        times = times[1:]  # the first sample (of each rank) warms up caches and kernels
+    times = [t for part in dd.all_gather(times) for t in part]
+    results = dd.gather_ordered({r.index: r for r in results}, len(samples))
     wall = time.perf_counter() - t_start
 
     tasks = score_tasks(r.to_dict() for r in results)
-    times = [r.prefill_ms for r in results if r.prefill_ms is not None]
-    if len(times) > 1:
-        times = times[1:]  # the first sample warms up caches and kernels
     per_sample = [flops_of(r.visual_counts, r.num_text_tokens) for r in results]
     flops = {
         conv: {
