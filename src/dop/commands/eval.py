@@ -136,13 +136,15 @@ def _run_loaded(args, policy, samples, tasks) -> int:
 
 
 def _load_quietly(args, dtype):
-    """load_model, without transformers' weight-loading bar under --no-progress."""
+    """load_model, without transformers' weight-loading bar under --no-progress (or on
+    ranks other than 0)."""
     from transformers.utils import logging as hf_logging
 
+    from dop import distributed
     from dop.evaluate.loading import load_model
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    if args.no_progress and was_on:
+    quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
+    if quiet:
         hf_logging.disable_progress_bar()
     try:
         return load_model(
@@ -150,7 +152,7 @@ def _load_quietly(args, dtype):
             trust_remote_code=args.trust_remote_code,
         )
     finally:
-        if args.no_progress and was_on:
+        if quiet:
             hf_logging.enable_progress_bar()
 
 
