@@ -119,30 +119,10 @@ def test_helpers_are_the_identity_in_one_process():
 
 
 # ---------------------------------------------------------------------- search
-def test_search_on_two_processes_equals_one(setup, one_process):
-    """`torchrun --nproc_per_node 2 -m dop search`: the same table (keys, fingerprint,
-    values), the same policies and verification; the work split, not repeated."""
-    root, model, data = setup
-    out = root / "two"
-    out.mkdir()
-    rc, log = _run(["-m", "dop", *_search_args(model, data, out)])
-    assert rc == 0, log
-    one, two = DivergenceTable.load(str(one_process / "t.json")), DivergenceTable.load(str(out / "t.json"))
-    _same_table(one, two)
-    # every layer evaluation once: the ranks' counts add up to one process's
-    assert (two.layer_evals, two.naive_layer_evals) == (one.layer_evals, one.naive_layer_evals)
-    assert not list(out.glob("t.rank*.json"))  # the ranks' checkpoints are gone once the table is written
-    s1, s2 = json.loads((one_process / "s.json").read_text()), json.loads((out / "s.json").read_text())
-    assert _untimed(s2["results"]) == _untimed(s1["results"])
-    assert s2["results"][0]["verification"]["random"]  # the random policies were verified
-    p1, p2 = _policies(one_process), _policies(out)
-    assert p1.keys() == p2.keys() == {"0.9.json", "tokens-8.json"} and p1 == p2
-    assert log.count("divergence table:") == 1 and log.count("wall time") == 1  # rank 0 alone prints
-
-
 def test_killed_rank_resumes_from_its_checkpoint(setup, one_process):
     """Rank 1 dies at its 4th table entry; the job (torchrun tears rank 0 down too) is run
-    again with the same command and computes only what the checkpoints lack."""
+    again with the same command, computes only what the checkpoints lack, and ends with one
+    process's table (keys, fingerprint, values), policies and verification."""
     root, model, data = setup
     out = root / "killed"
     out.mkdir()
@@ -166,8 +146,14 @@ def test_killed_rank_resumes_from_its_checkpoint(setup, one_process):
     per_sample = ref.total() // SAMPLES
     assert computed[1] == 2 * per_sample - 3  # rank 1 holds samples 1 and 3
     _same_table(ref, DivergenceTable.load(str(out / "t.json")))
-    assert _policies(out) == _policies(one_process)
-    assert not list(out.glob("t.rank*.json"))
+    assert not list(out.glob("t.rank*.json"))  # the ranks' checkpoints are gone once the table is written
+    # the same policies and verification (sharded too) as one process; rank 0 alone prints
+    p1, p2 = _policies(one_process), _policies(out)
+    assert p1.keys() == p2.keys() == {"0.9.json", "tokens-8.json"} and p1 == p2
+    s1, s2 = json.loads((one_process / "s.json").read_text()), json.loads((out / "s.json").read_text())
+    assert _untimed(s2["results"]) == _untimed(s1["results"])
+    assert len(s2["results"][0]["verification"]["random"]) == 4
+    assert log.count("divergence table:") == 1 and log.count("wall time") == 1
 
 
 # ---------------------------------------------------------------------- eval and run
@@ -208,6 +194,9 @@ def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
 
 
 def test_run_on_two_processes_equals_one(setup):
+    """`torchrun --nproc_per_node 2 -m dop run`: the same divergence table, with every layer
+    evaluation done once (the ranks' counts add up to one process's), and the same report
+    figures but for the times."""
     root, model, data = setup
     args = ["run", "--model", model, "--data", data, "--test-data", data, "--samples", "3",
             "--test-samples", str(SAMPLES), "--budgets", "tokens:1/3", "--space", "dop", "--baselines", "spatial",
@@ -226,4 +215,8 @@ def test_run_on_two_processes_equals_one(setup):
         return _untimed(res)
 
     assert figures("run-two") == figures("run-one")
+    one, two = (DivergenceTable.load(str(root / f / "tables" / "table-dop.json")) for f in ("run-one", "run-two"))
+    _same_table(one, two)
+    assert (two.layer_evals, two.naive_layer_evals) == (one.layer_evals, one.naive_layer_evals)
+    assert not list((root / "run-two" / "tables").glob("*.rank*.json"))
     assert (root / "run-two" / "report.md").is_file()
