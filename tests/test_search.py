@@ -472,3 +472,19 @@ def test_verification_counts_and_ranks_against_the_blind_policy():
     assert v.to_dict()["spearman_below_blind"] == v.spearman_below_blind
     none = Verification(0.1, 0.1, rows, None, None, None, None)
     assert none.n_at_least_blind is None and none.spearman_below_blind is None and none.closer_than_blind() == []
+
+
+@pytest.mark.parametrize("ranker,space_name,kw", [
+    (NormReranker(), "dop", {"nv_stride": 4, "min_depth": 2}),  # a probe forward to layer 2
+    ("random", "multigroup", {"groups": [0.5, 1.0]}),
+])
+def test_layer_evals_per_sample_is_what_the_table_spends(ranker, space_name, kw):
+    """The count docs/scaling.md prices a search with, before running it."""
+    from dop.search.table import layer_evals_per_sample
+
+    model = build_model("llava", num_layers=L)
+    prepared = _prepared(model, "llava", 2)
+    sp = _space(space_name, prepared, **kw)
+    t = build_table(model, prepared, sp, ranker, _key(sp, str(ranker)), progress=False)
+    fast, naive = layer_evals_per_sample(sp, ranker)
+    assert (t.layer_evals, t.naive_layer_evals) == (2 * fast, 2 * naive) and fast < naive

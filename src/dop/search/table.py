@@ -182,6 +182,22 @@ def build_table(
     return table
 
 
+def layer_evals_per_sample(space: Space, ranker=None) -> tuple[int, int]:
+    """Decoder-layer evaluations the table spends on one sample computed from scratch, and
+    the naive count (every entry a full forward): exactly what :func:`build_table` adds up,
+    so the cost of a search can be priced before it runs (docs/scaling.md)."""
+    L = space.num_layers
+    starts = [p.start_layer(v) for p in space.params for v in p.measured]
+    probe = _probe_layers(L, ranker) if any(s > 0 for s in starts) else 0
+    return L + probe + sum(L - s for s in starts), L + L * len(starts)
+
+
+def _probe_layers(L: int, ranker) -> int:
+    """Layers run once per sample to capture the ranking (up to the ranker's last re-ranking layer)."""
+    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
+    return min(max([0, *ranker_layers]) + 1, L - 1)
+
+
 def rank_path(path: str, rank: int) -> str:
     """The checkpoint of one rank's rows beside the table file: ``table.rank<r>.json``."""
     root, ext = os.path.splitext(path)
@@ -243,8 +259,7 @@ def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, chec
 
     L = get_adapter(model).num_layers
     params = list(space.params)
-    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
-    probe_layers = min(max([0, *ranker_layers]) + 1, L - 1)
+    probe_layers = _probe_layers(L, ranker)
     t0, last_save, done = time.perf_counter(), time.perf_counter(), 0
     wall0 = table.wall_s
     try:
