@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -208,11 +209,12 @@ def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progr
     """The table of several ranks (issue 14). Rank r computes the missing entries of samples
     r, r+W, ... and checkpoints them in its own file (:func:`rank_path`), which holds every
     value the rank knows and the model work that rank did; at the start the ranks pool what
-    their files hold (so a resumed job, or a finished table on rank 0's disk only, costs
-    nothing twice), at the end the rows are gathered on every rank and rank 0 writes the
+    the table file and the rank files they see hold (so a resumed job, even with ranks placed
+    on other nodes or another number of them, or a finished table on rank 0's disk only,
+    costs nothing twice), at the end the rows are gathered on every rank and rank 0 writes the
     table file and the rank files are removed. Per-sample values do not depend on which
     rank computed them, so the table equals one process's; layer evaluations add up over
-    ranks, wall time is the slowest rank's."""
+    the ranks (each counts what its own file records), wall time is the slowest rank's."""
     from .. import distributed as dd
 
     n = len(prepared)
@@ -222,6 +224,11 @@ def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progr
         own = DivergenceTable.load(own_path)
         own.check_key(key, f"table file {own_path!r}")
     own.merge_values(base)
+    for r, other in _rank_files(path).items() if path else ():  # other ranks' files on this disk
+        if r != dd.rank():
+            t = DivergenceTable.load(other)
+            t.check_key(key, f"table file {other!r}")
+            own.merge_values(t)
     for entries in dd.all_gather(own.entries):
         own.merge_values(DivergenceTable(key, n, entries))
     missing = own.missing()
@@ -244,9 +251,24 @@ def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progr
     if path and dd.is_main():
         table.save(path)
     dd.barrier()  # the table file is written: the rank files are no longer needed
-    if own_path and os.path.exists(own_path):
-        os.remove(own_path)
+    if path:
+        for r, f in _rank_files(path).items():  # one's own, and on rank 0 those of ranks a larger job had
+            if r == dd.rank() or (dd.is_main() and r >= dd.world_size()):
+                os.remove(f)
     return table
+
+
+def _rank_files(path: str) -> dict[int, str]:
+    """The rank files of the table file ``path`` that this machine sees, by rank."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(os.path.basename(path))
+    pattern = re.compile(re.escape(root) + r"\.rank([0-9]+)" + re.escape(ext or ".json"))
+    found = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        m = pattern.fullmatch(name)
+        if m:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    return found
 
 
 def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, checkpoint_s, on_entry,
