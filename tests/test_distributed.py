@@ -21,7 +21,7 @@ import dop
 from dop import distributed as dd
 from dop.cli import main
 from dop.search import DivergenceTable
-from fixtures_eval import build_tiny_llava, write_jsonl_dataset
+from fixtures_eval import WORDS, build_tiny_llava, write_jsonl_dataset
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
@@ -41,7 +41,9 @@ def one_thread():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = str(build_tiny_llava(root / "tiny"))
-    rows = [{"question": "what color is the circle ?", "answers": ["red" if i % 2 else "blue"],
+    # half the vocabulary as answers, so that one-word answers of the random model score
+    # on some samples and not on others
+    rows = [{"question": "what color is the circle ?", "answers": WORDS[i % 2::2],
              "colour": (40 * i, 90, 200 - 30 * i)} for i in range(SAMPLES)]
     data = str(write_jsonl_dataset(root / "data", rows))
     return root, model, data
@@ -162,9 +164,11 @@ def eval_one(setup, one_process):
     root, model, data = setup
     out = root / "eval-one.json"
     args = ["eval", "--model", model, "--data", data, "--policy", str(one_process / "p.tokens-8.json"),
-            "--no-progress", "--json"]
+            "--max-new-tokens", "1", "--no-progress", "--json"]
     assert main([*args, str(out), "--threads", "1"]) == 0
-    return args, json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    assert 0 < doc["unpruned"]["average"] < 1  # figures worth comparing
+    return args, doc
 
 
 def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
