@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 

@@ -251,10 +251,11 @@ def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progr
     if path and dd.is_main():
         table.save(path)
     dd.barrier()  # the table file is written: the rank files are no longer needed
-    if path:
-        for r, f in _rank_files(path).items():  # one's own, and on rank 0 those of ranks a larger job had
-            if r == dd.rank() or (dd.is_main() and r >= dd.world_size()):
-                os.remove(f)
+    for f in _rank_files(path).values() if path else ():  # every one this machine sees, stale ones too
+        try:
+            os.remove(f)
+        except FileNotFoundError:  # another rank on this file system was first
+            pass
     return table
 
 
