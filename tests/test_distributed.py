@@ -174,7 +174,8 @@ def eval_one(setup, one_process):
 def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
     """Two `torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d` launchers on
     localhost, as on two machines: the same JSON as one process but for the times, each
-    rank having scored its share of the samples (pruned and unpruned passes)."""
+    rank having scored its share of the samples (pruned and unpruned passes), progress
+    shown for the whole job."""
     root, model, data = setup
     args, ref = eval_one
     out, counts = root / "eval-two.json", root / "eval-counts"
@@ -184,7 +185,7 @@ def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
         _torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "dop-test",
                    "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"is_host={int(node == 0)}",
                    "--local-addr", "127.0.0.1"],
-                  [WORKER, *args, str(out)], DOP_TEST_COUNT=str(counts))
+                  [WORKER, *(a for a in args if a != "--no-progress"), str(out)], DOP_TEST_COUNT=str(counts))
         for node in range(2)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -193,6 +194,9 @@ def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
     assert _untimed(doc) == _untimed(ref)
     assert doc["samples"] and doc["unpruned"]["samples"]
     assert sum(log.count("Rel. Avg.") for log in logs) == 1  # the report, printed by rank 0 alone
+    # rank 0's progress bars count the whole job's samples (it runs 3 of the 5 itself)
+    bars = re.findall(r"(unpruned|pruned):[^\r\n]*?(\d)/5", "".join(logs))
+    assert {"pruned", "unpruned"} == {d for d, n in bars if n == "5"}
     scored = sorted(int((counts / f"rank{r}.scored").read_text()) for r in range(2))
     assert scored == [2 * 2, 2 * 3]  # 5 samples as 3 + 2, two passes
 
