@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    if args.json:
+    from dop.distributed import is_main
+
+    if args.json and is_main():  # under torchrun rank 0 alone writes it
         _check_output(args.json)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 

@@ -104,9 +104,12 @@ def run(args: argparse.Namespace) -> int:
     if args.space == "dop" and (groups or kinds):
         raise ValueError("--groups and --kinds apply to --space multigroup only")
     outputs = _outputs(args.output, budgets)
-    for o in outputs:
+    from dop.distributed import is_main
+
+    main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
+    for o in outputs if main_outputs else ():
         _check_folder("-o", o)
-    for flag, path in (("--table", args.table), ("--json", args.json)):
+    for flag, path in (("--table", args.table), ("--json", args.json if main_outputs else None)):
         if path:
             _check_folder(flag, path)
 
