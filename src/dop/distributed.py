@@ -10,10 +10,13 @@ per-sample results are gathered back into sample order on every rank
 computes. Only small Python objects travel (``all_gather_object`` over gloo, on CPU even
 when the models run on GPUs), so the collectives cost nothing next to the model.
 
-Without a process group of more than one rank every helper is the identity (``shard`` gives
-every index, ``gather_ordered`` the local values in order): one process behaves exactly as
-before. The library functions (``search``, ``build_table``, ``evaluate``) shard themselves
-whenever such a process group is initialised, whoever initialised it.
+Until :func:`init_from_env` has joined a job of more than one rank, every helper is the
+identity (``shard`` gives every index, ``gather_ordered`` the local values in order): one
+process behaves exactly as before. The library functions (``search``, ``build_table``,
+``evaluate``) then shard themselves; a script of one's own under torchrun calls
+``dop.distributed.init_from_env()`` first, as the ``dop`` command does. A process group made
+by someone else (accelerate, a training loop) is not used unless that call is made, so code
+that hands each rank its own data keeps working.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ T = TypeVar("T")
 TIMEOUT = timedelta(hours=2)
 
 _owned = False  # the process group was created by init_from_env (and is destroyed by shutdown)
+_active = False  # init_from_env joined a job of several ranks: the library shares its work
 
 
 def _dist():
@@ -53,26 +57,27 @@ def init_from_env() -> bool:
     """Join the process group torchrun describes, when ``WORLD_SIZE`` > 1; return whether
     this process is now one of several. Idempotent. Object collectives go over gloo; with
     CUDA the group also has NCCL for tensors, and this rank's GPU is ``cuda:LOCAL_RANK``."""
-    global _owned
+    global _owned, _active
     if env_world_size() <= 1:
         return False
     dist = _dist()
     if not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if dist.is_initialized():
-        return is_distributed()
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=TIMEOUT)
-    _owned = True
-    return is_distributed()
+    if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=TIMEOUT)
+        _owned = True
+    _active = dist.get_world_size() > 1
+    return _active
 
 
 def shutdown() -> None:
-    """Leave the process group made by :func:`init_from_env` (nothing otherwise)."""
-    global _owned
+    """Stop sharing, and leave the process group made by :func:`init_from_env` (if it made one)."""
+    global _owned, _active
+    _active = False
     if _owned:
         dist = _dist()
         if dist.is_initialized():
@@ -81,9 +86,11 @@ def shutdown() -> None:
 
 
 def is_distributed() -> bool:
-    """A process group of more than one rank is initialised."""
+    """:func:`init_from_env` joined a job of more than one rank (and it is still on)."""
+    if not _active:
+        return False
     dist = _dist()
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
