@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    if args.json:
+    from dop.distributed import is_main
+
+    if args.json and is_main():  # under torchrun rank 0 alone writes it
         _check_output(args.json)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
@@ -107,11 +109,12 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, policy, samples, tasks) -> int:
     import torch
 
+    from dop import distributed
     from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
     from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
 
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_for(args.device)
     model, processor = _load_quietly(args, dtype)
     model = model.to(device)
     if policy is not None:
@@ -124,6 +127,8 @@ def _run_loaded(args, policy, samples, tasks) -> int:
         run_baseline=not args.no_baseline, seed=args.seed, batch_size=args.batch_size,
     )
 
+    if not distributed.is_main():
+        return 0  # rank 0 prints the report and writes the JSON
     print(format_report(result, model=args.model, data=args.data, policy_file=args.policy))
     if args.json:
         doc = to_json_document(
@@ -137,13 +142,15 @@ def _run_loaded(args, policy, samples, tasks) -> int:
 
 
 def _load_quietly(args, dtype):
-    """load_model, without transformers' weight-loading bar under --no-progress."""
+    """load_model, without transformers' weight-loading bar under --no-progress (or on
+    ranks other than 0)."""
     from transformers.utils import logging as hf_logging
 
+    from dop import distributed
     from dop.evaluate.loading import load_model
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    if args.no_progress and was_on:
+    quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
+    if quiet:
         hf_logging.disable_progress_bar()
     try:
         return load_model(
@@ -151,7 +158,7 @@ def _load_quietly(args, dtype):
             trust_remote_code=args.trust_remote_code,
         )
     finally:
-        if args.no_progress and was_on:
+        if quiet:
             hf_logging.enable_progress_bar()
 
 

@@ -58,6 +58,10 @@ def run(args) -> int:
     if not opts.budgets:
         raise ValueError("--budgets: give at least one budget")
     res = run_main_job(opts)
+    from ..distributed import is_main
+
+    if not is_main():
+        return 0  # rank 0 prints the headline
     print()
     print(headline(res))
     print(f"\nreport: {res['out']}/report.md  (pareto.png, policy_map.png, results.json, policies/)")

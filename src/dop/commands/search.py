@@ -109,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if args.space == "dop" and (groups or kinds):
         raise ValueError("--groups and --kinds apply to --space multigroup only")
     outputs = _outputs(args.output, budgets)
-    for o in outputs:
+    from dop.distributed import is_main
+
+    main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
+    for o in outputs if main_outputs else ():
         _check_folder("-o", o)
-    for flag, path in (("--table", args.table), ("--json", args.json)):
+    for flag, path in (("--table", args.table), ("--json", args.json if main_outputs else None)):
         if path:
             _check_folder(flag, path)
 
@@ -140,13 +143,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     import torch
 
+    from dop import distributed
     from dop.commands.eval import _load_quietly, write_json_atomic
     from dop.evaluate.loading import prompt_builder_for
     from dop.search import search
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
-    model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(distributed.device_for(args.device))
     try:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
@@ -161,6 +165,8 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
                   file=sys.stderr)
         raise
     wall = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and prints the summary
     for r, out in zip(result.results, outputs):
         r.policy.to_json(out)
     print(format_summary(result, args, outputs, wall))
