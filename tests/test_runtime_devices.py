@@ -276,3 +276,28 @@ def test_compiled_decoding_full_graph_without_recompiles(fam, pruning):
     for e, c in zip(eager, (first, second)):
         assert torch.equal(e.sequences, c.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(e.scores, c.scores)) < 1e-4
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_attentions_for_every_layer(fam):
+    """output_attentions under a policy: one (B, heads, S, S) map per layer; skipped queries'
+    rows and skipped keys' columns are zero, kept rows sum to 1; a layer where nothing is
+    skipped gives the unpruned model's own map."""
+    model = build_model(fam, attn="eager").double()
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    vanilla = model(**inputs, output_attentions=True).attentions
+    pol = dop.Policy(L, [0.5, 1.0], {"attn_q": [L, 2], "attn_kv": [L, 1], "mlp": [L, 1]})
+    with dop.apply_policy(model, pol, ranker="random"):
+        out = model(**inputs, output_attentions=True).attentions
+    S = inputs["input_ids"].shape[1]
+    assert len(out) == L and all(a.shape == (1, vanilla[0].shape[1], S, S) for a in out)
+    assert (out[0] - vanilla[0]).abs().max().item() < 1e-10  # layer 0 skips nothing
+    rows = out[2].sum(-1)[0, 0]
+    n_zero_rows = int((rows == 0).sum())
+    assert n_zero_rows == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_q skipped from layer 2
+    assert torch.allclose(rows[rows != 0], torch.ones_like(rows[rows != 0]))
+    cols = out[1][0, 0].sum(0)
+    assert int((cols == 0).sum()) == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_kv skipped from layer 1
