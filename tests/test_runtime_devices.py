@@ -301,3 +301,24 @@ def test_attentions_for_every_layer(fam):
     assert torch.allclose(rows[rows != 0], torch.ones_like(rows[rows != 0]))
     cols = out[1][0, 0].sum(0)
     assert int((cols == 0).sum()) == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_kv skipped from layer 1
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "internvl"])  # transformers has no flex path for Qwen2.5-VL
+@torch.no_grad()
+def test_flex_attention_model_runs_pruned_and_exact(fam):
+    """A model loaded with attn_implementation='flex_attention' runs pruned: masked layers go
+    through SDPA with a boolean mask (docs/design.md, "Attention backends")."""
+    model = build_model(fam, attn="flex_attention").double()
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    pd = {"format": "dop-policy/1", "num_layers": L, "groups": [0.5, 1.0], "depth": {"attn": [L, 2], "mlp": [L, 1]}}
+    perms = _perms(counts, 0)
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        ref = model(**inputs, use_cache=False).logits
+    with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+        out = model(**inputs).logits
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert (out - ref).abs().max().item() < 1e-6
