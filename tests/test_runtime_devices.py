@@ -308,9 +308,8 @@ def test_attentions_for_every_layer(fam):
 def test_flex_attention_model_runs_pruned_and_exact(fam):
     """A model loaded with attn_implementation='flex_attention' runs pruned: masked layers go
     through SDPA with a boolean mask (docs/design.md, "Attention backends")."""
-    model = build_model(fam, attn="flex_attention").double()
+    model = build_model(fam, attn="flex_attention")  # float32: flex has no float64 kernel on CPU
     inputs, counts = build_inputs(model, fam, num_images=2)
-    inputs = _double(inputs)
     adapter = get_adapter(model)
     L = adapter.num_layers
     pd = {"format": "dop-policy/1", "num_layers": L, "groups": [0.5, 1.0], "depth": {"attn": [L, 2], "mlp": [L, 1]}}
@@ -321,4 +320,4 @@ def test_flex_attention_model_runs_pruned_and_exact(fam):
     with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model(**inputs).logits
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert (out - ref).abs().max().item() < 1e-6
+    assert (out - ref).abs().max().item() < 1e-5
