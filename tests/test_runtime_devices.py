@@ -304,6 +304,7 @@ def test_attentions_for_every_layer(fam):
 
 
 @pytest.mark.parametrize("fam", ["llava", "llava_next", "internvl"])  # transformers has no flex path for Qwen2.5-VL
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")  # transformers' own call
 @torch.no_grad()
 def test_flex_attention_model_runs_pruned_and_exact(fam):
     """A model loaded with attn_implementation='flex_attention' runs pruned: masked layers go
