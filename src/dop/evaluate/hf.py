@@ -356,4 +356,8 @@ def export_parquet(samples: Sequence[dict], path) -> None:
         "answer": [s["answers"][0] for s in samples],
         "task": [s["task"] for s in samples],
     }, features=features)
-    ds.to_parquet(str(path))
+    datasets.disable_progress_bars()
+    try:
+        ds.to_parquet(str(path))
+    finally:
+        datasets.enable_progress_bars()

@@ -115,9 +115,13 @@ class DopLMM(lmms):
 
         accelerator = Accelerator()
         self.accelerator = accelerator
-        if accelerator.num_processes > 1:
-            self._device = accelerator.device  # cuda:<local rank>, or the CPU
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        # the launcher's variables: on CPU, accelerate's state stays single-process while
+        # torchrun (accelerate launch --multi_gpu) still starts several processes
+        world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+        if world > 1:
+            local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+            self._rank, self._world_size = int(os.environ.get("RANK", accelerator.process_index)), world
+            self._device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.pretrained = str(pretrained)
