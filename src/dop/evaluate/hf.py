@@ -129,7 +129,18 @@ def _parquet_files(spec: str) -> list[str]:
 
 
 def _open(spec: str):
-    """``(Dataset, display name)``."""
+    """``(Dataset, display name)``, without ``datasets``' progress bars."""
+    datasets = _require_datasets()
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _open_quietly(spec)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def _open_quietly(spec: str):
     if spec.startswith(HF_PREFIX):
         return _open_hub(spec), spec
     datasets = _require_datasets()
@@ -150,6 +161,14 @@ def _open(spec: str):
     files = _parquet_files(spec)
     if not files:
         raise DatasetError(f"data set file {spec!r} not found (no parquet file matches)")
+    import pyarrow.parquet as pq
+
+    try:
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except Exception as e:
+        raise DatasetError(f"{spec}: cannot read parquet ({type(e).__name__}: {e})") from None
+    if rows == 0:
+        raise DatasetError(f"{spec}: the split is empty (0 rows)")
     try:
         ds = datasets.Dataset.from_parquet(files if len(files) > 1 else files[0], keep_in_memory=True)
     except Exception as e:
