@@ -157,7 +157,7 @@ def test_loglikelihood_is_the_continuations_log_probability(lmm):
         assert greedy == (w == best and int(logp.argmax()) == ids[w])
 
 
-def test_generate_until_honours_stop_strings_and_batch_size(lmm):
+def test_generate_until_honours_stop_strings(lmm):
     from dop.evaluate.datasets import load_dataset
 
     s = load_dataset("shapes:test", limit=1)[0]
@@ -166,6 +166,34 @@ def test_generate_until_honours_stop_strings_and_batch_size(lmm):
     assert full == "yes"
     (cut,) = lmm.generate_until([_doc_instance(lmm, "generate_until", (s.question, {"until": ["s"]}), doc)])
     assert cut == "ye"
+
+
+def test_batch_size_above_one_runs_sequentially_and_says_so(lmm):
+    from loguru import logger
+
+    from dop.evaluate.datasets import load_dataset
+    from dop.lmms.model import DopLMM
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        assert DopLMM._batch_size("3") == 3
+    finally:
+        logger.remove(sink)
+    assert any("batch_size=3: dop's runtime generates at batch size 1 for now" in x for x in lines)
+    samples = load_dataset("shapes:test", limit=4)
+    from lmms_eval.api.instance import Instance
+
+    lmm.task_dict = {"t": {"test": dict(enumerate({"image": s.load_image()} for s in samples))}}
+    reqs = [Instance(request_type="generate_until", arguments=(s.question, {}, lambda d: [d["image"]], i, "t", "test"),
+                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, s in enumerate(samples)]
+    one = lmm.generate_until(reqs)
+    lmm.batch_size_per_gpu = 3
+    try:
+        assert lmm.generate_until(reqs) == one  # batches of 3 then 1, in order
+    finally:
+        lmm.batch_size_per_gpu = 1
+    assert one[0] == "yes" and len(set(one)) > 1
 
 
 def test_multi_round_and_bad_arguments_are_clear_errors(lmm, tmp_path):
