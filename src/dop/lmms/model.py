@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ class DopLMM(lmms):
         what = "unpruned" if self.policy is None else (
             f"policy groups {self.policy.groups} depth {self.policy.depth}, ranker "
             f"{self.ranker or self.policy.ranker or 'default'}")
-        logger.info(f"dop: {self.pretrained} on {self._device}, {what}; per-request FLOPs in {self.flops_path}")
+        logger.info(f"dop: {self.pretrained} on {self._device} (rank {self.rank} of {self.world_size}), {what}; "
+                    f"per-request FLOPs in {self.flops_path}")
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -190,7 +192,7 @@ class DopLMM(lmms):
                "space": space, "ranker": ranker, "seed": self.seed}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         path = self.log_dir / f"policy-{digest}.json"
-        with self.accelerator.main_process_first():  # one process searches, the others read its file
+        with self._rank_zero_first():  # one process searches, the others read its file
             if path.is_file():
                 logger.info(f"dop: using the cached policy {path} (budget {budget}, search data {data})")
                 return Policy.from_json(str(path))
@@ -207,6 +209,21 @@ class DopLMM(lmms):
             os.replace(tmp, path)
             logger.info(f"dop: searched a policy for budget {budget} on {data} ({samples} samples): {path}")
             return result.policy
+
+    @contextmanager
+    def _rank_zero_first(self):
+        """Rank 0 runs the block first, the other ranks after it (a barrier on each side)."""
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            if self.rank != 0:
+                dist.barrier()
+            yield
+            if self.rank == 0:
+                dist.barrier()
+        else:
+            with self.accelerator.main_process_first():
+                yield
 
     # ------------------------------------------------------------------ lmms interface
     @property
