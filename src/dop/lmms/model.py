@@ -112,7 +112,7 @@ class DopLMM(lmms):
 
         from accelerate import Accelerator
 
-        from dop.evaluate.loading import load_model, num_decoder_layers, prompt_builder_for
+        from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
 
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -136,8 +136,6 @@ class DopLMM(lmms):
         self._model = model.to(self._device).eval()
         self.processor = processor
         self._tokenizer = getattr(processor, "tokenizer", processor)
-        from dop.evaluate.loading import chat_prompt
-
         # the demo's own prompt format for the demo (and its retrained exports), else the chat template
         self._build_prompt = prompt_builder_for(self.pretrained)
         self._is_demo_prompt = self._build_prompt is not chat_prompt
