@@ -184,3 +184,29 @@ def test_cli_eval_reads_parquet_with_columns(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", "demo", "--data", str(out), "--columns", "question=nope"]) == 2
     assert "no column 'nope'" in capsys.readouterr().err
+
+
+@needs_datasets
+def test_hub_spec_takes_a_split_or_a_configs_only_split(monkeypatch):
+    """The hub itself cannot be reached here: datasets.load_dataset is replaced by a stand-in
+    that answers as the hub does for a data set with two configs (GQA's layout)."""
+    ds = _image_ds({"image": [_png()], "question": ["q?"], "answer": ["a"]})
+    calls = []
+
+    def fake_load_dataset(repo, name=None, split=None):
+        calls.append((repo, name, split))
+        if name is None:
+            raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['x', 'y']")
+        dd = hfds.DatasetDict({"testdev": ds} if name == "x" else {"a": ds, "b": ds})
+        return dd if split is None else dd[split]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hfds, "load_dataset", fake_load_dataset)
+    assert [s.question for s in load_dataset("hf:org/gqa:x:testdev")] == ["q?"]
+    assert [s.question for s in load_dataset("hf:org/gqa:x")] == ["q?"]
+    assert calls[-2:] == [("org/gqa", None, "x"), ("org/gqa", "x", None)]
+    with pytest.raises(DatasetError, match=r"hf:org/gqa:y: config 'y' has the splits a, b; use hf:org/gqa:y:SPLIT"):
+        load_dataset("hf:org/gqa:y")
+    with pytest.raises(DatasetError, match=r"hf:org/gqa:x:nosplit: cannot load from the hub \(KeyError"):
+        load_dataset("hf:org/gqa:x:nosplit")

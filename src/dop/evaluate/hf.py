@@ -7,7 +7,8 @@ A spec is one of
 - a ``.parquet`` file, a glob of them, or a folder holding ``*.parquet`` (and no
   ``data.jsonl``): what ``dop data export shapes --format hf`` writes;
 - ``hf:OWNER/NAME:SPLIT`` or ``hf:OWNER/NAME:CONFIG:SPLIT``: a data set on the hub (needs
-  the network; offline it fails with one line saying so).
+  the network; offline it fails with one line saying so). For a data set with several
+  configs, ``hf:OWNER/NAME:CONFIG`` takes the config's only split.
 
 Columns are found by name (:data:`DEFAULT_COLUMNS`, first match wins): the image
 (``image`` or ``images``, a list of which must hold one image), the question, the
@@ -192,7 +193,21 @@ def _open_hub(spec: str):
         )
     datasets = _require_datasets()
     try:
-        return datasets.load_dataset(repo, config, split=split)
+        try:
+            return datasets.load_dataset(repo, config, split=split)
+        except ValueError as e:
+            if config is not None or "config name is missing" not in str(e).lower():
+                raise
+        # hf:OWNER/NAME:CONFIG of a data set with several configs: the config's only split
+        parts_of = datasets.load_dataset(repo, split)
+        if len(parts_of) != 1:
+            raise DatasetError(
+                f"{spec}: config {split!r} has the splits {', '.join(parts_of)}; "
+                f"use hf:{repo}:{split}:SPLIT"
+            )
+        return next(iter(parts_of.values()))
+    except DatasetError:
+        raise
     except Exception as e:
         text = f"{type(e).__name__}: {e}".splitlines()[0]
         raise DatasetError(
