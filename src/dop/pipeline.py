@@ -36,11 +36,14 @@ class RunOptions:
     max_new_tokens: int = 10
     progress: bool = True
     attn_implementation: str = "sdpa"
+    columns: str | None = None  # Hugging Face data sets: "role=column,..." (dop.evaluate.hf)
 
     def key(self) -> dict:
         d = asdict(self)
         d.pop("out")
         d.pop("progress")
+        if d["columns"] is None:
+            d.pop("columns")  # keeps the stage keys of runs made before the option existed
         return d
 
 
@@ -74,8 +77,13 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     if dd.is_distributed():
         model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
     build_prompt = prompt_builder_for(opts.model)
-    val = load_dataset(opts.data, limit=opts.samples)
-    test = load_dataset(opts.test_data, limit=opts.test_samples)
+    from .evaluate.hf import is_hf_spec
+
+    def columns(spec):  # --columns names the columns of whichever of the two is a Hugging Face data set
+        return opts.columns if is_hf_spec(spec) else None
+
+    val = load_dataset(opts.data, limit=opts.samples, columns=columns(opts.data))
+    test = load_dataset(opts.test_data, limit=opts.test_samples, columns=columns(opts.test_data))
     adapter = get_adapter(model)
     n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
     budgets = [budget_for_baselines(spec, model, n_visual, n_text) for spec in opts.budgets]

@@ -18,7 +18,7 @@ import os
 import sys
 
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
-from .options import add_model_runtime_options  # noqa: E402
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options  # noqa: E402
 
 FORMAT = "dop-eval/1"
 
@@ -35,8 +35,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
                    help="'demo', a hub id (owner/name) or a local checkpoint folder")
-    p.add_argument("--data", required=True, metavar="shapes:SPLIT[:SEED]|FILE.jsonl",
-                   help="the synthetic benchmark split, or a JSONL file (or folder holding data.jsonl)")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="the synthetic benchmark split, a JSONL file (or folder holding data.jsonl), or a "
+                        "Hugging Face data set: parquet files, a save_to_disk folder or a hub id with a split")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
     p.add_argument("--policy", metavar="FILE", help="a dop-policy/1 JSON file to apply")
     p.add_argument("--ranker", metavar="NAME", help="visual-token ranker (overrides the policy's)")
     p.add_argument("--tasks", metavar="T1,T2", help="only these tasks (comma-separated)")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dop.evaluate.datasets import load_dataset
 
-    samples = load_dataset(args.data, limit=args.limit, tasks=tasks)
+    samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
 
     # ---- the model, then the policy against it, still before any sample is run
     import torch

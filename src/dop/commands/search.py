@@ -17,7 +17,7 @@ import sys
 import time
 
 
-from .options import add_model_runtime_options
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options
 
 
 def register(subparsers) -> None:
@@ -34,8 +34,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
                    help="'demo', a hub id (owner/name) or a local checkpoint folder")
-    p.add_argument("--data", required=True, metavar="shapes:SPLIT[:SEED]|FILE.jsonl",
-                   help="validation data: the synthetic benchmark split, or a JSONL file / folder")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="validation data: the synthetic benchmark split, a JSONL file / folder, or a Hugging "
+                        "Face data set (parquet, save_to_disk folder, hf:OWNER/NAME[:CONFIG]:SPLIT)")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
     p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
     p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
     p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_ranker(args.ranker)
     from dop.evaluate.datasets import load_dataset
 
-    samples = load_dataset(args.data, limit=args.samples)
+    samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
     if args.table and os.path.exists(args.table):
         from dop.search.table import DivergenceTable
 
