@@ -16,6 +16,9 @@ FORMAT = "dop-policy/1"
 OP_KINDS = ("attn_q", "attn_kv", "mlp")
 KEYS = ("attn", "attn_q", "attn_kv", "mlp")
 _GROUP_EPS = 1e-9
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; a bigger file is not one
+MAX_NESTING = 32  # JSON nesting depth of a policy file (meta included)
+MAX_LAYERS = 4096
 
 
 class PolicyError(ValueError):
@@ -28,6 +31,29 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON ``text`` (brackets inside strings not counted),
+    found without parsing, so a deeply nested file never reaches the recursive parser."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 @dataclass
@@ -50,8 +76,8 @@ class Policy:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if not _is_int(self.num_layers) or self.num_layers < 1:
-            raise PolicyError(f"num_layers: must be a positive integer, got {self.num_layers!r}")
+        if not _is_int(self.num_layers) or not 1 <= self.num_layers <= MAX_LAYERS:
+            raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {self.num_layers!r}")
         if not isinstance(self.groups, (list, tuple)) or len(self.groups) == 0:
             raise PolicyError(f"groups: must be a non-empty list of fractions, got {self.groups!r}")
         prev = 0.0
@@ -156,19 +182,34 @@ class Policy:
             if not os.path.exists(path):
                 raise PolicyError(f"policy file {path!r}: no such file")
             where = f"policy file {path!r}"
+            if os.path.isdir(path):
+                raise PolicyError(f"{where}: is a folder, not a file")
             try:
-                with open(path, encoding="utf-8") as fh:
-                    text = fh.read()
+                with open(path, "rb") as fh:
+                    raw = fh.read(MAX_POLICY_BYTES + 1)
+            except OSError as e:
+                raise PolicyError(f"{where}: cannot read ({e.strerror or e})") from None
+            if len(raw) > MAX_POLICY_BYTES:
+                raise PolicyError(f"{where}: larger than {MAX_POLICY_BYTES} bytes; not a policy file")
+            try:
+                text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise PolicyError(f"{where}: not valid JSON (not UTF-8 text; policies are JSON, never pickle)") from None
         else:
             where = "policy JSON"
+            if len(text) > MAX_POLICY_BYTES:
+                raise PolicyError(f"{where}: longer than {MAX_POLICY_BYTES} characters; not a policy")
         if not text.strip():
             raise PolicyError(f"{where}: empty file")
+        depth = _nesting_depth(text)
+        if depth > MAX_NESTING:
+            raise PolicyError(f"{where}: JSON nested {depth} levels deep (a policy needs at most {MAX_NESTING})")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PolicyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except RecursionError:  # unreachable after the depth check; kept as a guard
+            raise PolicyError(f"{where}: JSON nested too deeply") from None
         try:
             return cls.from_dict(data)
         except PolicyError as e:

@@ -18,7 +18,8 @@ import os
 import sys
 
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
-from .options import add_model_runtime_options  # noqa: E402
+from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
+from .options import add_model_runtime_options, apply_image_limit  # noqa: E402
 
 FORMAT = "dop-eval/1"
 
@@ -54,14 +55,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path!r} is a folder; give a file name")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--json {path!r}: folder {folder!r} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
     # ---- checks that need nothing loaded
     if args.ranker and not args.policy:
@@ -73,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.json:
-        _check_output(args.json)
+        check_output_file("--json", args.json)
+    apply_image_limit(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
     from dop.policy import Policy
@@ -95,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run_loaded(args, policy, samples, tasks)
+        with output_lock([args.json]):
+            return _run_loaded(args, policy, samples, tasks)
     finally:
         torch.set_num_threads(threads_before)  # main() may be called in-process
 
@@ -127,7 +122,7 @@ def _run_loaded(args, policy, samples, tasks) -> int:
             max_new_tokens=max_new, seed=args.seed, limit=args.limit, tasks=tasks,
             device=device, dtype=args.dtype,
         )
-        write_json_atomic(args.json, doc)
+        write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
         print(f"wrote {args.json}")
     return 0
 
