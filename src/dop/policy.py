@@ -25,6 +25,22 @@ class PolicyError(ValueError):
     """A policy (or policy file) breaks a rule of DESIGN 2.1."""
 
 
+class TransferWarning(UserWarning):
+    """Rescaling a policy to another depth merged two distinct depths."""
+
+
+def transfer_depth(d: int, old: int, new: int) -> int:
+    """A depth ``d`` of an ``old``-layer policy on a ``new``-layer model: ``d * new / old``
+    rounded half up, and at least 1 when ``d`` is: an operation the source kept in some
+    layers is never erased (0 stays 0, ``old`` becomes ``new``). The former rule,
+    ``round(d * new / old)``, rounded half to even and mapped depths [7, 5, 3, 1] of 8 layers
+    to [4, 2, 2, 0] of 4, erasing an operation; this one gives [4, 3, 2, 1].
+    """
+    if d <= 0:
+        return 0
+    return max(1, min(new, (2 * d * new + old) // (2 * old)))  # floor(d * new / old + 1/2), exact
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -284,13 +300,24 @@ class Policy:
         return max(self.tokens_processed(k, 0, n) for k in OP_KINDS)
 
     def transfer(self, num_layers: int) -> "Policy":
-        """Rescale depths to a model with ``num_layers`` layers: ``round(d * L_new / L_old)``."""
-        if not _is_int(num_layers) or num_layers < 1:
-            raise PolicyError(f"num_layers: must be a positive integer, got {num_layers!r}")
-        scale = num_layers / self.num_layers
-        depth = {k: [min(num_layers, int(round(d * scale))) for d in v] for k, v in self.depth.items()}
+        """Rescale depths to a model with ``num_layers`` layers (rule: :func:`transfer_depth`).
+
+        Warns (:class:`TransferWarning`) when two distinct depths of the source become one."""
+        if not _is_int(num_layers) or not 1 <= num_layers <= MAX_LAYERS:
+            raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {num_layers!r}")
+        old = self.num_layers
+        depth = {k: [transfer_depth(d, old, num_layers) for d in v] for k, v in self.depth.items()}
+        merged = sorted({(a, b, depth_b) for k, v in self.depth.items() for a, depth_a in zip(v, depth[k])
+                         for b, depth_b in zip(v, depth[k]) if a < b and depth_a == depth_b})
+        if merged:
+            import warnings
+
+            shown = ", ".join(f"{a} and {b} -> {d}" for a, b, d in merged[:6])
+            warnings.warn(TransferWarning(
+                f"transfer {old} -> {num_layers} layers: distinct depths collapse ({shown}); the rescaled "
+                "policy cannot tell those groups or kinds apart"), stacklevel=2)
         meta = dict(self.meta)
-        meta["transferred_from_layers"] = self.num_layers
+        meta["transferred_from_layers"] = old
         return Policy(num_layers, list(self.groups), depth, self.ranker, meta)
 
     def check_layers(self, num_layers: int, transfer: bool = False) -> "Policy":
