@@ -191,6 +191,8 @@ def format_summary(result, args, outputs, wall: float) -> str:
             f"({f['paper']['fraction']:.1%})",
             f"  predicted divergence (proxy): {r.solution.predicted:.5g}",
         ]
+        if r.note:
+            lines.append(f"  note: {r.note}")
         v = r.verification
         if v is not None:
             lines.append(f"  true divergence: {v.chosen_true:.5g}")

@@ -148,6 +148,18 @@ def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     return chat_prompt
 
 
+def prompt_builder_for_model(model) -> PromptBuilder:
+    """The prompt builder for a loaded model: the demo's own format when the model was loaded
+    from the bundled demo folder or a ``scripts/train_demo.py`` export, the chat template
+    otherwise (what :func:`prompt_builder_for` picks from the name)."""
+    from dop.demo import DEMO_DIR
+
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if source and (os.path.abspath(source) == os.path.abspath(DEMO_DIR) or is_demo_export(source)):
+        return prompt_builder_for(DEMO)
+    return chat_prompt
+
+
 def num_decoder_layers(model) -> int:
     """Decoder layer count of a loaded model, through its family's adapter."""
     from dop.models import get_adapter
