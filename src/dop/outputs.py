@@ -152,8 +152,17 @@ def write_or_rescue(flag: str, target: str | os.PathLike, write: Callable[[str],
         ) from None
 
 
-def user_file_mode() -> int:
-    """The mode a new file gets under this process's umask (0o644 under umask 022)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def user_file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def user_dir_mode() -> int:
+    """The mode a new folder gets under this process's umask (0o755 under umask 022)."""
+    return 0o777 & ~_umask()

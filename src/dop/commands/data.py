@@ -3,6 +3,8 @@ set in the JSONL + PNG layout that user data sets use."""
 
 from __future__ import annotations
 
+import os
+
 DATASETS = ("shapes",)
 
 
@@ -15,7 +17,12 @@ def _export(args) -> int:
         raise ValueError(f"unknown split {args.split!r}; known splits: {', '.join(shapes.SPLITS)}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
-    out = shapes.export(args.split, args.n, args.seed, args.out)
+    from dop.outputs import check_output_dir, output_lock
+
+    check_output_dir("--out", args.out, must_be_empty=True)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    with output_lock([os.path.join(parent, os.path.basename(os.path.abspath(args.out)) + ".export")]):
+        out = shapes.export(args.split, args.n, args.seed, args.out)
     print(f"wrote {args.n} samples to {out / 'data.jsonl'} (images in {out / 'images'})")
     return 0
 
