@@ -87,7 +87,7 @@ def test_cli_eval_writes_json(ckpt, data, tmp_path, capsys):
     rc = main(_eval("--model", ckpt, "--data", data, "--json", out, "--max-new-tokens", 1))
     printed = capsys.readouterr().out
     assert rc == 0
-    for word in ("exist", "color", "average", "decoder FLOPs (dop)", "decoder FLOPs (paper)", "prefill"):
+    for word in ("exist", "color", "average", "decoder FLOPs (dop)", "decoder MACs (paper)", "prefill"):
         assert word in printed
     doc = json.loads(out.read_text())
     assert doc["format"] == "dop-eval/1"
