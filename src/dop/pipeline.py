@@ -102,6 +102,7 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     # search stages, the unpruned evaluation, one evaluation per (budget, method); revised
     # once the baselines that cannot meet a budget are known
     stages = Stages(out, log, total=len(opts.spaces) + 1 + len(opts.budgets) * (len(opts.spaces) + len(opts.baselines)))
+    stages.expected = {"search": len(opts.spaces), "eval": stages.total - len(opts.spaces)}
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
 
@@ -146,6 +147,7 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
             plan.append((b, method, "baseline", pol.to_dict(), ranker))
 
     stages.total = len(opts.spaces) + 1 + len(plan)
+    stages.expected = {"search": len(opts.spaces), "eval": 1 + len(plan)}
 
     # -- evaluation on the test split
     def eval_stage(name, policy=None, ranker=None, baseline=None):

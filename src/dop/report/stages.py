@@ -26,19 +26,35 @@ class Stages:
         self.reused: list[str] = []
         self.total = total  # stages of the whole job, for "stage k of N" (may be revised)
         self.t0 = time.perf_counter()
-        self._computed: list[float] = []  # seconds of the stages computed (not reused) so far
+        self._computed: dict[str, float] = {}  # seconds of the stages computed (not reused) so far
+        self.expected: dict[str, int] = {}  # stages of each kind the job will run (for the estimate)
         self.done = 0  # stages finished (computed or reused)
 
     def progress(self, name: str) -> str:
         """``stage k of N`` with the time so far and, once a stage was computed, an estimate
-        of the time left (the mean computed stage time times the stages left)."""
+        of the time left: each stage left costs the mean of the computed stages of its kind
+        (the name's first word: ``search``, ``eval``), else of all computed stages."""
         self.done += 1
         k = self.done
         text = f"stage {k} of {self.total}" if self.total else f"stage {k}"
         text += f" ({name}) done; {_dur(time.perf_counter() - self.t0)} so far"
         if self.total and self._computed and self.total > k:
-            left = (self.total - k) * sum(self._computed) / len(self._computed)
-            text += f", about {_dur(left)} left"
+            left = self.total - k
+            overall = sum(self._computed.values()) / len(self._computed)
+            if self.expected:
+                by_kind: dict[str, list[float]] = {}
+                for n, secs in self._computed.items():
+                    by_kind.setdefault(_kind(n), []).append(secs)
+                finished = {}
+                for n in self.times:
+                    finished[_kind(n)] = finished.get(_kind(n), 0) + 1
+                est = 0.0
+                for kind, count in self.expected.items():
+                    times = by_kind.get(kind)
+                    est += max(0, count - finished.get(kind, 0)) * (sum(times) / len(times) if times else overall)
+            else:
+                est = left * overall
+            text += f", about {_dur(est)} left"
         return text
 
     def path(self, name: str) -> Path:
@@ -61,10 +77,14 @@ class Stages:
         result = fn()
         seconds = time.perf_counter() - t0
         self.times[name] = seconds
-        self._computed.append(seconds)
+        self._computed[name] = seconds
         write_json_atomic(path, {"key": _normal(key), "seconds": seconds, "result": result})
         self.log(f"[progress] {self.progress(name)}")
         return json.loads(json.dumps(result, default=_default))
+
+
+def _kind(name: str) -> str:
+    return name.split("-", 1)[0]
 
 
 def _dur(seconds: float) -> str:
