@@ -225,7 +225,8 @@ def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, conven
             raise ValueError(
                 f"budget {budget:g} is below what PDrop costs at any ratio with stages at layers "
                 f"{'-'.join(map(str, layers))} (at least {cost(lo):.4f}, the layers before the first stage "
-                "run on every token); move the stages earlier (e.g. layers 2-6-12)"
+                "run on every token)" + ("" if layers[0] <= 1 else f"; move the stages earlier (e.g. layers "
+                                           f"{'-'.join(str(max(1, l // 4)) for l in layers)})")
             )
         for _ in range(50):  # cost is monotone (step-wise) in lambda
             mid = (lo + hi) / 2
