@@ -376,3 +376,21 @@ def test_demo_model_gets_the_demo_prompt():
     assert prompt_builder_for_model(model) is demo_prompt
     model.config._name_or_path = "llava-hf/llava-1.5-7b-hf"
     assert prompt_builder_for_model(model) is chat_prompt
+
+
+def test_run_failing_late_says_what_is_kept(saved, tmp_path, capsys, monkeypatch):
+    root, model, data = saved
+    import dop.report.markdown as md
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(md, "write_report", disk_full)
+    out = tmp_path / "run"
+    argv = ["run", "--model", model, "--data", data, "--test-data", data, "--samples", "2", "--test-samples", "2",
+            "--budgets", "tokens:1/3", "--space", "dop", "--baselines", "none", "--ranker", "spatial",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 1
+    line = _err(capsys)
+    assert "No space left on device" in line and f"the finished stages are kept in {out}/stages" in line
+    assert (out / "stages" / "search-dop.json").is_file() and (out / "stages" / "eval-unpruned.json").is_file()

@@ -9,6 +9,8 @@ results.json, every policy file). Rerun with the same --out to reuse finished st
 
 from __future__ import annotations
 
+import os
+
 
 def register(subparsers) -> None:
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
@@ -53,7 +55,22 @@ def run(args) -> int:
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
     )
-    res = run_main_job(opts)  # checks every option (validate_options) before any work
+    import datetime as _dt
+    import sys
+
+    if opts.out is None:
+        opts.out = f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    kept = (f"the finished stages are kept in {opts.out}/stages; run the same command again "
+            "(same --out) to resume from them")
+    try:
+        res = run_main_job(opts)  # checks every option (validate_options) before any work
+    except KeyboardInterrupt:
+        print(kept, file=sys.stderr)
+        raise
+    except OSError as e:  # a late system failure (disk full, folder gone): say what is kept
+        if not os.path.isdir(os.path.join(opts.out, "stages")):
+            raise
+        raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
     print()
     print(headline(res))
     print(f"\nreport: {res['out']}/report.md  (pareto.png, policy_map.png, results.json, policies/)")
