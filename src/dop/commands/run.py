@@ -15,6 +15,7 @@ import os
 def register(subparsers) -> None:
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
     from ..search.cost import BUDGET_HELP
+    from .options import add_image_limit_option
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the weight-loading bar included)")
+    add_image_limit_option(p)
     p.set_defaults(func=run)
 
 
@@ -48,6 +50,9 @@ def _split(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     from ..pipeline import RunOptions, run_main_job
+    from .options import apply_image_limit
+
+    apply_image_limit(args)
 
     opts = RunOptions(
         model=args.model, data=args.data, test_data=args.test_data, samples=args.samples,
