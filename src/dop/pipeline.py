@@ -185,6 +185,12 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
             rows.append(_row(label, kind, d, unpruned_d, fname, policy, n_visual))
             rows[-1]["ci"] = boot.method(d["samples"])
             per_method[label] = d["samples"]
+        # a tokens:N budget on the plot's dop axis: where keeping N tokens before the LLM landed
+        # on the test prompts (their mean text length), not at the first prompt's
+        pre_llm = [r for r in rows if r["method"] in ("vispruner", "cdpruner", "spatial", "random")
+                   and r.get("flops_fraction") is not None]
+        if b.get("tokens") is not None and pre_llm:
+            b = dict(b, dop_fraction=pre_llm[0]["flops_fraction"])
         results_budgets.append(dict(b, methods=rows, comparison=_comparison(rows, per_method, boot)))
 
     # -- report
