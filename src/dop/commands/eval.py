@@ -164,10 +164,25 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} ms"
 
 
+def rel_avg_interval(result) -> list[float] | None:
+    """95% bootstrap interval of Rel. Avg., paired with the unpruned pass on the same samples
+    (``dop.evaluate.bootstrap``); None without an unpruned pass or a Rel. Avg."""
+    if result.baseline is None or result.rel_avg is None:
+        return None
+    from dop.evaluate.bootstrap import Bootstrap
+
+    try:
+        boot = Bootstrap.from_unpruned([s.to_dict() for s in result.baseline.samples])
+        return boot.method([s.to_dict() for s in result.samples])["rel_avg"]
+    except ValueError:  # the two passes did not run the same samples
+        return None
+
+
 def format_report(result, *, model: str, data: str, policy_file: str | None = None) -> str:
     """The table ``dop eval`` prints."""
     base = result.baseline
     pruned = result.policy is not None
+    ci = rel_avg_interval(result)
     lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
     if pruned:
         ranker = result.ranker or result.policy.ranker or "default"
@@ -191,6 +206,8 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
     rows.append(avg)
     if base is not None:
         rows.append(["Rel. Avg.", "", _pct(result.rel_avg), "", "", "", ""])
+        if ci is not None:
+            rows.append(["  95% CI", "", f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%", "", "", "", ""])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
 
     def fmt(r):
@@ -198,7 +215,8 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
 
     lines.append(fmt(cols))
     lines.append("  ".join("-" * w for w in widths))
-    lines += [fmt(r) for r in rows[:-1 - (base is not None)]]
+    n_foot = 1 + (base is not None) + (ci is not None)
+    lines += [fmt(r) for r in rows[:-n_foot]]
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows[len(result.tasks):]]
     lines.append("")
@@ -259,6 +277,7 @@ def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, 
         for k in ("policy", "ranker", "rel_avg"):
             b.pop(k, None)
         doc["unpruned"] = b
+        doc["rel_avg_ci"] = rel_avg_interval(result)
     else:
         doc["unpruned"] = None
     doc["environment"] = {
