@@ -136,3 +136,6 @@ def test_time_left_is_estimated_per_kind_of_stage(tmp_path):
     st._computed = dict(st.times)
     st.done = 1
     assert st.progress("eval-unpruned") == "stage 2 of 5 (eval-unpruned) done; 0 s so far, about 6 s left"
+    # before any evaluation was timed, no guess from the (much slower) search stages
+    st.times, st._computed, st.done = {"search-dop": 100.0}, {"search-dop": 100.0}, 0
+    assert st.progress("search-dop").endswith("; time left known after the first eval stage")

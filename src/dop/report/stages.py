@@ -48,10 +48,15 @@ class Stages:
                 finished = {}
                 for n in self.times:
                     finished[_kind(n)] = finished.get(_kind(n), 0) + 1
-                est = 0.0
+                est, unknown = 0.0, []
                 for kind, count in self.expected.items():
-                    times = by_kind.get(kind)
-                    est += max(0, count - finished.get(kind, 0)) * (sum(times) / len(times) if times else overall)
+                    todo, times = max(0, count - finished.get(kind, 0)), by_kind.get(kind)
+                    if todo and not times:
+                        unknown.append(kind)  # no stage of this kind timed yet: no guess
+                    elif todo:
+                        est += todo * sum(times) / len(times)
+                if unknown:
+                    return text + f"; time left known after the first {' and '.join(unknown)} stage"
             else:
                 est = left * overall
             text += f", about {_dur(est)} left"
