@@ -192,6 +192,9 @@ def run_case(what: str, argv: list[str], fixtures: dict) -> tuple[int, str, str]
                 rc = main(argv)
         except SystemExit as e:  # argparse
             rc = e.code
+        except Exception as e:  # what the CLI let through: the case fails, the script goes on
+            rc = -1
+            print(f"Traceback (escaped the CLI): {type(e).__name__}: {e}", file=sys.stderr)
     return rc, out.getvalue(), err.getvalue()
 
 
