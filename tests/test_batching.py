@@ -111,3 +111,28 @@ def test_beam_search_and_num_return_sequences(fam):
         beams1 = model.generate(**p, max_new_tokens=4, num_beams=1, num_return_sequences=1, do_sample=False)
     assert beams.shape[0] == 2
     assert torch.equal(greedy1, beams1)
+
+
+@pytest.mark.parametrize("fam", ["llava", "internvl"])
+@torch.no_grad()
+def test_packed_sequences_do_not_see_each_other(fam):
+    """Padding-free inputs: two prompts packed in one row, position ids restarting at 0. Each
+    packed sequence is pruned and attends within itself, as when run alone (found by the
+    conformance run: transformers' padding-free tests)."""
+    model = build_model(fam, attn="sdpa").double()
+    a, _ = build_inputs(model, fam, num_images=2, text_len=6, seed=0)
+    c, _ = build_inputs(model, fam, num_images=1, text_len=3, seed=3)
+    a, c = _double(a), _double(c)
+    L = get_adapter(model).num_layers
+    pol = _policies(L)[0]
+    la, lc = a["input_ids"].shape[1], c["input_ids"].shape[1]
+    packed = {
+        "input_ids": torch.cat([a["input_ids"], c["input_ids"]], 1),
+        "position_ids": torch.cat([torch.arange(la), torch.arange(lc)])[None],
+        "pixel_values": torch.cat([a["pixel_values"], c["pixel_values"]]),
+    }
+    with dop.apply_policy(model, pol, ranker="spatial"):
+        single = [model(**p).logits[0] for p in (a, c)]
+        both = model(**packed).logits[0]
+    assert (both[:la] - single[0]).abs().max().item() < 1e-6
+    assert (both[la:] - single[1]).abs().max().item() < 1e-6

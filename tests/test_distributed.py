@@ -26,7 +26,7 @@ from fixtures_eval import WORDS, build_tiny_llava, write_jsonl_dataset
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
 SAMPLES = 5
-TIMING = {"created", "wall_s", "prefill_ms", "stage_times", "finished"}
+TIMING = {"created", "wall_s", "prefill_ms", "stage_times", "finished", "timing", "prefill_cv", "prefill_noisy"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -89,7 +89,7 @@ def test_cli_eval_writes_json(ckpt, data, tmp_path, capsys):
     rc = main(_eval("--model", ckpt, "--data", data, "--json", out, "--max-new-tokens", 1))
     printed = capsys.readouterr().out
     assert rc == 0
-    for word in ("exist", "color", "average", "decoder FLOPs (dop)", "decoder FLOPs (paper)", "prefill"):
+    for word in ("exist", "color", "average", "decoder FLOPs (dop)", "decoder MACs (paper)", "prefill"):
         assert word in printed
     doc = json.loads(out.read_text())
     assert doc["format"] == "dop-eval/1"
@@ -126,6 +126,8 @@ def test_cli_eval_with_policy_reports_rel_avg(ckpt, data, tmp_path, capsys):
     assert doc["environment"]["torch_threads"] == 2
     # the model says "yes" whatever it sees, so pruning cannot change its answers
     assert doc["rel_avg"] == pytest.approx(1.0)
+    assert doc["rel_avg_ci"] == [pytest.approx(1.0), pytest.approx(1.0)]  # same answers: no spread
+    assert "95% CI" in printed and "100.0-100.0%" in printed
     assert doc["unpruned"]["average"] == pytest.approx(doc["average"])
     assert set(doc["unpruned"]["tasks"]) == {"exist", "color"}
     for conv in ("dop", "paper"):

@@ -108,11 +108,11 @@ def test_transfer():
     p = Policy.from_dict(GOOD)
     t = p.transfer(40)
     assert t.num_layers == 40
-    assert t.depth == {"attn": [40, 30, 15, 2], "mlp": [40, 20, 8, 0]}
+    assert t.depth == {"attn": [40, 30, 15, 3], "mlp": [40, 20, 8, 0]}  # 2 * 40/32 = 2.5 rounds up
     assert t.meta["transferred_from_layers"] == 32
     with pytest.raises(PolicyError, match="pass transfer=True"):
         p.check_layers(28)
-    assert p.check_layers(28, transfer=True).depth["attn"] == [28, 21, 10, 2]
+    assert p.check_layers(28, transfer=True).depth["attn"] == [28, 21, 11, 2]  # 12 * 28/32 = 10.5 rounds up
 
 
 def test_constructors():
@@ -120,3 +120,43 @@ def test_constructors():
     d = Policy.dop(32, 0.25, 20, 10)
     assert d.groups == [0.25, 1.0] and d.depth == {"attn": [20, 0], "mlp": [10, 0]}
     assert not d.is_unpruned()
+
+
+@pytest.mark.parametrize("old,new,depth,expected", [
+    (32, 40, [32, 24, 12, 2], [40, 30, 15, 3]),
+    (40, 32, [40, 30, 15, 1], [32, 24, 12, 1]),   # 0.8 -> 1: never erased
+    (8, 4, [7, 5, 3, 1], [4, 3, 2, 1]),           # half to even gave [4, 2, 2, 0]
+    (32, 2, [32, 24, 12, 2], [2, 2, 1, 1]),
+])
+def test_transfer_rule_keeps_every_kept_operation(old, new, depth, expected):
+    import warnings
+
+    p = Policy(old, [0.125, 0.25, 0.5, 1.0], {"attn": depth, "mlp": [0, 0, 0, 0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = p.transfer(new)
+    assert t.depth["attn"] == expected and t.depth["mlp"] == [0, 0, 0, 0]
+    collapsed = len(set(expected)) < len(set(depth))
+    assert [type(w.message).__name__ for w in caught] == (["TransferWarning"] if collapsed else [])
+
+
+def test_transfer_depth_rule_on_every_depth():
+    from dop.policy import transfer_depth
+
+    for old in range(1, 41):
+        for new in range(1, 41):
+            mapped = [transfer_depth(d, old, new) for d in range(old + 1)]
+            assert mapped[0] == 0 and mapped[old] == new
+            assert all(m >= 1 for m in mapped[1:])  # a kept operation is never erased
+            assert mapped == sorted(mapped)  # order of depths kept
+            assert all(abs(m - d * new / old) <= 0.5 or m == 1 for d, m in enumerate(mapped))
+
+
+def test_transfer_cli_warns_on_collapse(tmp_path, capsys):
+    from dop.cli import main
+
+    src = tmp_path / "p.json"
+    Policy(32, [0.5, 1.0], {"attn": [20, 12]}).to_json(src)
+    assert main(["transfer", str(src), "--num-layers", "2", "-o", str(tmp_path / "q.json")]) == 0
+    assert "distinct depths collapse (12 and 20 -> 1)" in capsys.readouterr().err
+    assert Policy.from_json(tmp_path / "q.json").depth == {"attn": [1, 1]}

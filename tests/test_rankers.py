@@ -326,6 +326,8 @@ def test_pdrop_nested_stages_keep_the_right_counts(tiny):
         assert cache.layers[l].keys.shape[-2] == n_text + sum(expected_kept[stage]), f"{fam} layer {l}"
     # the standalone ranking is the one the pruned forward made
     assert [r.tolist() for r in ranks] == rank_visual_tokens(model, inputs, "pdrop:layers=1-2-3,ratio=0.5")
+    if L == 4:  # the default stage layers are the quarter points of the depth: 1-2-3 here
+        assert [r.tolist() for r in ranks] == rank_visual_tokens(model, inputs, "pdrop:ratio=0.5")
     # stage 1 keeps the top of the attention at layer 1 among all tokens (one independent check)
     att = model(**inputs, output_attentions=True, use_cache=False).attentions[1][0, :, -1, :].double().mean(0)
     spans = adapter.image_spans(inputs["input_ids"], inputs)
@@ -373,9 +375,46 @@ def test_all_rankers_registered():
 def test_in_llm_ranker_layers_must_exist():
     model = build_model("llava", num_layers=4)
     pol = dop.Policy(4, [0.5, 1.0], {"attn": [4, 4], "mlp": [4, 4]})
-    for spec in ("pdrop", "fastv:K=5", "dart:K=4"):
+    for spec in ("pdrop:layers=8-16-24", "fastv:K=5", "dart:K=4"):
         with pytest.raises(ValueError, match="decoder has 4 layers"):
             dop.apply_policy(model, pol, ranker=spec)
     from dop.runtime.layer import is_patched
 
     assert not any(is_patched(l) for l in get_adapter(model).decoder_layers())
+
+
+def test_pdrop_default_stage_layers_are_one_rule_everywhere():
+    """Quarter points of the depth in the ranker, the policy and the baseline (issue 16: the
+    ranker used a fixed 8-16-24 while `dop baseline` used the quarter points)."""
+    from dop import baselines as B
+    from dop.rankers import resolve_for_model, resolve_ranker
+    from dop.rankers.pdrop import default_stage_layers
+
+    assert [default_stage_layers(L) for L in (32, 40, 8, 4)] == [(8, 16, 24), (10, 20, 30), (2, 4, 6), (1, 2, 3)]
+    assert resolve_for_model("pdrop", 8).layers == (2, 4, 6)
+    assert resolve_for_model("pdrop:layers=1-3", 8).layers == (1, 3)
+    assert pdrop_policy(8).depth["attn"] == [8, 6, 4, 2]
+    assert B.pdrop("demo", ratio=0.5)[0].meta["stage_layers"] == [2, 4, 6]
+    with pytest.raises(ValueError, match="quarter points"):
+        resolve_ranker("pdrop").layers  # unbound: never silently no stages
+
+
+@pytest.mark.parametrize("grid", [(12, 12), (24, 24), (16, 9), (3, 5)])
+def test_spatial_sample_covers_every_quarter_at_every_count(grid):
+    """Issue 16: the stride fell to 1 past a third of the tokens and then kept the top rows
+    only (48 of 144: the first four rows). A uniform sample reaches every quarter of the grid
+    at every count from 4 on, and is a permutation."""
+    from dop.rankers.basic import spatial_order
+
+    rows, cols = grid
+    n = rows * cols
+    for k in range(1, n + 1):
+        order = spatial_order(n, grid, k)
+        assert sorted(order.tolist()) == list(range(n))
+        kept = order[:k]
+        quarters = {(int(r >= rows / 2), int(c >= cols / 2)) for r, c in zip((kept // cols).tolist(), (kept % cols).tolist())}
+        if k >= 4:
+            assert len(quarters) == 4, (grid, k, sorted(quarters))
+        rows_used = sorted(set((kept // cols).tolist()))
+        if k >= 2 * cols:  # enough for two full rows: the sample reaches the bottom rows too
+            assert rows_used[-1] >= rows - 1 - rows // 4 and rows_used[0] <= rows // 4, (grid, k, rows_used)

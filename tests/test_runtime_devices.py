@@ -322,3 +322,52 @@ def test_flex_attention_model_runs_pruned_and_exact(fam):
         out = model(**inputs).logits
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert (out - ref).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_a_layer_that_holds_no_key_at_all():
+    """A prompt of image tokens only, whose keys are all skipped from layer 1 while their
+    queries are kept: those queries see no key and get no update (found by the conformance run)."""
+    model = build_model("llava").double()
+    inputs, counts = build_inputs(model, "llava", num_images=1, text_len=0)
+    n = counts[0]
+    ids = inputs["input_ids"][:, 1:1 + n]  # the image tokens alone
+    inputs = _double(dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids)))
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    pd = {"format": "dop-policy/1", "num_layers": L, "groups": [1.0], "depth": {"attn_q": [L], "attn_kv": [1], "mlp": [L]}}
+    perms = [list(range(n))]
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        ref = model(**inputs, use_cache=False).logits
+    with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+        out = model(**inputs).logits
+    assert (out - ref).abs().max().item() < 1e-6
+
+
+@torch.no_grad()
+def test_text_generation_from_embeddings_is_not_taken_for_images():
+    """generate() passes an empty dict of encoder outputs with text-only embeddings: no image,
+    nothing pruned, no error (found by the conformance run)."""
+    model = build_model("llava")
+    ids = text_only_inputs()["input_ids"]
+    embeds = torch.rand(1, ids.shape[1], model.config.text_config.hidden_size)
+    with torch.no_grad():
+        vanilla = model.generate(ids, inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+    with dop.apply_policy(model, _pol(4), ranker="random"):
+        pruned = model.generate(ids, inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+    assert torch.equal(vanilla, pruned)
+
+
+@torch.no_grad()
+def test_image_token_count_mismatch_is_the_models_own_error():
+    """Pixel inputs that do not fit the image tokens: transformers' own error, not an IndexError of dop."""
+    model = build_model("qwen2_5_vl")
+    inputs, _ = build_inputs(model, "qwen2_5_vl", num_images=2)
+    bad = dict(inputs, image_grid_thw=inputs["image_grid_thw"][:1], pixel_values=inputs["pixel_values"][:64])
+    with pytest.raises(ValueError) as vanilla:
+        model(**bad)
+    with dop.apply_policy(model, _pol(4), ranker="random"):
+        with pytest.raises(ValueError) as pruned:
+            model(**bad)
+    assert str(pruned.value) == str(vanilla.value)

@@ -2,10 +2,11 @@
 
 Each function returns ``(Policy, ranker_spec)`` for a model (preset name, checkpoint folder,
 config or :class:`dop.flops.Arch`), either at an explicit kept-token count (``tokens``) or at
-a FLOPs ``budget``: the fraction of the unpruned decoder's prefill FLOPs (in ``convention``,
-``"paper"`` by default, as published tables count them) that the method may spend; the
-kept count (or PDrop's ratio) is then the largest that meets it, counted by
-:func:`dop.count_flops` like every other policy. The spec is also stored as the policy's
+a FLOPs ``budget`` in the grammar of ``dop search`` (:func:`dop.search.cost.parse_budget`): a
+fraction of the unpruned decoder's prefill FLOPs or absolute TFLOPs, both in ``convention``
+(``"dop"`` by default, as in search), or ``"tokens:N"`` / ``"tokens:a/b"`` (always the paper
+convention, as published tables count them); the kept count (or PDrop's ratio) is then the
+largest that meets it, counted by :func:`dop.count_flops` like every other policy. The spec is also stored as the policy's
 ``ranker`` so that ``apply_policy`` / ``dop eval`` use it by default.
 
 - ``vispruner``, ``cdpruner``, ``random``, ``spatial``: token pruning before the LLM (every op
@@ -19,20 +20,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .flops import Arch, count_flops, resolve_arch
+from .flops import Arch, budget_from_tokens, count_flops, resolve_arch
 from .policy import Policy
-from .rankers.pdrop import parse_layers, pdrop_policy
+from .rankers.pdrop import default_stage_layers, parse_layers, pdrop_policy
+from .search.cost import DEFAULT_CONVENTION
 
 METHODS = ("vispruner", "cdpruner", "random", "spatial", "fastv", "pdrop", "dart")
 
 
 def _arch(model: Any) -> Arch:
-    if isinstance(model, str) and model == "demo":
-        from .demo import DEMO_DIR
-
-        if not (DEMO_DIR / "config.json").is_file():
-            raise ValueError(f"the demo model's config is not there yet ({DEMO_DIR / 'config.json'}); train it first")
-        return resolve_arch(str(DEMO_DIR))
     if isinstance(model, str) and model.count("/") == 1 and not model.startswith((".", "/")):
         try:
             return resolve_arch(model)
@@ -105,15 +101,53 @@ def _count_or_budget(tokens, budget):
         raise ValueError("give exactly one of tokens (kept visual tokens) or budget (FLOPs fraction)")
 
 
-def _pre_llm(method: str, spec: str, model, tokens, budget, *, convention="paper", visual_tokens=None, text_tokens=64):
+def resolve_budget(budget, model, visual_tokens: int | None = None, text_tokens: int = 64,
+                   convention: str = DEFAULT_CONVENTION) -> tuple[float, str, int | None]:
+    """``(fraction of the unpruned decoder, its convention, tokens or None)`` for a budget in
+    ``dop search``'s grammar: a fraction (``0.14``, ``"14%"``) or ``"2.5T"`` in ``convention``,
+    ``"tokens:64"`` / ``"tokens:1/9"`` in the paper convention."""
+    from .search.cost import parse_budget
+
+    if convention not in ("dop", "paper"):
+        raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
+    b = parse_budget(budget)
+    arch = _arch(model)
+    n = _visual(arch, visual_tokens)
+    if b.kind == "tokens":
+        k = b.tokens(n)
+        return budget_from_tokens(arch, k, n), "paper", k
+    if b.kind == "tflops":
+        full = count_flops(arch, None, num_visual_tokens=n, num_text_tokens=text_tokens, convention=convention).decoder
+        frac = b.value * 1e12 / full
+        if frac > 1.0:
+            frac = 1.0  # at or above the unpruned cost: the method keeps every token
+        return frac, convention, None
+    return b.value, convention, None
+
+
+def _budget(budget, arch, n, text_tokens, convention):
+    """``budget`` (None, a fraction or a budget spec) as ``(fraction or None, convention, extra meta)``."""
+    if budget is None:
+        return None, convention, {}
+    spec = budget
+    frac, conv, k = resolve_budget(budget, arch, n, text_tokens, convention)
+    extra = {"budget": frac, "budget_convention": conv}
+    if isinstance(spec, str):
+        extra["budget_spec"] = spec
+    if k is not None:
+        extra["budget_tokens"] = k
+    return frac, conv, extra
+
+
+def _pre_llm(method: str, spec: str, model, tokens, budget, *, convention=DEFAULT_CONVENTION, visual_tokens=None,
+            text_tokens=64):
     _count_or_budget(tokens, budget)
     arch = _arch(model)
     n, L = _visual(arch, visual_tokens), arch.decoder.num_layers
+    budget, convention, extra = _budget(budget, arch, n, text_tokens, convention)
     make = lambda k: token_policy(L, n, k, 0)  # noqa: E731
     k = int(tokens) if tokens is not None else _solve_count(make, arch, n, budget, convention, text_tokens)
-    extra = {"kept_tokens": k, "prune_layer": 0}
-    if budget is not None:
-        extra.update(budget=budget, budget_convention=convention)
+    extra.update(kept_tokens=k, prune_layer=0)
     return _finish(make(k), spec, method, arch, n, text_tokens, extra)
 
 
@@ -141,17 +175,17 @@ def spatial(model, tokens=None, budget=None, **kw):
     return _pre_llm("spatial", "spatial", model, tokens, budget, **kw)
 
 
-def _in_llm(method, spec, model, tokens, budget, K, *, convention="paper", visual_tokens=None, text_tokens=64):
+def _in_llm(method, spec, model, tokens, budget, K, *, convention=DEFAULT_CONVENTION, visual_tokens=None,
+            text_tokens=64):
     _count_or_budget(tokens, budget)
     arch = _arch(model)
     n, L = _visual(arch, visual_tokens), arch.decoder.num_layers
     if not 1 <= K < L:
         raise ValueError(f"K: must lie in [1, {L - 1}] for a {L}-layer decoder, got {K}")
+    budget, convention, extra = _budget(budget, arch, n, text_tokens, convention)
     make = lambda k: token_policy(L, n, k, K)  # noqa: E731
     k = int(tokens) if tokens is not None else _solve_count(make, arch, n, budget, convention, text_tokens)
-    extra = {"kept_tokens": k, "prune_layer": K}
-    if budget is not None:
-        extra.update(budget=budget, budget_convention=convention)
+    extra.update(kept_tokens=k, prune_layer=K)
     return _finish(make(k), spec, method, arch, n, text_tokens, extra)
 
 
@@ -167,7 +201,7 @@ def dart(model, tokens=None, budget=None, *, K: int = 2, pivots: int = 4, text_p
     return _in_llm("dart", spec, model, tokens, budget, K, **kw)
 
 
-def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, convention="paper",
+def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, convention=DEFAULT_CONVENTION,
           visual_tokens=None, text_tokens=64, tokens=None):
     """PyramidDrop with stage boundaries ``layers`` (default: the quarter points of the
     decoder, 8-16-24 for 32 layers as published) and ratio ``ratio`` (lambda), or the
@@ -179,7 +213,8 @@ def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, conven
         raise ValueError("give exactly one of ratio (lambda) or budget (FLOPs fraction)")
     arch = _arch(model)
     n, L = _visual(arch, visual_tokens), arch.decoder.num_layers
-    layers = parse_layers(layers if layers is not None else (L // 4, L // 2, 3 * L // 4))
+    budget, convention, extra = _budget(budget, arch, n, text_tokens, convention)
+    layers = parse_layers(layers if layers is not None else default_stage_layers(L))
     spec_of = lambda lam: f"pdrop:layers={'-'.join(map(str, layers))},ratio={lam:.6g}"  # noqa: E731
     if ratio is None:
         if not 0.0 < budget <= 1.0:
@@ -190,7 +225,8 @@ def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, conven
             raise ValueError(
                 f"budget {budget:g} is below what PDrop costs at any ratio with stages at layers "
                 f"{'-'.join(map(str, layers))} (at least {cost(lo):.4f}, the layers before the first stage "
-                "run on every token); move the stages earlier (e.g. layers 2-6-12)"
+                "run on every token)" + ("" if layers[0] <= 1 else f"; move the stages earlier (e.g. layers "
+                                           f"{'-'.join(str(max(1, l // 4)) for l in layers)})")
             )
         for _ in range(50):  # cost is monotone (step-wise) in lambda
             mid = (lo + hi) / 2
@@ -202,9 +238,7 @@ def pdrop(model, ratio: float | None = None, budget=None, *, layers=None, conven
         while cost(ratio) > budget + 1e-12:  # rounding the printed ratio must not overshoot
             ratio = float(f"{ratio - 1e-6:.6g}")
     policy = pdrop_policy(L, layers, ratio)
-    extra = {"ratio": ratio, "stage_layers": list(layers)}
-    if budget is not None:
-        extra.update(budget=budget, budget_convention=convention)
+    extra.update(ratio=ratio, stage_layers=list(layers))
     return _finish(policy, spec_of(ratio), "pdrop", arch, n, text_tokens, extra)
 
 
@@ -218,4 +252,4 @@ def baseline(method: str, model, **kwargs) -> tuple[Policy, str]:
 
 
 __all__ = ["METHODS", "baseline", "cdpruner", "dart", "fastv", "flops_fraction", "pdrop", "random",
-           "spatial", "token_policy", "vispruner"]
+           "resolve_budget", "spatial", "token_policy", "vispruner"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # order shown in `dop --help`; a module that is absent is simply not offered
@@ -45,11 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"dop: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # one clear line, never a traceback (DOP_DEBUG=1 shows it)
+        if os.environ.get("DOP_DEBUG"):
+            raise
+        code, text = error_line(e)
+        print(f"dop: error: {text}", file=sys.stderr)
+        return code
     finally:
         distributed.shutdown()
+
+
+# exit codes: 2 = the input or an option is wrong (nothing was done, or the message says
+# what was kept); 1 = the work failed for another reason (the system, a lock, a bug)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def error_line(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ends a command."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, USER_ERRORS):
+        return 2, text
+    if isinstance(e, RecursionError):
+        return 2, f"input nested too deeply to read ({text})"
+    if isinstance(e, MemoryError):
+        return 1, "out of memory"
+    if isinstance(e, OSError):
+        return 1, text
+    from dop.outputs import OutputLockedError
+
+    if isinstance(e, OutputLockedError):
+        return 1, text
+    return 1, f"internal error ({type(e).__name__}: {text}); rerun with DOP_DEBUG=1 for the traceback and report it"
 
 
 if __name__ == "__main__":

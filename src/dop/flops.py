@@ -242,25 +242,35 @@ def arch_from_config(config: Any, name: str | None = None) -> Arch:
     return Arch(name, dec, vis, proj, per_tile, per_tile, 1, family=model_type)
 
 
+def arch_from_config_folder(folder: str, name: str) -> Arch:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"checkpoint folder {name!r} has no config.json")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises many types; one line for the user
+        raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from None
+    return arch_from_config(cfg, name=name)
+
+
 def resolve_arch(model: Any) -> Arch:
     """An :class:`Arch` from a preset name, a checkpoint folder, a config or a model."""
     if isinstance(model, Arch):
         return model
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
+        if text == "demo":  # the bundled demo model, as every command's --model accepts it
+            from .demo import DEMO_DIR
+
+            if not (DEMO_DIR / "config.json").is_file():
+                raise ValueError(f"the demo model's config is missing ({DEMO_DIR / 'config.json'})")
+            return arch_from_config_folder(str(DEMO_DIR), name="demo")
         if _preset_key(text) is not None:
             return preset_arch(text)
         if os.path.isdir(text) or (os.path.isfile(text) and text.endswith(".json")):
             folder = text if os.path.isdir(text) else os.path.dirname(text) or "."
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise ValueError(f"checkpoint folder {text!r} has no config.json")
-            from transformers import AutoConfig
-
-            try:
-                cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
-            except Exception as e:  # transformers raises many types; one line for the user
-                raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from None
-            return arch_from_config(cfg, name=text)
+            return arch_from_config_folder(folder, name=text)
         what = "no such checkpoint folder" if os.sep in text or text.startswith(".") else "not a preset"
         raise ValueError(f"unknown model {text!r} ({what}); known presets: {', '.join(presets())}")
     config = getattr(model, "config", None)

@@ -1,5 +1,6 @@
 """Atomic JSON output: a temporary file in the same folder, fsync, then a rename, so a
-crash or an error never leaves a half-written file behind."""
+crash or an error never leaves a half-written file behind. The file gets the mode the
+user's umask gives a new file (issue 16: stage files were 0600, the rest 0644)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import tempfile
 from typing import Any
+
+from .outputs import user_file_mode
 
 
 def _default(obj):
@@ -25,6 +28,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2) ->
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, user_file_mode())  # mkstemp makes 0600; outputs follow the umask like any file
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

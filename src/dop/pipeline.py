@@ -7,6 +7,7 @@ Every stage is resumable: rerun with the same ``out`` and finished stages are re
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -52,9 +53,54 @@ def _machine() -> str:
     return f"{platform.machine()} {dev}, torch {torch.__version__}"
 
 
+def validate_options(opts: RunOptions) -> None:
+    """Every option that can be checked without the model, before any work (issue 16)."""
+    from .baselines import METHODS
+    from .outputs import check_output_dir
+    from .rankers import resolve_ranker
+    from .search.cost import parse_budget
+
+    for name in ("samples", "test_samples", "max_new_tokens"):
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if not opts.budgets:
+        raise ValueError("--budgets: give at least one budget")
+    for b in opts.budgets:
+        parse_budget(b)
+    if len(set(opts.budgets)) != len(opts.budgets):
+        raise ValueError(f"--budgets: a budget is given twice ({', '.join(opts.budgets)})")
+    bad = [s for s in opts.spaces if s not in DEFAULT_SPACES]
+    if bad:
+        raise ValueError(f"--space: unknown search space(s) {', '.join(map(repr, bad))}; known: {', '.join(DEFAULT_SPACES)}")
+    bad = [m for m in opts.baselines if m not in METHODS]
+    if bad:
+        raise ValueError(f"--baselines: unknown method(s) {', '.join(map(repr, bad))}; known: {', '.join(METHODS)} "
+                         "(or 'none')")
+    if not opts.spaces and not opts.baselines:
+        raise ValueError("nothing to compare: give at least one search space or baseline")
+    resolve_ranker(opts.ranker)
+    if opts.out:
+        check_output_dir("--out", opts.out)
+
+
 def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Under several ranks (dop/distributed.py) the search and the evaluations share their
-    samples; rank 0 alone logs and writes files (the others return the same figures)."""
+    samples; rank 0 alone logs, locks the output folder and writes files (the others return
+    the same figures)."""
+    from . import distributed as dd
+    from .outputs import output_lock
+
+    validate_options(opts)
+    out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
+    out.mkdir(parents=True, exist_ok=True)
+    if not dd.is_main():
+        return _run_locked(opts, out, _quiet)
+    with output_lock([out]):
+        return _run_locked(opts, out, log)
+
+
+def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from . import distributed as dd
     from .evaluate.datasets import load_dataset
     from .evaluate.loading import load_model, prompt_builder_for
@@ -62,28 +108,29 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     from .models import get_adapter
     from .report.stages import Stages, write_json_atomic
 
-    if not dd.is_main():
-        log = _quiet
-    out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "policies").mkdir(exist_ok=True)
-    stages = Stages(out, log)
+    # search stages, the unpruned evaluation, one evaluation per (budget, method); revised
+    # once the baselines that cannot meet a budget are known
+    stages = Stages(out, log, total=len(opts.spaces) + 1 + len(opts.budgets) * (len(opts.spaces) + len(opts.baselines)))
+    stages.expected = {"search": len(opts.spaces), "eval": stages.total - len(opts.spaces)}
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
 
     log(f"[load] model {opts.model!r}, validation {opts.data!r} ({opts.samples}), test {opts.test_data!r} ({opts.test_samples})")
     t0 = time.perf_counter()
-    model, processor = load_model(opts.model, attn_implementation=opts.attn_implementation)
-    if dd.is_distributed():
-        model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
-    build_prompt = prompt_builder_for(opts.model)
+    load_before = _load_average()
     from .evaluate.hf import is_hf_spec
 
     def columns(spec):  # --columns names the columns of whichever of the two is a Hugging Face data set
         return opts.columns if is_hf_spec(spec) else None
 
+    # a bad data set fails before the model loads
     val = load_dataset(opts.data, limit=opts.samples, columns=columns(opts.data))
     test = load_dataset(opts.test_data, limit=opts.test_samples, columns=columns(opts.test_data))
+    model, processor = _load_model(opts, load_model)
+    if dd.is_distributed():
+        model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
+    build_prompt = prompt_builder_for(opts.model)
     adapter = get_adapter(model)
     n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
     budgets = [budget_for_baselines(spec, model, n_visual, n_text) for spec in opts.budgets]
@@ -117,6 +164,9 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
                 continue
             plan.append((b, method, "baseline", pol.to_dict(), ranker))
 
+    stages.total = len(opts.spaces) + 1 + len(plan)
+    stages.expected = {"search": len(opts.spaces), "eval": 1 + len(plan)}
+
     # -- evaluation on the test split
     def eval_stage(name, policy=None, ranker=None, baseline=None):
         def fn():
@@ -132,9 +182,12 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     log(f"[eval] unpruned on {len(test)} test samples")
     unpruned_d = stages.run("eval-unpruned", eval_stage("unpruned"), key=dict(common, test=opts.test_data, n=len(test)))
     unpruned_obj = _result_from_dict(unpruned_d)
+    from .evaluate.bootstrap import Bootstrap
+
+    boot = Bootstrap.from_unpruned(unpruned_d["samples"], seed=opts.seed)
     results_budgets = []
     for b in budgets:
-        rows = []
+        rows, per_method = [], {}
         for bb, label, kind, pol_d, ranker in plan:
             if bb["spec"] != b["spec"]:
                 continue
@@ -149,7 +202,15 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
                 key=dict(common, test=opts.test_data, n=len(test), policy=pol_d, ranker=str(ranker)),
             )
             rows.append(_row(label, kind, d, unpruned_d, fname, policy, n_visual))
-        results_budgets.append(dict(b, methods=rows))
+            rows[-1]["ci"] = boot.method(d["samples"])
+            per_method[label] = d["samples"]
+        # a tokens:N budget on the plot's dop axis: where keeping N tokens before the LLM landed
+        # on the test prompts (their mean text length), not at the first prompt's
+        pre_llm = [r for r in rows if r["method"] in ("vispruner", "cdpruner", "spatial", "random")
+                   and r.get("flops_fraction") is not None]
+        if b.get("tokens") is not None and pre_llm:
+            b = dict(b, dop_fraction=pre_llm[0]["flops_fraction"])
+        results_budgets.append(dict(b, methods=rows, comparison=_comparison(rows, per_method, boot)))
 
     if not dd.is_main():
         return dict(out=str(out), unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
@@ -160,6 +221,8 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     from .report.plots import divergence_curves, pareto_plot, policy_map
 
     tasks = sorted(unpruned_d["tasks"])
+    unpruned_row = _row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual)
+    unpruned_row["ci"] = boot.method(unpruned_d["samples"])
     results = dict(
         options=dict(opts.key(), out=str(out)),
         tasks=tasks,
@@ -168,14 +231,18 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         num_layers=adapter.num_layers,
         machine=_machine(),
         finished=_dt.datetime.now().isoformat(timespec="seconds"),
-        unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
+        unpruned=unpruned_row,
+        timing=_timing_note([unpruned_row, *(m for b in results_budgets for m in b["methods"])], load_before),
         budgets=results_budgets,
         tables={s: dict(summary=r["summary"]) for s, r in searches.items()},
         skipped=skipped,
     )
-    points = [dict(method=m["method"], flops_fraction=m["flops_fraction"], rel_avg=m["rel_avg"])
+    points = [dict(method=m["method"], flops_fraction=m["flops_fraction"], rel_avg=m["rel_avg"],
+                   rel_avg_ci=(m.get("ci") or {}).get("rel_avg"))
               for b in results_budgets for m in b["methods"]]
-    pareto_plot(points, out / "pareto.png", title=f"{opts.model}: Rel. Avg. vs decoder FLOPs ({len(test)} test samples)")
+    pareto_plot(points, out / "pareto.png",
+                title=f"{opts.model}: Rel. Avg. vs decoder FLOPs ({len(test)} test samples)",
+                budgets=[(b["label"], b["dop_fraction"]) for b in results_budgets])
     for space, r in searches.items():
         curves = {name: [(int(v), kl) for v, kl in pts.items()] for name, pts in r["curves"].items()}
         if curves:
@@ -186,14 +253,14 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     for b in results_budgets:
         for m in b["methods"]:
             if m["kind"] == "dop":
-                title = f"{m['method']} at {b['label']}"
+                title = _map_title(m, b, n_visual)
                 m["policy_map"] = m["policy_file"].replace(".json", ".png")
                 policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / m["policy_map"], title=title)
     if results_budgets and opts.spaces:
         b = results_budgets[len(results_budgets) // 2]
         m = next((m for m in b["methods"] if m["method"] == f"DOP ({opts.spaces[0]})"), None)
         if m is not None:
-            title = f"{m['method']} at {b['label']}"
+            title = _map_title(m, b, n_visual)
             policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / "policy_map.png", title=title)
             results["policy_map"] = dict(file="policy_map.png", title=title)
     stages.times["total"] = time.perf_counter() - t_start
@@ -207,6 +274,72 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
 
 def _quiet(_msg: str) -> None:
     pass
+def _load_model(opts: RunOptions, load_model):
+    """load_model, without transformers' weight-loading bar when progress is off."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = not opts.progress and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model(opts.model, attn_implementation=opts.attn_implementation)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _map_title(m: dict, b: dict, n_visual: int) -> str:
+    """The policy map's title says what its cells show: the tokens the chosen policy processes
+    at layer 0, beside the budget (a cost: the FLOPs of keeping N tokens, not N kept)."""
+    from .policy import Policy
+
+    keep = Policy.from_dict(m["policy"]).n_keep(n_visual)
+    return f"{m['method']}, budget {_budget_words(b)}: processes {keep} of {n_visual} visual tokens at layer 0"
+
+
+def _budget_words(b: dict) -> str:
+    if b.get("tokens") is not None:
+        return f"the FLOPs of keeping {b['tokens']} tokens"
+    return f"{100 * b['fraction']:.1f}% of the decoder FLOPs ({b['convention']} convention)"
+
+
+def _comparison(rows: list[dict], samples: dict[str, list], boot) -> dict | None:
+    """DOP's best row against the best baseline at one budget: the Rel. Avg. difference with
+    a paired bootstrap interval (same resampled test samples for both)."""
+    def best(kind):
+        cands = [r for r in rows if r["kind"] == kind and r.get("rel_avg") is not None]
+        return max(cands, key=lambda r: r["rel_avg"]) if cands else None
+
+    a, b = best("dop"), best("baseline")
+    if a is None or b is None:
+        return None
+    diff = boot.difference(samples[a["method"]], samples[b["method"]])
+    if diff is None:
+        return None
+    return dict(diff, a=a["method"], b=b["method"], difference=a["rel_avg"] - b["rel_avg"])
+
+
+BUSY_CV = 0.3  # per-sample prefill times spread more than this (std / mean): timing is noisy
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _timing_note(rows: list[dict], load_before: float | None) -> dict:
+    """Whether the prefill-time column can be trusted: the 1-minute load average before and
+    after the run against the CPU count, and the spread of each method's per-sample times."""
+    cpus = os.cpu_count() or 1
+    loads = [x for x in (load_before, _load_average()) if x is not None]
+    for r in rows:
+        r["prefill_noisy"] = (r.get("prefill_cv") or 0) > BUSY_CV
+    noisy = sorted({r["method"] for r in rows if r["prefill_noisy"]})
+    busy = bool(loads) and max(loads) > cpus
+    return dict(cpus=cpus, load_average=loads, busy=busy, noisy=noisy, cv_threshold=BUSY_CV,
+                trusted=not busy and not noisy)
 
 
 def _slug(text: str) -> str:
@@ -229,8 +362,20 @@ def _row(label, kind, d, unpruned_d, policy_file, policy, n_visual) -> dict:
         flops_paper=flops.get("paper", {}).get("decoder"),
         flops_fraction=(dec / base) if (dec is not None and base) else None,
         prefill_ms=d.get("prefill_ms"),
+        prefill_cv=_spread([s.get("prefill_ms") for s in d.get("samples", [])]),
+        policy=policy.to_dict() if policy is not None else None,
         summary=_policy_summary(policy, n_visual) if policy is not None else "",
     )
+
+
+def _spread(values: list) -> float | None:
+    """Coefficient of variation (std / mean) of the per-sample prefill times."""
+    xs = [float(v) for v in values if v is not None]
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return (var ** 0.5) / mean if mean > 0 else None
 
 
 def _policy_summary(policy, n_visual: int) -> str:
@@ -267,23 +412,31 @@ def _prompt_shape(processor, adapter, build_prompt, sample) -> tuple[int, int]:
 
 
 def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
-    """A budget spec as (fraction, convention) for the baselines, and a label.
+    """A budget spec as (fraction, convention) for the baselines, a label, and the fraction
+    of the unpruned decoder FLOPs in the dop convention (the Pareto plot's x axis).
 
-    ``tokens:N`` / ``tokens:a/b`` are the paper convention's FLOPs of keeping N tokens (or
-    that share); fractions and TFLOPs are the dop convention's, as in `dop search`."""
-    from .flops import budget_from_tokens, count_flops
-    from .search.cost import parse_budget
+    The grammar and conventions are `dop search`'s (:func:`dop.baselines.resolve_budget`):
+    ``tokens:N`` / ``tokens:a/b`` in the paper convention, fractions and TFLOPs in dop's."""
+    from .baselines import resolve_budget, token_policy
+    from .flops import count_flops
+    from .search.cost import DEFAULT_CONVENTION
 
-    b = parse_budget(spec)
-    if b.kind == "tokens":
-        n = b.tokens(n_visual)
-        frac = budget_from_tokens(model, n, n_visual)
-        return dict(spec=spec, label=f"{spec} ({n} tokens)", fraction=frac, convention="paper", tokens=n)
-    if b.kind == "tflops":
-        full = count_flops(model, None, num_visual_tokens=n_visual, num_text_tokens=n_text).decoder
-        frac = b.value * 1e12 / full
-        return dict(spec=spec, label=f"{spec}", fraction=frac, convention="dop", tokens=None)
-    return dict(spec=spec, label=f"{100 * b.value:.1f}% FLOPs", fraction=b.value, convention="dop", tokens=None)
+    frac, conv, n = resolve_budget(spec, model, n_visual, n_text, DEFAULT_CONVENTION)
+    if n is not None:
+        rep = count_flops(model, token_policy(_num_layers(model), n_visual, n), num_visual_tokens=n_visual,
+                          num_text_tokens=n_text)
+        dop_frac = rep.decoder / rep.decoder_unpruned
+        label = f"{spec} (FLOPs of {n} tokens)"
+    else:
+        dop_frac = frac
+        label = f"{spec} ({100 * frac:.1f}% FLOPs, dop)"
+    return dict(spec=spec, label=label, fraction=frac, convention=conv, tokens=n, dop_fraction=dop_frac)
+
+
+def _num_layers(model) -> int:
+    from .flops import resolve_arch
+
+    return resolve_arch(model).decoder.num_layers
 
 
 def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
@@ -313,7 +466,9 @@ def _baseline(model, method: str, b: dict, n_visual: int, n_text: int, L: int):
 
     kw = dict(budget=b["fraction"], convention=b["convention"], visual_tokens=n_visual, text_tokens=n_text)
     if method == "pdrop":
-        tries = [tuple(sorted({max(1, round(L * k / 4)) for k in (1, 2, 3)})), (1, 2, 3)]
+        from .rankers.pdrop import default_stage_layers
+
+        tries = [default_stage_layers(L), (1, 2, 3)]
         call = lambda layers: bl.pdrop(model, layers=layers, **kw)  # noqa: E731
     elif method in ("fastv", "dart"):
         tries = [min(2, L - 1), 1]

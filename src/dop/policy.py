@@ -16,10 +16,29 @@ FORMAT = "dop-policy/1"
 OP_KINDS = ("attn_q", "attn_kv", "mlp")
 KEYS = ("attn", "attn_q", "attn_kv", "mlp")
 _GROUP_EPS = 1e-9
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; a bigger file is not one
+MAX_NESTING = 32  # JSON nesting depth of a policy file (meta included)
+MAX_LAYERS = 4096
 
 
 class PolicyError(ValueError):
     """A policy (or policy file) breaks a rule of docs/design.md, "Policies"."""
+
+
+class TransferWarning(UserWarning):
+    """Rescaling a policy to another depth merged two distinct depths."""
+
+
+def transfer_depth(d: int, old: int, new: int) -> int:
+    """A depth ``d`` of an ``old``-layer policy on a ``new``-layer model: ``d * new / old``
+    rounded half up, and at least 1 when ``d`` is: an operation the source kept in some
+    layers is never erased (0 stays 0, ``old`` becomes ``new``). The former rule,
+    ``round(d * new / old)``, rounded half to even and mapped depths [7, 5, 3, 1] of 8 layers
+    to [4, 2, 2, 0] of 4, erasing an operation; this one gives [4, 3, 2, 1].
+    """
+    if d <= 0:
+        return 0
+    return max(1, min(new, (2 * d * new + old) // (2 * old)))  # floor(d * new / old + 1/2), exact
 
 
 def _is_int(x: Any) -> bool:
@@ -28,6 +47,29 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON ``text`` (brackets inside strings not counted),
+    found without parsing, so a deeply nested file never reaches the recursive parser."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 @dataclass
@@ -50,8 +92,8 @@ class Policy:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if not _is_int(self.num_layers) or self.num_layers < 1:
-            raise PolicyError(f"num_layers: must be a positive integer, got {self.num_layers!r}")
+        if not _is_int(self.num_layers) or not 1 <= self.num_layers <= MAX_LAYERS:
+            raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {self.num_layers!r}")
         if not isinstance(self.groups, (list, tuple)) or len(self.groups) == 0:
             raise PolicyError(f"groups: must be a non-empty list of fractions, got {self.groups!r}")
         prev = 0.0
@@ -156,19 +198,34 @@ class Policy:
             if not os.path.exists(path):
                 raise PolicyError(f"policy file {path!r}: no such file")
             where = f"policy file {path!r}"
+            if os.path.isdir(path):
+                raise PolicyError(f"{where}: is a folder, not a file")
             try:
-                with open(path, encoding="utf-8") as fh:
-                    text = fh.read()
+                with open(path, "rb") as fh:
+                    raw = fh.read(MAX_POLICY_BYTES + 1)
+            except OSError as e:
+                raise PolicyError(f"{where}: cannot read ({e.strerror or e})") from None
+            if len(raw) > MAX_POLICY_BYTES:
+                raise PolicyError(f"{where}: larger than {MAX_POLICY_BYTES} bytes; not a policy file")
+            try:
+                text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise PolicyError(f"{where}: not valid JSON (not UTF-8 text; policies are JSON, never pickle)") from None
         else:
             where = "policy JSON"
+            if len(text) > MAX_POLICY_BYTES:
+                raise PolicyError(f"{where}: longer than {MAX_POLICY_BYTES} characters; not a policy")
         if not text.strip():
             raise PolicyError(f"{where}: empty file")
+        depth = _nesting_depth(text)
+        if depth > MAX_NESTING:
+            raise PolicyError(f"{where}: JSON nested {depth} levels deep (a policy needs at most {MAX_NESTING})")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PolicyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except RecursionError:  # unreachable after the depth check; kept as a guard
+            raise PolicyError(f"{where}: JSON nested too deeply") from None
         try:
             return cls.from_dict(data)
         except PolicyError as e:
@@ -243,13 +300,24 @@ class Policy:
         return max(self.tokens_processed(k, 0, n) for k in OP_KINDS)
 
     def transfer(self, num_layers: int) -> "Policy":
-        """Rescale depths to a model with ``num_layers`` layers: ``round(d * L_new / L_old)``."""
-        if not _is_int(num_layers) or num_layers < 1:
-            raise PolicyError(f"num_layers: must be a positive integer, got {num_layers!r}")
-        scale = num_layers / self.num_layers
-        depth = {k: [min(num_layers, int(round(d * scale))) for d in v] for k, v in self.depth.items()}
+        """Rescale depths to a model with ``num_layers`` layers (rule: :func:`transfer_depth`).
+
+        Warns (:class:`TransferWarning`) when two distinct depths of the source become one."""
+        if not _is_int(num_layers) or not 1 <= num_layers <= MAX_LAYERS:
+            raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {num_layers!r}")
+        old = self.num_layers
+        depth = {k: [transfer_depth(d, old, num_layers) for d in v] for k, v in self.depth.items()}
+        merged = sorted({(a, b, depth_b) for k, v in self.depth.items() for a, depth_a in zip(v, depth[k])
+                         for b, depth_b in zip(v, depth[k]) if a < b and depth_a == depth_b})
+        if merged:
+            import warnings
+
+            shown = ", ".join(f"{a} and {b} -> {d}" for a, b, d in merged[:6])
+            warnings.warn(TransferWarning(
+                f"transfer {old} -> {num_layers} layers: distinct depths collapse ({shown}); the rescaled "
+                "policy cannot tell those groups or kinds apart"), stacklevel=2)
         meta = dict(self.meta)
-        meta["transferred_from_layers"] = self.num_layers
+        meta["transferred_from_layers"] = old
         return Policy(num_layers, list(self.groups), depth, self.ranker, meta)
 
     def check_layers(self, num_layers: int, transfer: bool = False) -> "Policy":

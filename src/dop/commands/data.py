@@ -25,12 +25,17 @@ def _export(args) -> int:
         raise ValueError(f"unknown split {args.split!r}; known splits: {', '.join(shapes.SPLITS)}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
-    if args.format == "hf":
-        out, parquet = export_hf(args.split, args.n, args.seed, args.out)
-        tasks = f"; lmms-eval tasks in {out / 'shapes_test'} (--include_path {out})" if args.split == "test" else ""
-        print(f"wrote {args.n} samples to {parquet}{tasks}")
-        return 0
-    out = shapes.export(args.split, args.n, args.seed, args.out)
+    from dop.outputs import check_output_dir, output_lock
+
+    check_output_dir("--out", args.out, must_be_empty=True)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    with output_lock([os.path.join(parent, os.path.basename(os.path.abspath(args.out)) + ".export")]):
+        if args.format == "hf":
+            out, parquet = export_hf(args.split, args.n, args.seed, args.out)
+            tasks = f"; lmms-eval tasks in {out / 'shapes_test'} (--include_path {out})" if args.split == "test" else ""
+            print(f"wrote {args.n} samples to {parquet}{tasks}")
+            return 0
+        out = shapes.export(args.split, args.n, args.seed, args.out)
     print(f"wrote {args.n} samples to {out / 'data.jsonl'} (images in {out / 'images'})")
     return 0
 

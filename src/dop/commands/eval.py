@@ -18,7 +18,8 @@ import os
 import sys
 
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
-from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options  # noqa: E402
+from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit  # noqa: E402
 
 FORMAT = "dop-eval/1"
 
@@ -58,14 +59,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path!r} is a folder; give a file name")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--json {path!r}: folder {folder!r} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
     # ---- checks that need nothing loaded
     if args.ranker and not args.policy:
@@ -81,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from dop.distributed import is_main
 
     if args.json and is_main():  # under torchrun rank 0 alone writes it
-        _check_output(args.json)
+        check_output_file("--json", args.json)
+    apply_image_limit(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
     from dop.policy import Policy
@@ -103,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run_loaded(args, policy, samples, tasks)
+        with output_lock([args.json]):
+            return _run_loaded(args, policy, samples, tasks)
     finally:
         torch.set_num_threads(threads_before)  # main() may be called in-process
 
@@ -138,7 +133,7 @@ def _run_loaded(args, policy, samples, tasks) -> int:
             max_new_tokens=max_new, seed=args.seed, limit=args.limit, tasks=tasks,
             device=device, dtype=args.dtype,
         )
-        write_json_atomic(args.json, doc)
+        write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
         print(f"wrote {args.json}")
     return 0
 
@@ -182,10 +177,25 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} ms"
 
 
+def rel_avg_interval(result) -> list[float] | None:
+    """95% bootstrap interval of Rel. Avg., paired with the unpruned pass on the same samples
+    (``dop.evaluate.bootstrap``); None without an unpruned pass or a Rel. Avg."""
+    if result.baseline is None or result.rel_avg is None:
+        return None
+    from dop.evaluate.bootstrap import Bootstrap
+
+    try:
+        boot = Bootstrap.from_unpruned([s.to_dict() for s in result.baseline.samples])
+        return boot.method([s.to_dict() for s in result.samples])["rel_avg"]
+    except ValueError:  # the two passes did not run the same samples
+        return None
+
+
 def format_report(result, *, model: str, data: str, policy_file: str | None = None) -> str:
     """The table ``dop eval`` prints."""
     base = result.baseline
     pruned = result.policy is not None
+    ci = rel_avg_interval(result)
     lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
     if pruned:
         ranker = result.ranker or result.policy.ranker or "default"
@@ -209,6 +219,8 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
     rows.append(avg)
     if base is not None:
         rows.append(["Rel. Avg.", "", _pct(result.rel_avg), "", "", "", ""])
+        if ci is not None:
+            rows.append(["  95% CI", "", f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%", "", "", "", ""])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
 
     def fmt(r):
@@ -216,7 +228,8 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
 
     lines.append(fmt(cols))
     lines.append("  ".join("-" * w for w in widths))
-    lines += [fmt(r) for r in rows[:-1 - (base is not None)]]
+    n_foot = 1 + (base is not None) + (ci is not None)
+    lines += [fmt(r) for r in rows[:-n_foot]]
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows[len(result.tasks):]]
     lines.append("")
@@ -232,8 +245,10 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
         cost_rows.append(row)
 
     fl, bfl = result.flops or {}, (base.flops if base is not None else None) or {}
-    for conv in ("dop", "paper"):
-        add(f"decoder FLOPs ({conv})", fl.get(conv, {}).get("decoder"), bfl.get(conv, {}).get("decoder"), _flops)
+    add("decoder FLOPs (dop)", fl.get("dop", {}).get("decoder"), bfl.get("dop", {}).get("decoder"), _flops)
+    # the paper convention counts multiply-adds over the visual tokens: MACs, named so
+    add("decoder MACs (paper)", fl.get("paper", {}).get("decoder"), bfl.get("paper", {}).get("decoder"),
+        lambda x: _flops(x).replace("FLOPs", "MACs"))
     add("total FLOPs (dop)", fl.get("dop", {}).get("total"), bfl.get("dop", {}).get("total"), _flops)
     add("mean prefill time", result.prefill_ms, base.prefill_ms if base is not None else None, _ms)
     add("visual tokens / image", result.num_visual_tokens, base.num_visual_tokens if base is not None else None,
@@ -275,6 +290,7 @@ def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, 
         for k in ("policy", "ranker", "rel_avg"):
             b.pop(k, None)
         doc["unpruned"] = b
+        doc["rel_avg_ci"] = rel_avg_interval(result)
     else:
         doc["unpruned"] = None
     doc["environment"] = {

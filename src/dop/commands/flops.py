@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for c, r in reports.items():
         if c == "dop":
-            rows.append(("decoder TFLOPs", r.decoder_unpruned, r.decoder))
-            rows.append(("total TFLOPs", r.total_unpruned, r.total))
+            rows.append(("decoder TFLOPs (dop)", r.decoder_unpruned, r.decoder))
+            rows.append(("total TFLOPs (dop)", r.total_unpruned, r.total))
         else:
-            rows.append(("paper TMACs (visual)", r.decoder_unpruned, r.decoder))
+            rows.append(("decoder TMACs (paper, visual)", r.decoder_unpruned, r.decoder))
     width = max(len(name) for name, _, _ in rows)
     print(f"{'':{width}}  {'unpruned':>10}  {'pruned':>10}  reduction")
     for name, before, after in rows:

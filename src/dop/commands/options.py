@@ -10,7 +10,8 @@ COLUMNS_HELP = ("Hugging Face data sets: which column plays which role, e.g. que
 
 
 def add_model_runtime_options(p) -> None:
-    """--device, --dtype, --attn-implementation, --trust-remote-code, --threads, --no-progress."""
+    """--device, --dtype, --attn-implementation, --trust-remote-code, --threads, --no-progress,
+    --max-image-pixels."""
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
@@ -18,4 +19,22 @@ def add_model_runtime_options(p) -> None:
                    help="allow a checkpoint's own code to run (off by default)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the weight-loading bar included)")
+    add_image_limit_option(p)
+
+
+def add_image_limit_option(p) -> None:
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than this (default: PIL's limit, about 89 million)")
+
+
+def apply_image_limit(args) -> None:
+    """Set the data sets' image pixel limit from ``--max-image-pixels`` (checked here)."""
+    n = getattr(args, "max_image_pixels", None)
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--max-image-pixels must be a positive integer, got {n}")
+    from dop.evaluate.datasets import set_max_image_pixels
+
+    set_max_image_pixels(n)

@@ -9,10 +9,13 @@ results.json, every policy file). Rerun with the same --out to reuse finished st
 
 from __future__ import annotations
 
+import os
+
 
 def register(subparsers) -> None:
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
-    from .options import COLUMNS_HELP
+    from ..search.cost import BUDGET_HELP
+    from .options import COLUMNS_HELP, add_image_limit_option
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -26,9 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=d.samples, help="validation samples (default: 25)")
     p.add_argument("--test-samples", type=int, default=d.test_samples, help="test samples (default: 200)")
     p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS), metavar="B1,B2",
-                   help="FLOPs budgets: fractions of decoder FLOPs (0.14), percentages (14%%) or tokens:N / "
-                        "tokens:a/b (as many FLOPs as keeping N tokens, or that share; default: "
-                        "tokens:1/9,tokens:2/9,tokens:1/3)")
+                   help="FLOPs budgets, as in `dop search`: " + BUDGET_HELP.replace("%", "%%")
+                        + " (default: tokens:1/9,tokens:2/9,tokens:1/3)")
     p.add_argument("--ranker", default=d.ranker, help="ranker for the DOP policies (default: vispruner)")
     p.add_argument("--space", default=",".join(DEFAULT_SPACES), metavar="S1,S2",
                    help="search spaces (default: dop,multigroup)")
@@ -37,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<timestamp>/)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the weight-loading bar included)")
+    add_image_limit_option(p)
     p.set_defaults(func=run)
 
 
@@ -48,18 +51,32 @@ def _split(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     from ..pipeline import RunOptions, run_main_job
+    from .options import apply_image_limit
 
-    if args.samples < 1 or args.test_samples < 1:
-        raise ValueError("--samples and --test-samples must be at least 1")
+    apply_image_limit(args)
+
     opts = RunOptions(
         model=args.model, data=args.data, test_data=args.test_data, samples=args.samples,
         test_samples=args.test_samples, budgets=_split(args.budgets), ranker=args.ranker,
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
     )
-    if not opts.budgets:
-        raise ValueError("--budgets: give at least one budget")
-    res = run_main_job(opts)
+    import datetime as _dt
+    import sys
+
+    if opts.out is None:
+        opts.out = f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    kept = (f"the finished stages are kept in {opts.out}/stages; run the same command again "
+            "(same --out) to resume from them")
+    try:
+        res = run_main_job(opts)  # checks every option (validate_options) before any work
+    except KeyboardInterrupt:
+        print(kept, file=sys.stderr)
+        raise
+    except OSError as e:  # a late system failure (disk full, folder gone): say what is kept
+        if not os.path.isdir(os.path.join(opts.out, "stages")):
+            raise
+        raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
     from ..distributed import is_main
 
     if not is_main():
@@ -71,17 +88,33 @@ def run(args) -> int:
 
 
 def headline(res: dict) -> str:
-    lines = [f"{'budget':<24} {'method':<22} {'FLOPs':>7} {'avg':>6} {'Rel.Avg':>8} {'prefill ms':>10}"]
+    trusted = (res.get("timing") or {}).get("trusted", True)
+    ms_head = "prefill ms" if trusted else "prefill ms?"
+    lines = [f"{'budget':<30} {'method':<22} {'FLOPs(dop)':>10} {'avg':>6} {'Rel.Avg (95% CI)':>19} {ms_head:>11}"]
+
+    def ci(m):
+        c = (m.get("ci") or {}).get("rel_avg")
+        return f" ({100 * c[0]:.1f}-{100 * c[1]:.1f})" if c else ""
+
     u = res["unpruned"]
-    lines.append(f"{'-':<24} {'unpruned':<22} {'100.0%':>7} {100 * u['average']:6.1f} {'100.0':>8} "
-                 f"{u['prefill_ms'] or 0:10.1f}")
+    lines.append(f"{'-':<30} {'unpruned':<22} {'100.0%':>10} {100 * u['average']:6.1f} {'100.0':>19} "
+                 f"{u['prefill_ms'] or 0:11.1f}")
     for b in res["budgets"]:
         for m in b["methods"]:
             ff, ra = m["flops_fraction"], m["rel_avg"]
             ff_s = "-" if ff is None else f"{100 * ff:.1f}%"
-            ra_s = "-" if ra is None else f"{100 * ra:.1f}"
+            ra_s = "-" if ra is None else f"{100 * ra:.1f}{ci(m)}"
             lines.append(
-                f"{b['label']:<24} {m['method']:<22} {ff_s:>7} {100 * m['average']:6.1f} {ra_s:>8} "
-                f"{m['prefill_ms'] or 0:10.1f}"
+                f"{b['label']:<30} {m['method']:<22} {ff_s:>10} {100 * m['average']:6.1f} {ra_s:>19} "
+                f"{m['prefill_ms'] or 0:11.1f}"
             )
+    from ..report.markdown import comparison_line, timing_note
+
+    for b in res["budgets"]:
+        line = comparison_line(b)
+        if line:
+            lines.append(f"{b['label']}: {line}")
+    note = timing_note(res.get("timing"))
+    if note:
+        lines.append(note)
     return "\n".join(lines)

@@ -17,7 +17,8 @@ import sys
 import time
 
 
-from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options
+from ..outputs import check_output_file, output_lock, write_or_rescue
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
 
 
 def register(subparsers) -> None:
@@ -79,14 +80,6 @@ def _outputs(path: str, budgets: list[str]) -> list[str]:
     return [f"{root}.{s}{ext or '.json'}" for s in safe]
 
 
-def _check_folder(flag: str, path: str) -> None:
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{flag} {path!r}: folder {folder!r} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
     from dop.search.cost import parse_budget
     from dop.search.spaces import check_groups, check_kinds
@@ -115,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
     main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
     for o in outputs if main_outputs else ():
-        _check_folder("-o", o)
+        check_output_file("-o", o)
     for flag, path in (("--table", args.table), ("--json", args.json if main_outputs else None)):
         if path:
-            _check_folder(flag, path)
+            check_output_file(flag, path)
+    apply_image_limit(args)
 
     from dop.rankers import resolve_ranker
 
@@ -137,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run_loaded(args, samples, budgets, outputs, groups, kinds)
+        with output_lock([*outputs, args.table, args.json]):
+            return _run_loaded(args, samples, budgets, outputs, groups, kinds)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -169,13 +164,13 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     wall = time.perf_counter() - t0
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and prints the summary
-    for r, out in zip(result.results, outputs):
-        r.policy.to_json(out)
     print(format_summary(result, args, outputs, wall))
+    for r, out in zip(result.results, outputs):
+        write_or_rescue("-o", out, r.policy.to_json)
     if args.json:
         doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
                "seed": args.seed, "wall_s": wall, **result.to_dict(), "outputs": outputs}
-        write_json_atomic(args.json, doc)
+        write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
     return 0
 
 
@@ -209,6 +204,8 @@ def format_summary(result, args, outputs, wall: float) -> str:
             f"({f['paper']['fraction']:.1%})",
             f"  predicted divergence (proxy): {r.solution.predicted:.5g}",
         ]
+        if r.note:
+            lines.append(f"  note: {r.note}")
         v = r.verification
         if v is not None:
             lines.append(f"  true divergence: {v.chosen_true:.5g}")

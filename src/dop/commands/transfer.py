@@ -2,23 +2,27 @@
 
     dop transfer policy.json --num-layers 40 -o policy-40.json
 
-Depths become ``round(d * L_new / L_old)`` (docs/design.md, "Policies"); groups, ranker and meta are kept
-(``meta.transferred_from_layers`` records the original depth). Without ``-o`` the policy is
-printed.
+Depths become ``d * L_new / L_old`` rounded half up, and at least 1 where the source's
+was (``dop.policy.transfer_depth``): an operation the source kept is never erased. A warning names distinct depths that collapse into one.
+Groups, ranker and meta are kept (``meta.transferred_from_layers`` records the original
+depth). Without ``-o`` the policy is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
+
+from ..outputs import check_output_file, output_lock
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "transfer",
         help="rescale a policy's depths to a model with another layer count",
-        description="Rescale every depth of a dop-policy/1 file by round(d * L_new / L_old).",
+        description="Rescale every depth of a dop-policy/1 file by d * L_new / L_old, rounded half up and at "
+                    "least 1 where the source's depth was (an operation the source kept is never erased).",
     )
     p.add_argument("policy", metavar="policy.json", help="the policy file")
     p.add_argument("--num-layers", type=int, required=True, metavar="L", help="decoder layers of the target model")
@@ -27,19 +31,20 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dop.policy import Policy
+    from dop.policy import Policy, TransferWarning
 
     if args.num_layers < 1:
         raise ValueError(f"--num-layers must be a positive integer, got {args.num_layers}")
     if args.output:
-        if os.path.isdir(args.output):
-            raise ValueError(f"-o {args.output!r} is a folder; give a file name")
-        folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"-o {args.output!r}: folder {folder!r} does not exist")
+        check_output_file("-o", args.output)
     policy = Policy.from_json(args.policy)
-    out = policy.transfer(args.num_layers)
-    text = out.to_json(args.output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TransferWarning)
+        out = policy.transfer(args.num_layers)
+    for w in caught:
+        print(f"dop: warning: {w.message}", file=sys.stderr)
+    with output_lock([args.output]):
+        text = out.to_json(args.output)
     if args.output:
         print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.depth}; wrote {args.output}",
               file=sys.stderr)

@@ -314,6 +314,9 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        from dop.outputs import user_dir_mode
+
+        os.chmod(tmp, user_dir_mode())  # mkdtemp makes 0700; the export follows the umask like mkdir
         (tmp / "images").mkdir()
         width = max(5, len(str(max(n - 1, 0))))
         with open(tmp / "data.jsonl", "w", encoding="utf-8") as f:

@@ -13,9 +13,10 @@ A data set spec is one of
   accepted and turned into strings) and ``task`` (string; ``"all"`` when left out).
   Blank lines are skipped. ``limit`` keeps the first samples.
 
-Everything is checked before a single image is opened (lines parse, fields have the right
-types, every image file exists), so a bad file fails at once and names the line; the
-images themselves are opened lazily.
+Everything is checked before the first sample is run (lines parse, fields have the right
+types, no answer is blank, every image file exists and its header is
+readable with at most :func:`max_image_pixels` pixels), so a bad file fails at once and
+names the line; the pixels themselves are decoded lazily.
 """
 
 from __future__ import annotations
@@ -27,12 +28,68 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 DATASETS = ("shapes",)
+MAX_LINE_BYTES = 1 << 20  # one sample's JSON line; a longer one is not a sample
 DEFAULT_SHAPES_SAMPLES = 300
 DEFAULT_TASK = "all"
 
 
 class DatasetError(ValueError):
     """A data set spec or file is unusable; the message names the line or value."""
+
+
+_max_pixels: int | None = None  # None: PIL's Image.MAX_IMAGE_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) a data set may hold: PIL's decompression-bomb
+    limit unless :func:`set_max_image_pixels` (CLI ``--max-image-pixels``) raised it."""
+    from PIL import Image
+
+    return _max_pixels or int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    global _max_pixels
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DatasetError(f"max_image_pixels must be a positive integer, got {n!r}")
+    _max_pixels = n
+
+
+def _open_image(path: str, where: str):
+    """``Image.open`` (lazy: reads the header only) with the pixel count checked against
+    :func:`max_image_pixels` before any pixel is decoded."""
+    import warnings
+
+    from PIL import Image
+
+    limit = max_image_pixels()
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our check below replaces PIL's (its error is not one line)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+    w, h = im.size
+    if w * h > limit:
+        im.close()
+        raise DatasetError(
+            f"{where}: image {path if isinstance(path, str) else '(embedded)'!r} has {w}x{h} = {w * h} pixels, above the limit of {limit} "
+            f"(a decompression bomb guard); raise it with --max-image-pixels {w * h} "
+            f"(Python: dop.evaluate.datasets.set_max_image_pixels) if the image is genuine"
+        )
+    return im
+
+
+def _check_answers(answers: list, where: str) -> list[str]:
+    out = [str(a) for a in answers]
+    if any(not a.strip() for a in out):
+        raise DatasetError(
+            f"{where}: 'answers' holds a blank answer ({out!r}); no prediction could ever match it "
+            f"fairly; remove it or give the real answer"
+        )
+    return out
 
 
 @dataclass
@@ -51,22 +108,23 @@ class Sample:
     image_column: str = "image"
 
     def load_image(self):
-        """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use)."""
+        """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use; the
+        pixel count is checked before decoding)."""
         if self.image is None and self.image_bytes is not None:
             import io
 
-            from PIL import Image, UnidentifiedImageError
+            from PIL import UnidentifiedImageError
 
             try:
-                with Image.open(io.BytesIO(self.image_bytes)) as im:
+                with _open_image(io.BytesIO(self.image_bytes), f"{self.where}, column {self.image_column!r}") as im:
                     self.image = im.convert("RGB")
             except (UnidentifiedImageError, OSError) as e:
                 raise DatasetError(f"{self.where}, column {self.image_column!r}: not an image ({e})") from None
         elif self.image is None:
-            from PIL import Image, UnidentifiedImageError
+            from PIL import UnidentifiedImageError
 
             try:
-                with Image.open(self.image_path) as im:
+                with _open_image(self.image_path, self.where) as im:
                     self.image = im.convert("RGB")
             except FileNotFoundError:
                 raise DatasetError(f"{self.where}: image file {self.image_path!r} not found") from None
@@ -84,11 +142,18 @@ def as_sample(obj: Any, index: int = 0) -> Sample:
         return obj
     if not isinstance(obj, dict):
         raise DatasetError(f"sample #{index}: expected a dict or Sample, got {type(obj).__name__}")
+    where = f"sample #{index}"
+    for key in ("image", "question", "answers"):
+        if key not in obj:
+            raise DatasetError(f"{where}: missing field {key!r} (need image, question, answers; task optional)")
+    answers = obj["answers"]
+    if isinstance(answers, (str, bytes)) or not isinstance(answers, (list, tuple)) or not answers:
+        raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
     image = obj.get("image")
     path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     return Sample(
         question=str(obj["question"]),
-        answers=[str(a) for a in obj["answers"]],
+        answers=_check_answers(list(answers), where),
         task=str(obj.get("task", DEFAULT_TASK)),
         image=None if path else image,
         image_path=path,
@@ -187,15 +252,24 @@ def load_jsonl(path: str | os.PathLike, limit: int | None = None, tasks: Sequenc
         raise DatasetError(f"data set file {str(path)!r} not found")
     root = path.parent
     samples: list[Sample] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        # readline with a cap: a huge line is refused without being read whole
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            where = f"{path} line {lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetError(f"{where}: line longer than any sample needs (limit {MAX_LINE_BYTES} bytes)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{where}: not UTF-8 text (byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DatasetError(f"{where}: JSON nested too deeply") from None
             samples.append(_row_to_sample(row, root, where))
     if tasks is not None:
         present = list(dict.fromkeys(s.task for s in samples))
@@ -228,13 +302,27 @@ def _row_to_sample(row: Any, root: Path, where: str) -> Sample:
     for a in answers:
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise DatasetError(f"{where}: 'answers' must hold strings, got {a!r}")
+    answers = _check_answers(answers, where)
+    if "\0" in image:
+        raise DatasetError(f"{where}: 'image' holds a NUL character")
     resolved = Path(image) if os.path.isabs(image) else root / image
     if not resolved.is_file():
         raise DatasetError(f"{where}: image file {image!r} not found (looked for {str(resolved)!r})")
+    _check_image_header(str(resolved), where)
     return Sample(
         question=question,
-        answers=[str(a) for a in answers],
+        answers=answers,
         task=task,
         image_path=str(resolved),
         where=where,
     )
+
+
+def _check_image_header(path: str, where: str) -> None:
+    """Open the header only: the format is readable and the pixel count within the limit."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        _open_image(path, where).close()
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{where}: cannot read image {path!r} ({e})") from None

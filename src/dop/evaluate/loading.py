@@ -9,6 +9,7 @@ unless asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,7 +50,8 @@ def load_model(
     if name == DEMO:
         from dop.demo import load_demo
 
-        model, processor = load_demo(attn_implementation=attn_implementation)
+        with _weights_errors(name):
+            model, processor = load_demo(attn_implementation=attn_implementation)
         if dtype is not None and dtype != torch.float32:
             model = model.to(dtype)
         return model.eval(), processor
@@ -75,18 +77,34 @@ def load_model(
         ) from None
     cls = model_class_for(config)  # ValueError listing the supported families
     try:
-        model = cls.from_pretrained(
-            name,
-            config=config,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with _weights_errors(name):
+            model = cls.from_pretrained(
+                name,
+                config=config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelLoadError(f"cannot load model {name!r}: {e}") from None
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _weights_errors(name: str):
+    """A damaged weights file (truncated, not safetensors) as one :class:`ModelLoadError`
+    line naming the model, instead of the safetensors library's own exception."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: a weights file is damaged or incomplete ({e}); "
+            "download or copy it again"
+        ) from None
 
 
 def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_INSTRUCTION,
@@ -129,6 +147,18 @@ def prompt_builder_for(name_or_path: str) -> PromptBuilder:
         from dop.demo import build_prompt
 
         return build_prompt
+    return chat_prompt
+
+
+def prompt_builder_for_model(model) -> PromptBuilder:
+    """The prompt builder for a loaded model: the demo's own format when the model was loaded
+    from the bundled demo folder or a ``scripts/train_demo.py`` export, the chat template
+    otherwise (what :func:`prompt_builder_for` picks from the name)."""
+    from dop.demo import DEMO_DIR
+
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if source and (os.path.abspath(source) == os.path.abspath(DEMO_DIR) or is_demo_export(source)):
+        return prompt_builder_for(DEMO)
     return chat_prompt
 
 

@@ -196,8 +196,8 @@ def evaluate(
     ``dop.apply_policy(model, policy, ranker)``; its layer count must match the model's (checked before any work). With a
     policy, ``baseline`` (an unpruned :class:`EvalResult` on the same samples) is used for
     Rel. Avg., or computed when None and ``run_baseline``. ``build_prompt(processor,
-    question)`` defaults to the chat-template prompt of
-    :func:`dop.evaluate.loading.chat_prompt`. ``seed`` seeds torch before each pass (for
+    question)`` defaults to :func:`dop.evaluate.loading.prompt_builder_for_model` (the
+    demo's own format for the demo model, the chat template otherwise). ``seed`` seeds torch before each pass (for
     random rankers); None leaves the generator alone. ``batch_size`` prompts run together
     (padded on the left); the predictions equal batch size 1's.
     """
@@ -220,8 +220,10 @@ def evaluate(
         raise ValueError(
             f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
         )
-    if build_prompt is None:
-        from .loading import chat_prompt as build_prompt
+    if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
+        from .loading import prompt_builder_for_model
+
+        build_prompt = prompt_builder_for_model(model)
     build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
 
     result = _run_pass(
@@ -256,8 +258,11 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
 
     if policy is not None:
         from dop import apply_policy
+        from dop.models import get_adapter
+        from dop.rankers import resolve_for_model
 
-        ctx = apply_policy(model, policy, ranker=ranker)
+        ctx = apply_policy(model, policy, ranker=resolve_for_model(
+            ranker if ranker is not None else policy.ranker, get_adapter(model).num_layers))
         # the name as given (keeps options such as "random:seed=3"), else the one resolved
         if isinstance(ranker, str):
             ranker_name = ranker

@@ -142,7 +142,8 @@ class Adapter:
         spans, k = [], 0
         for row, (pos, rc) in enumerate(zip(per_row, row_counts)):
             for i, chunk in enumerate(torch.split(pos, rc)):
-                spans.append(ImageSpan(chunk, grids[k], row=row, index=i))
+                # counts that do not fit the inputs: no grid (the model itself reports the mismatch)
+                spans.append(ImageSpan(chunk, grids[k] if k < len(grids) else None, row=row, index=i))
                 k += 1
         return spans
 

@@ -64,6 +64,16 @@ def resolve_ranker(ranker: Any, **options) -> Ranker:
     raise ValueError(f"ranker must be a name, a Ranker or a callable, got {type(ranker).__name__}")
 
 
+def resolve_for_model(ranker: Any, num_layers: int, **options) -> Ranker:
+    """:func:`resolve_ranker`, with parameters that default to a share of the model's depth
+    (PyramidDrop's stage layers: the quarter points) fixed for ``num_layers`` layers."""
+    r = resolve_ranker(ranker, **options)
+    bind = getattr(r, "bind", None)
+    if callable(bind):
+        bind(int(num_layers))
+    return r
+
+
 def _number(text: str):
     for conv in (int, float):
         try:
@@ -90,7 +100,7 @@ def rank_visual_tokens(model, inputs: dict, ranker: Any, n_keep: int | list[int]
     from ..runtime.session import rank_prompt
 
     adapter = get_adapter(model)
-    r = resolve_ranker(ranker)
+    r = resolve_for_model(ranker, adapter.num_layers)
     return [p.tolist() for p in rank_prompt(model, adapter, r, inputs, n_keep)]
 
 
@@ -98,5 +108,5 @@ from . import basic, cdpruner, dart, fastv, pdrop, vispruner  # noqa: E402,F401 
 
 __all__ = [
     "LayerState", "RankContext", "Ranker", "check_permutation", "known_rankers",
-    "rank_visual_tokens", "register_ranker", "resolve_ranker", "run_ranker",
+    "rank_visual_tokens", "register_ranker", "resolve_for_model", "resolve_ranker", "run_ranker",
 ]

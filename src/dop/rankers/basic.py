@@ -18,26 +18,39 @@ class IdentityRanker(Ranker):
         return [torch.arange(n, device="cpu") for n in ctx.counts]
 
 
-def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Tensor:
-    """A uniform spatial stride that picks about ``n_keep`` tokens first, then the rest in order.
+def _spread(count: int, size: int) -> list[int]:
+    """``count`` evenly spaced indices of ``range(size)``, centred in equal cells."""
+    return [((2 * i + 1) * size) // (2 * count) for i in range(count)]
 
-    On a (rows, cols) grid the stride is 2-D (every s-th row and column, s chosen so the
-    lattice holds at least ``n_keep`` tokens); without a grid it is a 1-D stride."""
+
+def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Tensor:
+    """A uniform spatial sample of ``n_keep`` tokens first, then the rest in raster order.
+
+    On a (rows, cols) grid: ``r`` evenly spaced rows (``r`` about ``sqrt(n_keep * rows / cols)``,
+    so the lattice is as square as the grid), and in each of them an evenly spaced run of
+    columns, ``n_keep // r`` or one more, chosen independently per row: exactly ``n_keep``
+    tokens that reach from the top rows to the bottom ones and from the left columns to the
+    right ones at every count (with at least 2 rows and 2 columns, every quarter of the grid
+    is sampled once ``n_keep >= 4``). The former stride lattice fell to stride 1 past a third
+    of the tokens and then kept the first rows only. Without a grid: a 1-D even spread."""
     if n == 0:
         return torch.arange(0, device="cpu")
     n_keep = max(1, min(n, n_keep or n))
     if grid is not None and grid[0] * grid[1] == n:
         rows, cols = grid
-        stride = max(1, int((n / n_keep) ** 0.5))
-        while stride > 1 and ((rows + stride - 1) // stride) * ((cols + stride - 1) // stride) < n_keep:
-            stride -= 1
-        off = stride // 2
-        r = torch.arange(min(off, rows - 1), rows, stride, device="cpu")
-        c = torch.arange(min(off, cols - 1), cols, stride, device="cpu")
-        first = (r[:, None] * cols + c[None, :]).reshape(-1)
+        r = min(round((n_keep * rows / cols) ** 0.5), rows, n_keep)
+        if cols > 1 and n_keep >= 4:
+            r = min(r, n_keep // 2)  # at least 2 columns per row: the left and the right half
+        r = max(r, min(2, rows, n_keep))  # at least 2 rows: the top and the bottom half
+        while r * cols < n_keep:  # a row holds at most cols tokens
+            r += 1
+        first = []
+        for i, row in enumerate(_spread(r, rows)):
+            per_row = n_keep // r + (1 if i < n_keep % r else 0)
+            first += [row * cols + c for c in _spread(per_row, cols)]
+        first = torch.tensor(first, dtype=torch.long, device="cpu")
     else:
-        stride = max(1, n // n_keep)
-        first = torch.arange(min(stride // 2, n - 1), n, stride, device="cpu")
+        first = torch.tensor(_spread(n_keep, n), dtype=torch.long, device="cpu")
     mask = torch.ones(n, dtype=torch.bool, device="cpu")
     mask[first] = False
     return torch.cat([first, torch.nonzero(mask).flatten()])
@@ -45,7 +58,7 @@ def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Te
 
 @register_ranker
 class SpatialRanker(Ranker):
-    """A uniform spatial stride first (sized to the policy's kept count), then the rest."""
+    """A uniform spatial sample first (sized to the policy's kept count), then the rest."""
 
     name = "spatial"
 

@@ -18,20 +18,61 @@ def _flops(x: float | None) -> str:
     return f"{x:.3g} FLOPs"
 
 
-def method_table(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    head = ["method", "decoder FLOPs (dop)", "decoder FLOPs (paper)", "reduction",
-            *tasks, "average", "Rel. Avg.", "prefill ms"]
+def _ci(x: float | None, ci) -> str:
+    """``97.4 (95.9-98.8)``: a percentage and its bootstrap interval."""
+    if x is None:
+        return "-"
+    return _pct(x) if not ci else f"{_pct(x)} ({_pct(ci[0])}-{_pct(ci[1])})"
+
+
+def method_table(rows: list[dict[str, Any]], tasks: list[str], timing: dict | None = None) -> list[str]:
+    trusted = timing is None or timing.get("trusted", True)
+    time_head = "prefill ms" if trusted else "prefill ms (unreliable, see note)"
+    head = ["method", "decoder FLOPs (dop)", "decoder MACs (paper)", "reduction (dop)",
+            *tasks, "average", "Rel. Avg. (95% CI)", time_head]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
+        ci = r.get("ci") or {}
+        ms = "-" if r.get("prefill_ms") is None else f"{r['prefill_ms']:.1f}" + (" *" if r.get("prefill_noisy") else "")
         cells = [
-            r["method"], _flops(r.get("flops_dop")), _flops(r.get("flops_paper")),
+            r["method"], _flops(r.get("flops_dop")), _macs(r.get("flops_paper")),
             "-" if r.get("flops_fraction") is None else f"{100 * (1 - r['flops_fraction']):.1f}%",
             *[_pct(r.get("tasks", {}).get(t)) for t in tasks],
-            _pct(r.get("average")), _pct(r.get("rel_avg")),
-            "-" if r.get("prefill_ms") is None else f"{r['prefill_ms']:.1f}",
+            _pct(r.get("average")), _ci(r.get("rel_avg"), ci.get("rel_avg")), ms,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _macs(x: float | None) -> str:
+    return _flops(x).replace("FLOPs", "MACs")
+
+
+def timing_note(timing: dict | None) -> str | None:
+    """A sentence saying why the prefill times cannot be compared, or None when they can."""
+    if not timing or timing.get("trusted", True):
+        return None
+    why = []
+    if timing.get("busy"):
+        loads = ", ".join(f"{x:.1f}" for x in timing.get("load_average", []))
+        why.append(f"the machine was busy (load average {loads} on {timing['cpus']} CPUs)")
+    if timing.get("noisy"):
+        why.append(f"per-sample times spread by more than {100 * timing['cv_threshold']:.0f}% (std / mean) for "
+                   f"{', '.join(timing['noisy'])} (marked *)")
+    return ("Prefill times are not reliable here: " + "; ".join(why) + ". Compare FLOPs, or rerun on a quiet "
+            "machine (e.g. `dop eval --threads 1`) before reading speed from them.")
+
+
+def comparison_line(b: dict) -> str | None:
+    c = b.get("comparison")
+    if not c:
+        return None
+    lo, hi = c["interval"]
+    verdict = ("beyond the noise" if c["beyond_noise"]
+               else "within the noise: the interval contains 0")
+    return (f"Paired comparison on the same test samples: {c['a']} - {c['b']} (the best baseline here) = "
+            f"{100 * c['difference']:+.1f} points of Rel. Avg., 95% bootstrap interval "
+            f"[{100 * lo:+.1f}, {100 * hi:+.1f}]: {verdict}.")
 
 
 def write_report(results: dict[str, Any], path) -> None:
@@ -47,19 +88,32 @@ def write_report(results: dict[str, Any], path) -> None:
              f"Written {results['finished']} on {results['machine']}.")
     L.append("")
     L.append("Accuracies are percentages on the test split; Rel. Avg. is the mean over tasks of pruned / "
-             "unpruned accuracy; FLOPs are decoder prefill FLOPs per sample (dop: all matrix products "
-             "of the prefill; paper: the token-pruning papers' convention, visual tokens only); "
-             "reduction is against the unpruned decoder (dop convention).")
+             "unpruned accuracy, with a 95% bootstrap interval (test samples resampled within each task, "
+             "the same resamples for every method, so differences are paired); decoder FLOPs per sample "
+             "are given in both conventions, each named: dop (2 FLOPs per multiply-add of every matrix "
+             "product of the prefill, text tokens included) and paper (multiply-adds over the visual "
+             "tokens only, as the token-pruning papers count); reduction is against the unpruned decoder "
+             "in the dop convention, the Pareto plot's x axis.")
     L.append("")
     L.append("![Pareto front](pareto.png)")
     L.append("")
+    note = timing_note(results.get("timing"))
+    if note:
+        L.append(note)
+        L.append("")
     for b in results["budgets"]:
         L.append(f"## Budget: {b['label']}")
         L.append("")
-        L.append(f"At most {100 * b['fraction']:.1f}% of the unpruned decoder FLOPs.")
+        conv = b.get("convention", "dop")
+        same = f" ({100 * b['dop_fraction']:.1f}% in the dop convention)" if conv != "dop" and b.get("dop_fraction") else ""
+        L.append(f"At most {100 * b['fraction']:.1f}% of the unpruned decoder FLOPs in the {conv} convention{same}.")
         L.append("")
-        L.extend(method_table([results["unpruned"], *b["methods"]], tasks))
+        L.extend(method_table([results["unpruned"], *b["methods"]], tasks, results.get("timing")))
         L.append("")
+        line = comparison_line(b)
+        if line:
+            L.append(line)
+            L.append("")
         for sk in results.get("skipped", []):
             if sk["budget"] == b["spec"]:
                 L.append(f"- {sk['method']} is not in this table: {sk['reason']}")

@@ -18,11 +18,14 @@ def _pyplot():
     return plt
 
 
-def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
-    """Rel. Avg. against decoder FLOPs, one line per method.
+def pareto_plot(points: Sequence[dict], path, *, title: str = "", budgets: Sequence[tuple[str, float]] = ()) -> None:
+    """Rel. Avg. against decoder FLOPs, one line per method, with error bars.
 
     ``points``: dicts with ``method``, ``flops_fraction`` (decoder FLOPs over the unpruned
-    model's, dop convention) and ``rel_avg`` (fractions; both plotted in percent)."""
+    model's, dop convention), ``rel_avg`` and optionally ``rel_avg_ci`` (``[low, high]``, a
+    bootstrap interval; fractions, all plotted in percent). ``budgets``: ``(label, fraction
+    of the unpruned decoder FLOPs in the dop convention)``, drawn as dotted vertical lines so
+    budgets named in tokens sit on the same axis as the points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=130)
     methods = []
@@ -31,19 +34,27 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "") -> None:
             methods.append(p["method"])
     markers = "osD^v<>ph*"
     drawn = 0
+    for label, frac in budgets:
+        ax.axvline(100.0 * frac, color="grey", lw=0.7, ls=":", zorder=0)
+        ax.annotate(label, (100.0 * frac, 0.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=6.5,
+                    color="grey", xytext=(2, 4), textcoords="offset points", va="bottom")
     for i, m in enumerate(methods):
-        pts = sorted((100.0 * p["flops_fraction"], 100.0 * p["rel_avg"]) for p in points if p["method"] == m and p["rel_avg"] is not None)
+        pts = sorted((100.0 * p["flops_fraction"], 100.0 * p["rel_avg"], p.get("rel_avg_ci"))
+                     for p in points if p["method"] == m and p["rel_avg"] is not None)
         if not pts:
             continue
-        xs, ys = zip(*pts)
+        xs, ys, cis = zip(*pts)
+        lo = [y - 100.0 * c[0] if c else 0.0 for y, c in zip(ys, cis)]
+        hi = [100.0 * c[1] - y if c else 0.0 for y, c in zip(ys, cis)]
         style = dict(lw=2.4, zorder=3) if m.startswith("DOP") else dict(lw=1.4, alpha=0.85)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], label=m, **style)
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], label=m, capsize=2.5,
+                    elinewidth=0.9, **style)
         drawn += 1
     ax.axhline(100.0, color="grey", lw=0.8, ls="--", zorder=1)
     ax.annotate("unpruned = 100%", (0.0, 100.0), xycoords=("axes fraction", "data"), textcoords="offset points",
                 xytext=(4, -11), fontsize=8, color="grey")
     ax.set_xlabel("decoder prefill FLOPs (% of the unpruned model, dop convention)")
-    ax.set_ylabel("Rel. Avg. (% of unpruned accuracy)")
+    ax.set_ylabel("Rel. Avg. (% of unpruned accuracy, 95% bootstrap interval)")
     ax.set_title(title or "Accuracy kept vs decoder FLOPs")
     ax.grid(True, alpha=0.3)
     if drawn:

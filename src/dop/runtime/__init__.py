@@ -14,7 +14,7 @@ import contextlib
 
 from ..models import get_adapter
 from ..policy import Policy
-from ..rankers import resolve_ranker
+from ..rankers import resolve_for_model
 from .layer import is_patched, patch_layer, unpatch_layer
 from .session import PruneSession
 
@@ -102,7 +102,7 @@ def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = F
         raise ValueError(f"policy must be a dop.Policy or a path to a policy file, got {type(policy).__name__}")
     adapter = get_adapter(model)
     policy = policy.check_layers(adapter.num_layers, transfer=transfer)
-    r = resolve_ranker(ranker if ranker is not None else policy.ranker)
+    r = resolve_for_model(ranker if ranker is not None else policy.ranker, adapter.num_layers)
     return PolicyHandle(model, adapter, policy, r)
 
 

@@ -71,11 +71,13 @@ def visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None
     return ok
 
 
-def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn,
+           segments=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries ``q`` (B, H, Mq, hd) over keys/values (B, Hkv, T, hd).
 
     Returns the per-slot output (B, Mq, H * hd) and a (B, Mq) bool of the slots whose output
-    is meaningful (a real query that sees at least one key)."""
+    is meaningful (a real query that sees at least one key). ``segments``: (query, key) packed
+    sequence ids; a query sees only keys of its own sequence."""
     impl = attn.config._attn_implementation
     window = getattr(attn, "sliding_window", None)
     B, _, Mq, _ = q.shape
@@ -88,6 +90,8 @@ def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tenso
             out, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, is_causal=True)
             return out.reshape(B, Mq, -1), q_real
     allowed = visible(q_pos, kv_pos, window)
+    if segments is not None:
+        allowed &= segments[0][:, :, None] == segments[1][:, None, :]
     seen = allowed.any(-1)
     # no key for some slot: let it see everything, then drop its output (unconditionally when
     # compiled: a value read back to Python would break the graph)

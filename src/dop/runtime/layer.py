@@ -84,15 +84,19 @@ class PrunedForward:
         if cache is not None:
             k, v, kv_pos, fresh = _store(cache, st, l, k, v, kv_pos, rkv)
 
-        # -- queries of the rows that keep attn_q
-        if rq.count:
-            same = fresh and _same(rq, rkv)
+        # -- queries of the rows that keep attn_q (no key at all in this layer: no query sees one)
+        if rq.count and k.shape[2]:
+            same = fresh and st.segments is None and _same(rq, rkv)
             hn_q = hn_kv if same else layer.input_layernorm(_rows(h, rq))
             q = _heads(_padded(attn.q_proj(hn_q), rq, B), attn.head_dim)
             q, _ = self.rotary(q, q, _gather(cos, rq), _gather(sin, rq))
             q_pos = torch.where(rq.valid, _gather(cols, rq), -1)
+            segments = None
+            if st.segments is not None and fresh:  # packed sequences: keys of the query's own only
+                seg = st.segments.to(h.device)
+                segments = (_gather(seg, rq), _gather(seg, rkv))
             out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
-                                     counts=rq.valid.sum(1), eager_fn=self.eager)
+                                     counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments)
             if _attentions_requested(attn):
                 _report_attentions(attn, h, q, k, q_pos, kv_pos, rq, st.past + S)
             h = _add_rows(h, rq, out, meaningful, attn.o_proj)
@@ -181,7 +185,7 @@ def _padded(y: torch.Tensor, rows: RowSet, B: int) -> torch.Tensor:
         return y
     out = y.new_zeros((B * rows.width, y.shape[-1]))
     out.index_copy_(0, rows.slots, y[0])
-    return out.view(B, rows.width, -1)
+    return out.view(B, rows.width, y.shape[-1])
 
 
 def _gather(t: torch.Tensor, rows: RowSet) -> torch.Tensor:

@@ -98,6 +98,7 @@ class ForwardState:
     ranks: list[torch.Tensor] | None = None  # per span
     rows_cache: dict = field(default_factory=dict)
     compiled: bool = False  # traced by torch.compile: dense rows, columns read from the static cache
+    segments: torch.Tensor | None = None  # (B, S) packed sequence of each token (padding-free inputs)
 
     def __post_init__(self) -> None:
         # built once per forward; a compiled forward reads its columns from the cache instead
@@ -163,14 +164,15 @@ class PruneSession:
         past = record.seen if record is not None else 0
         # visual tokens only where this forward carries images: a generated token that happens
         # to equal the image token id is text
-        has_pixels = any(kwargs.get(k) is not None for k in PIXEL_KEYS)
+        has_pixels = any(_given(kwargs.get(k)) for k in PIXEL_KEYS)
         spans = []
         if has_pixels:
             lookup = (embeds, self.adapter.input_embeddings()) if input_ids is None else None
             spans = self.adapter.image_spans(input_ids, kwargs, embeddings_of=lookup)
         present = _present(kwargs.get("attention_mask"), batch, n_new, device)
+        segments = _packed_segments(kwargs.get("position_ids"), batch, n_new) if past == 0 else None
         self.current = ForwardState(past=past, batch=batch, n_new=n_new, spans=spans, inputs=dict(kwargs),
-                                    record=record, present=present, device=device)
+                                    record=record, present=present, device=device, segments=segments)
         if record is not None:
             record.seen = past + n_new
         return None
@@ -178,7 +180,7 @@ class PruneSession:
     def _pre_compiled(self, cache, kwargs, batch, n_new, device):
         """A forward traced by torch.compile (docs/design.md, "Compile"): decoding steps on a
         static cache whose prefill ran pruned. Only tensor state is touched here."""
-        if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
+        if any(_given(kwargs.get(k)) for k in PIXEL_KEYS):
             raise ValueError(
                 "a pruned forward over images cannot be compiled (its row counts depend on the ranks); "
                 "compile the decoding steps only, as generate() does with cache_implementation='static'"
@@ -323,6 +325,30 @@ class _RowView:
 
     def span(self, s: ImageSpan) -> ImageSpan:
         return ImageSpan(self.new_pos[s.positions.to(self.new_pos.device)], s.grid, row=0, index=s.index)
+
+
+def _packed_segments(position_ids, batch: int, n_new: int) -> torch.Tensor | None:
+    """(B, S) index of the packed sequence each token belongs to, for padding-free inputs whose
+    position ids restart within a row (a token at position 0, in every position dimension, that
+    is not the row's first starts a new sequence); None for ordinary inputs. Tokens of different
+    packed sequences never see each other (docs/design.md, "Batches")."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != n_new or n_new < 2:
+        return None
+    p = position_ids if position_ids.dim() == 3 else position_ids[None]
+    start = (p == 0).all(0)  # (B or 1, S)
+    start[:, 0] = False
+    if not bool(start.any()):
+        return None
+    return torch.cumsum(start.long(), dim=1).expand(batch, n_new)
+
+
+def _given(value) -> bool:
+    """A pixel input that carries something (generate passes an empty dict of encoder outputs)."""
+    if value is None:
+        return False
+    if isinstance(value, (dict, list, tuple)):
+        return len(value) > 0
+    return True
 
 
 def _present(mask, batch: int, n_new: int, device) -> torch.Tensor:

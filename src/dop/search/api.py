@@ -32,12 +32,13 @@ class BudgetResult:
     policy: Policy
     flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
     verification: Verification | None = None
+    note: str | None = None  # e.g. a budget at or above the unpruned cost
 
     def to_dict(self) -> dict:
         return {
             "budget": self.budget.spec, "params": self.solution.assign, "predicted_divergence": self.solution.predicted,
             "limit": self.solution.limit, "convention": self.solution.convention, "flops": self.flops,
-            "policy": self.policy.to_dict(),
+            "policy": self.policy.to_dict(), "note": self.note,
             "verification": self.verification.to_dict() if self.verification else None,
         }
 
@@ -118,14 +119,15 @@ def search(
     """
     from .. import distributed as dd
     from ..models import get_adapter
-    from ..rankers import resolve_ranker
+    from ..rankers import resolve_for_model
 
     t0 = time.perf_counter()
     specs = ([] if budget is None else [budget]) + list(budgets or [])
     if not specs:
         raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
     parsed = [parse_budget(b) for b in specs]
-    rk = resolve_ranker(ranker)  # unknown names fail before any work
+    L = get_adapter(model).num_layers
+    rk = resolve_for_model(ranker, L)  # unknown names fail before any work
     rerank = sorted(int(l) for l in (getattr(rk, "layers", ()) or ()))
     min_depth = rerank[0] + 1 if rerank else 0
     if not isinstance(verify_k, int) or verify_k < 0:
@@ -134,7 +136,6 @@ def search(
     if not samples:
         raise ValueError("search: no samples")
     torch.manual_seed(seed)
-    L = get_adapter(model).num_layers
     prepared = samples if isinstance(samples[0], PreparedSample) else prepare_samples(model, processor, samples, build_prompt)
     counts, text = reference_shape(prepared)
     sp = make_space(space, L, max(counts), groups=groups, kinds=kinds, min_tokens=min_tokens,
@@ -155,7 +156,7 @@ def search(
     tab = table if isinstance(table, DivergenceTable) else None
     t_table = time.perf_counter()
     if tab is None or not tab.complete or dd.is_distributed():  # the ranks pool their checkpoints there
-        tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive,
+        tab = build_table(model, prepared, sp, rk, key, table=tab, path=path, progress=progress, naive=naive,
                           batch_size=batch_size)
     else:
         tab.check_key(key)
@@ -168,7 +169,14 @@ def search(
     for b, conv in limits:
         if conv not in solvers:
             solvers[conv] = Solver(sp, proxy, costs[conv])
-        sol = solvers[conv].solve(b.limit(costs[conv]), b.spec)
+        limit = b.limit(costs[conv])
+        note = None
+        if limit >= costs[conv].unpruned:  # nothing needs pruning: the unpruned model, said so
+            sol = Solution(sp.baseline(), 0.0, costs[conv].unpruned, limit, Policy.unpruned(L), conv)
+            note = (f"the budget allows the unpruned cost ({limit / costs[conv].unpruned:.3g} of it, {conv} "
+                    "convention); nothing is pruned")
+        else:
+            sol = solvers[conv].solve(limit, b.spec)
         policy = sol.policy
         policy.ranker = ranker if isinstance(ranker, str) else None
         policy.meta = {
@@ -176,11 +184,13 @@ def search(
             "budget_convention": conv, "samples": len(prepared), "seed": seed, "space": sp.name,
             "params": dict(sol.assign), "predicted_divergence": sol.predicted, **(meta or {}),
         }
+        if note:
+            policy.meta["note"] = note
         flops = {}
         for c, cm in costs.items():
             before, after = cm.unpruned, cm.policy_cost(policy)
             flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
-        res = BudgetResult(b, sol, policy, flops)
+        res = BudgetResult(b, sol, policy, flops, note=note)
         if verify_k:
             tv = time.perf_counter()
             if refs is None:
@@ -189,7 +199,7 @@ def search(
                 mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
                 with torch.inference_mode():
                     refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
-            res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, ranker, seed, progress)
+            res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, rk, seed, progress)
             policy.meta["true_divergence"] = res.verification.chosen_true
             t_verify += time.perf_counter() - tv
         results.append(res)

@@ -102,10 +102,11 @@ _TOKENS = re.compile(r"^\s*(?:tokens?:\s*([0-9]+)|([0-9]+)\s*tok(?:ens?)?)\s*$",
 _SHARE = re.compile(r"^\s*tokens?:\s*([0-9]+)\s*/\s*([0-9]+)\s*$", re.IGNORECASE)
 
 BUDGET_HELP = (
-    "a fraction of the unpruned decoder FLOPs (0.14 or 14%), absolute decoder TFLOPs (2.5T), or the "
-    "FLOPs of keeping N visual tokens (tokens:64) or a share of them (tokens:1/9) at every layer, "
-    "paper convention"
+    "a fraction of the unpruned decoder FLOPs (0.14 or 14%), absolute decoder TFLOPs (2.5T), both in "
+    "--convention (default dop), or the FLOPs of keeping N visual tokens (tokens:64) or a share of them "
+    "(tokens:1/9) at every layer, always in the paper convention"
 )
+DEFAULT_CONVENTION = "dop"  # of fraction and TFLOPs budgets, in every command and in the API
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class Budget:
         n = int(round(self.value * n_visual)) if self.share else int(self.value)
         if not 0 <= n <= n_visual:
             raise BudgetError(f"budget {self.spec!r}: the images hold {n_visual} visual tokens, cannot keep {n}")
+        if n == 0:
+            raise BudgetError(f"budget {self.spec!r} keeps no visual token of {n_visual}; give a larger share")
         return n
 
     def describe(self, cost: CostModel) -> str:
@@ -160,12 +163,16 @@ def parse_budget(spec) -> Budget:
     m = _SHARE.match(text)
     if m:
         a, b = int(m.group(1)), int(m.group(2))
-        if b == 0 or a > b:
-            raise BudgetError(f"budget {text!r}: a token share a/b needs 0 <= a <= b, b > 0")
+        if b == 0 or a > b or a == 0:
+            raise BudgetError(f"budget {text!r}: a token share a/b needs 0 < a <= b")
         return Budget("tokens", a / b, text, share=True)
     m = _TOKENS.match(text)
     if m:
-        return Budget("tokens", float(int(m.group(1) or m.group(2))), text)
+        n = int(m.group(1) or m.group(2))
+        if n == 0:
+            raise BudgetError(f"budget {text!r} keeps no visual token: the image would be ignored; "
+                              "give tokens:N with N >= 1")
+        return Budget("tokens", float(n), text)
     m = _TFLOPS.match(text)
     if m:
         v = float(m.group(1))

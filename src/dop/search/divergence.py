@@ -33,12 +33,15 @@ class PreparedSample:
 
 def prepare_samples(model, processor, samples: Sequence[Sample | dict],
                     build_prompt: Callable | None = None) -> list[PreparedSample]:
-    """Prompt (``build_prompt(processor, question)``, default the chat-template prompt of
-    :func:`dop.evaluate.loading.chat_prompt`) and processor inputs of every sample."""
-    from ..evaluate.loading import chat_prompt
+    """Prompt (``build_prompt(processor, question)``, default
+    :func:`dop.evaluate.loading.prompt_builder_for_model`: the demo's own format for the demo
+    model, the chat template otherwise) and processor inputs of every sample."""
     from ..models import get_adapter
 
-    build_prompt = build_prompt or chat_prompt
+    if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
+        from ..evaluate.loading import prompt_builder_for_model
+
+        build_prompt = prompt_builder_for_model(model)
     adapter = get_adapter(model)
     param = next(model.parameters())
     out = []

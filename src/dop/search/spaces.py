@@ -142,6 +142,13 @@ class DopSpace(Space):
         ]
         super().__init__("dop", L, n_ref, min_tokens, params, md)
 
+    def describe(self, assign: dict[str, int]) -> str:
+        nv = int(assign["n_v"])
+        if nv <= self.min_tokens:  # the depths apply to no token: printing them would contradict the policy
+            kept = f"only the {self.min_tokens} protected tokens" if self.min_tokens else "no visual token"
+            return f"n_v={nv} ({kept} kept; D_attn and D_mlp apply to no token)"
+        return super().describe(assign)
+
     def policy(self, assign: dict[str, int]) -> Policy:
         L, M = self.num_layers, self.min_tokens
         nv, da, dm = int(assign["n_v"]), int(assign["D_attn"]), int(assign["D_mlp"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -35,6 +36,14 @@ FORMAT = "dop-search-table/1"
 
 class TableError(ValueError):
     """A table file is unreadable or belongs to another search."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def samples_fingerprint(prepared: Sequence[PreparedSample]) -> str:
@@ -116,26 +125,72 @@ class DivergenceTable:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "table") -> "DivergenceTable":
+        """Check every field's type (a hand-edited or foreign file fails here, naming the
+        field, never later inside the solver)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise TableError(f"{where}: not a {FORMAT} file")
-        try:
-            entries = {n: {int(v): list(per) for v, per in vals.items()} for n, vals in d["entries"].items()}
-            return cls(d["key"], int(d["num_samples"]), entries, int(d.get("layer_evals", 0)),
-                       int(d.get("naive_layer_evals", 0)), float(d.get("wall_s", 0.0)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise TableError(f"{where}: malformed table ({e})") from None
+        for name in ("key", "num_samples", "entries"):
+            if name not in d:
+                raise TableError(f"{where}: missing field {name!r}")
+        key, n, raw = d["key"], d["num_samples"], d["entries"]
+        if not isinstance(key, dict):
+            raise TableError(f"{where}: 'key' must be an object, got {type(key).__name__}")
+        if not _is_int(n) or n < 1:
+            raise TableError(f"{where}: 'num_samples' must be a positive integer, got {n!r}")
+        if not isinstance(raw, dict):
+            raise TableError(f"{where}: 'entries' must be an object, got {type(raw).__name__}")
+        entries: dict[str, dict[int, list]] = {}
+        for name, vals in raw.items():
+            if not isinstance(vals, dict):
+                raise TableError(f"{where}: entries.{name} must be an object of value -> per-sample list")
+            entries[name] = {}
+            for v, per in vals.items():
+                try:
+                    iv = int(v)
+                except ValueError:
+                    raise TableError(f"{where}: entries.{name}: value {v!r} is not an integer") from None
+                if not isinstance(per, list) or len(per) != n:
+                    raise TableError(f"{where}: entries.{name}.{v} must be a list of {n} per-sample "
+                                     f"divergences, got {per!r}"[:300])
+                for i, x in enumerate(per):
+                    if x is not None and not (_is_number(x) and x >= -1e-3):
+                        raise TableError(f"{where}: entries.{name}.{v}[{i}] must be a divergence (a number >= 0) "
+                                         f"or null, got {x!r}")
+                entries[name][iv] = list(per)
+        measured = key.get("measured")
+        if isinstance(measured, dict):
+            want = {str(p): sorted(int(v) for v in vs) for p, vs in measured.items()
+                    if isinstance(vs, list) and all(_is_int(v) for v in vs)}
+            have = {p: sorted(vals) for p, vals in entries.items()}
+            if want != have:
+                raise TableError(f"{where}: the entries do not match the measured grid of its key "
+                                 f"(key: {sorted(want)}, entries: {sorted(have)})")
+        counters = {}
+        for name, kind in (("layer_evals", int), ("naive_layer_evals", int), ("wall_s", float)):
+            x = d.get(name, 0)
+            if not _is_number(x) or x < 0:
+                raise TableError(f"{where}: {name!r} must be a non-negative number, got {x!r}")
+            counters[name] = kind(x)
+        return cls(key, n, entries, **counters)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str) -> "DivergenceTable":
+        where = f"table file {path!r}"
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TableError(f"{where}: not UTF-8 JSON text") from None
         except json.JSONDecodeError as e:
-            raise TableError(f"table file {path!r}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        return cls.from_dict(data, f"table file {path!r}")
+            raise TableError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except RecursionError:
+            raise TableError(f"{where}: JSON nested too deeply") from None
+        except IsADirectoryError:
+            raise TableError(f"{where}: is a folder") from None
+        return cls.from_dict(data, where)
 
     def check_key(self, key: dict, where: str = "table") -> None:
         diff = sorted(k for k in set(key) | set(self.key) if key.get(k) != self.key.get(k))
