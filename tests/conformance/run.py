@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     seconds: dict[str, float] = {}
+    commit = git_commit()  # before running: the code the tests ran against
     if args.from_junit:
         out = args.from_junit
         prev = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     results = {m: read_junit(out / f"junit-{m}.xml") for m in MODES if (out / f"junit-{m}.xml").exists()}
-    meta = {"commit": git_commit(), "transformers": transformers.__version__, "torch": torch.__version__,
+    meta = {"commit": commit, "transformers": transformers.__version__, "torch": torch.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "families": families,
             "keyword": keyword, "ranker": args.ranker, "seconds": seconds}
     if args.from_junit and (out / "summary.json").exists():
