@@ -205,7 +205,7 @@ def attention_targets(visual: torch.Tensor, roles: torch.Tensor, qpos: torch.Ten
 
 
 class OpDropout:
-    """Training-time operation dropout, under the masked semantics of DESIGN 2.2: per sample,
+    """Training-time operation dropout, under the masked semantics of docs/design.md, "What skipping means": per sample,
     visual tokens stop receiving attention (and stop being attended to) from layer ``attn[b, t]``
     on, and stop receiving the MLP update from layer ``mlp[b, t]`` on. Text tokens are never
     touched. Set ``depths`` before a forward pass; ``None`` leaves the model unchanged."""

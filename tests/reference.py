@@ -1,4 +1,4 @@
-"""The slow masked reference of DESIGN 2.2, written independently of the runtime.
+"""The slow masked reference of docs/design.md ("What skipping means"), written independently of the runtime.
 
 Every token goes through every module; a skipped attention query gets its update zeroed, a
 skipped key is masked out of every query, a skipped MLP update is zeroed. Decoding recomputes
@@ -15,7 +15,7 @@ import torch
 
 
 def token_flags(policy: dict, perms: list[list[int]], counts: list[int]):
-    """Per image: bool tensors (n, L) for attn_q, attn_kv, mlp, straight from DESIGN 2.1."""
+    """Per image: bool tensors (n, L) for attn_q, attn_kv, mlp, straight from docs/design.md, "Policies"."""
     L = policy["num_layers"]
     fr = policy["groups"]
     depth = policy.get("depth", {})

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dop
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures_eval import NUM_LAYERS, NUM_VISUAL_TOKENS, build_tiny_llava, write_jsonl_dataset  # noqa: E402
@@ -355,3 +357,23 @@ def test_cli_eval_llava_next_checkpoint(tmp_path, data, capsys):
     assert doc["average"] == pytest.approx((EXIST_ACC + COLOR_ACC) / 2)
     # any-res: the 40 x 40 images get a base tile plus padded tiles, more than one tile's 16 tokens
     assert doc["num_visual_tokens"] > NUM_VISUAL_TOKENS
+
+
+def test_batched_evaluation_equals_batch_size_one():
+    """`dop eval --batch-size N`: the demo's predictions, scores and FLOPs equal batch size 1's,
+    with a pruning policy and unpruned."""
+    from dop.demo import build_prompt, load_demo
+    from dop.demo.shapes import make_samples
+
+    model, processor = load_demo()
+    samples = make_samples("val", 7, seed=3)
+    pol = dop.Policy(8, [0.25, 1.0], {"attn": [8, 2], "mlp": [8, 1]}, ranker="vispruner")
+    kw = dict(policy=pol, progress=False, build_prompt=build_prompt, time_prefill=False, max_new_tokens=4)
+    one = evaluate(model, processor, samples, batch_size=1, **kw)
+    three = evaluate(model, processor, samples, batch_size=3, **kw)
+    for a, b in ((one, three), (one.baseline, three.baseline)):
+        assert [s.prediction for s in a.samples] == [s.prediction for s in b.samples]
+        assert [s.score for s in a.samples] == [s.score for s in b.samples]
+        assert [s.num_text_tokens for s in a.samples] == [s.num_text_tokens for s in b.samples]
+        assert a.flops == b.flops
+    assert one.flops != one.baseline.flops  # the policy was applied

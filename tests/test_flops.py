@@ -1,4 +1,4 @@
-"""Analytic FLOPs (DESIGN 2.3) against the published convention and FlopCounterMode.
+"""Analytic FLOPs (docs/design.md, "FLOPs") against the published convention and FlopCounterMode.
 
 The decoders are built at the real layer widths of the supported models (2 layers, random
 weights, eager attention, float32); the count is per layer, so 2 layers are enough.

@@ -1,4 +1,4 @@
-"""Policy schema, validation, JSON round trip and transfer (DESIGN 2.1)."""
+"""Policy schema, validation, JSON round trip and transfer (docs/design.md, "Policies")."""
 
 from __future__ import annotations
 

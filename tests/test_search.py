@@ -3,6 +3,8 @@ brute force, verification, CLI and every bad input."""
 
 from __future__ import annotations
 
+import copy
+
 import itertools
 import json
 import random
@@ -472,3 +474,28 @@ def test_verification_counts_and_ranks_against_the_blind_policy():
     assert v.to_dict()["spearman_below_blind"] == v.spearman_below_blind
     none = Verification(0.1, 0.1, rows, None, None, None, None)
     assert none.n_at_least_blind is None and none.spearman_below_blind is None and none.closer_than_blind() == []
+
+
+@pytest.mark.parametrize("space_name", ["dop", "multigroup"])
+def test_batched_table_equals_batch_size_one(tiny, space_name):
+    """`dop search --batch-size N`: samples of different lengths padded together give the same
+    table (1e-6) and the same per-sample layer counts as one sample at a time."""
+    fam, model, _ = tiny
+    model = copy.deepcopy(model).double()  # float64: the table's KLs (~1e-6 here) are compared to 1e-10
+    prepared = []
+    for seed, text_len in enumerate((6, 2, 9)):
+        inputs, counts = build_inputs(model, fam, num_images=1, seed=seed, text_len=text_len)
+        inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+        prepared.append(PreparedSample(inputs, counts, int(inputs["input_ids"].shape[1]) - sum(counts)))
+    kw = {"nv_stride": 3} if space_name == "dop" else {"groups": [0.25, 0.5, 1.0], "kinds": "attn_q,attn_kv,mlp"}
+    sp = _space(space_name, prepared, **kw)
+    for ranker in ("random:seed=2", "fastv:K=1"):
+        if ranker.startswith("fastv") and space_name == "multigroup":
+            continue
+        one = build_table(model, prepared, sp, ranker, _key(sp, ranker), progress=False)
+        two = build_table(model, prepared, sp, ranker, _key(sp, ranker), progress=False, batch_size=2)
+        worst = max(abs(a - b) for n in one.entries for v in one.entries[n]
+                    for a, b in zip(one.entries[n][v], two.entries[n][v]))
+        largest = max(x for n in one.entries for v in one.entries[n] for x in one.entries[n][v])
+        assert worst < 1e-10 and largest > 1e-7, f"{fam} {ranker}: tables differ by {worst:.3g} (largest KL {largest:.3g})"
+        assert two.complete and (one.layer_evals, one.naive_layer_evals) == (two.layer_evals, two.naive_layer_evals)

@@ -163,3 +163,35 @@ def build_inputs(model, family: str, num_images: int = 1, text_len: int = 6, see
             px["image_sizes"] = torch.cat([p["image_sizes"] for p in parts])
         inputs.update(px)
     return inputs, counts
+
+
+PAD = 0
+
+
+def collate(prompts: list[dict], side: str = "left") -> dict:
+    """A padded batch of single-prompt inputs (as `build_inputs` makes them), the way a processor
+    pads: input ids padded with PAD on ``side``, attention_mask 0 there, pixel inputs of every
+    image in prompt order."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    ids, mask = [], []
+    for p in prompts:
+        n = p["input_ids"].shape[1]
+        pad = torch.full((1, width - n), PAD, dtype=torch.long)
+        zeros = torch.zeros((1, width - n), dtype=torch.long)
+        if side == "left":
+            ids.append(torch.cat([pad, p["input_ids"]], 1))
+            mask.append(torch.cat([zeros, p["attention_mask"]], 1))
+        else:
+            ids.append(torch.cat([p["input_ids"], pad], 1))
+            mask.append(torch.cat([p["attention_mask"], zeros], 1))
+    batch = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
+    keys = [k for k in ("pixel_values", "image_sizes", "image_grid_thw") if any(k in p for p in prompts)]
+    for k in keys:
+        batch[k] = torch.cat([p[k] for p in prompts if k in p])
+    return batch
+
+
+def text_only_inputs(text_len: int = 9, seed: int = 5) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = [1] + torch.randint(3, 90, (text_len,), generator=gen).tolist()
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}

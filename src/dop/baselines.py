@@ -53,7 +53,7 @@ def token_policy(num_layers: int, n: int, k: int, depth: int = 0) -> Policy:
         return Policy.unpruned(num_layers)
     if k == 0:
         return Policy(num_layers, [1.0], {"attn": [depth], "mlp": [depth]})
-    # floor(k/n * n + 1e-9) == k (DESIGN 2.1), whatever the rounding of k/n
+    # floor(k/n * n + 1e-9) == k (docs/design.md, "Policies"), whatever the rounding of k/n
     return Policy(num_layers, [k / n, 1.0], {"attn": [num_layers, depth], "mlp": [num_layers, depth]})
 
 

@@ -1,4 +1,4 @@
-"""Analytic prefill FLOPs of an MLLM, unpruned or under a policy (DESIGN 2.3).
+"""Analytic prefill FLOPs of an MLLM, unpruned or under a policy (docs/design.md, "FLOPs").
 
 Two conventions:
 
@@ -424,7 +424,7 @@ def count_flops(
     num_tiles: int | None = None,
     transfer: bool = False,
 ) -> FlopsReport:
-    """Prefill FLOPs (DESIGN 2.3) of a model, unpruned or under ``policy``.
+    """Prefill FLOPs (docs/design.md, "FLOPs") of a model, unpruned or under ``policy``.
 
     ``num_visual_tokens`` is per image (``None``: the model's typical count); a list gives
     each image its own count. ``num_images`` images of that many tokens are otherwise
@@ -495,7 +495,7 @@ def budget_from_tokens(
     num_images: int = 1,
 ) -> float:
     """The FLOPs budget "as cheap as keeping ``n_tokens`` visual tokens at every layer", as a
-    fraction of the unpruned decoder, in the paper convention (DESIGN 2.3).
+    fraction of the unpruned decoder, in the paper convention (docs/design.md, "FLOPs").
 
     ``budget_from_tokens("llava-1.5-7b", 64)`` is 0.42 / 3.82 ~= 0.109.
     """

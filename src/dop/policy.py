@@ -1,4 +1,4 @@
-"""Operation-pruning policy: schema, validation, JSON I/O, transfer (DESIGN 2.1).
+"""Operation-pruning policy: schema, validation, JSON I/O, transfer (docs/design.md, "Policies").
 
 A policy gives, per op kind and rank group, a *depth*: the number of leading decoder
 layers that perform that operation for the visual tokens of that group.
@@ -19,7 +19,7 @@ _GROUP_EPS = 1e-9
 
 
 class PolicyError(ValueError):
-    """A policy (or policy file) breaks a rule of DESIGN 2.1."""
+    """A policy (or policy file) breaks a rule of docs/design.md, "Policies"."""
 
 
 def _is_int(x: Any) -> bool:

@@ -1,4 +1,4 @@
-"""`dop flops`: analytic prefill FLOPs of a model, unpruned vs under a policy (DESIGN 2.3)."""
+"""`dop flops`: analytic prefill FLOPs of a model, unpruned vs under a policy (docs/design.md, "FLOPs")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "flops",
         help="prefill FLOPs of a model, unpruned vs under a policy",
         description=(
-            "Analytic prefill FLOPs (DESIGN 2.3). Convention 'dop': 2 FLOPs per multiply-add of "
+            "Analytic prefill FLOPs (docs/design.md, 'FLOPs'). Convention 'dop': 2 FLOPs per multiply-add of "
             "every decoder matmul, text and visual tokens; 'paper': multiply-adds over visual "
             "tokens only, as published token-pruning tables count them."
         ),

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                         "and token pruning at the same budget")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="validation samples per forward while the divergence table fills (default 1); "
+                        "the table equals batch size 1's")
     add_model_runtime_options(p)
     p.set_defaults(func=run)
 
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         parse_budget(b)
     if args.samples < 1:
         raise ValueError(f"--samples must be a positive integer, got {args.samples}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.verify < 0:
         raise ValueError(f"--verify must be a non-negative integer, got {args.verify}")
     if args.threads is not None and args.threads < 1:
@@ -148,7 +153,7 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
             groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
             convention=args.convention, table=args.table, verify_k=args.verify, seed=args.seed,
             build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
-            meta={"model": args.model, "data": args.data},
+            meta={"model": args.model, "data": args.data}, batch_size=args.batch_size,
         )
     except KeyboardInterrupt:
         if args.table:

@@ -2,7 +2,7 @@
 
     dop transfer policy.json --num-layers 40 -o policy-40.json
 
-Depths become ``round(d * L_new / L_old)`` (DESIGN 2.1); groups, ranker and meta are kept
+Depths become ``round(d * L_new / L_old)`` (docs/design.md, "Policies"); groups, ranker and meta are kept
 (``meta.transferred_from_layers`` records the original depth). Without ``-o`` the policy is
 printed.
 """

@@ -99,11 +99,35 @@ def _decoder_layers(model) -> int:
     return num_decoder_layers(model)
 
 
-def _visual_counts(adapter, input_ids: torch.Tensor, inputs: dict) -> list[int]:
-    """Visual tokens of each image in the prompt, as the family's adapter sees them."""
-    if hasattr(adapter, "visual_positions"):
-        return [int(p.numel()) for p in adapter.visual_positions(input_ids, **inputs)]
-    return [span.n for span in adapter.image_spans(input_ids, inputs)]
+def _batch_inputs(processor, build_prompt, chunk, param) -> tuple[dict, list[str]]:
+    """Processor inputs of a list of samples, on the model's device and dtype. A batch of more
+    than one prompt is padded on the left, as generation wants (docs/design.md, "Batches")."""
+    images = [s.load_image() for s in chunk]
+    prompts = [build_prompt(processor, s.question) for s in chunk]
+    if len(chunk) == 1:
+        inputs = processor(images=images, text=prompts, return_tensors="pt")
+    else:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        side = getattr(tokenizer, "padding_side", "left")
+        tokenizer.padding_side = "left"
+        try:
+            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+    inputs = {
+        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
+        if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+    }
+    return inputs, prompts
+
+
+def _row_counts(adapter, inputs: dict, rows: int) -> list[list[int]]:
+    """Per batch row, the visual tokens of each of its images."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for span in adapter.image_spans(inputs["input_ids"], inputs):
+        out[span.row].append(span.n)
+    return out
 
 
 def _greedy_config(model, max_new_tokens: int, tokenizer):
@@ -162,6 +186,7 @@ def evaluate(
     time_prefill: bool = True,
     seed: int | None = 0,
     desc: str | None = None,
+    batch_size: int = 1,
 ) -> EvalResult:
     """Evaluate ``model`` on ``samples``; see the module docstring for what is measured.
 
@@ -171,8 +196,11 @@ def evaluate(
     Rel. Avg., or computed when None and ``run_baseline``. ``build_prompt(processor,
     question)`` defaults to the chat-template prompt of
     :func:`dop.evaluate.loading.chat_prompt`. ``seed`` seeds torch before each pass (for
-    random rankers); None leaves the generator alone.
+    random rankers); None leaves the generator alone. ``batch_size`` prompts run together
+    (padded on the left); the predictions equal batch size 1's.
     """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
     samples = [as_sample(s, i) for i, s in enumerate(samples)]
@@ -196,13 +224,13 @@ def evaluate(
 
     result = _run_pass(
         model, processor, samples, policy, ranker, max_new_tokens, progress,
-        build_prompt, time_prefill, seed, desc or ("pruned" if policy is not None else "eval"),
+        build_prompt, time_prefill, seed, desc or ("pruned" if policy is not None else "eval"), int(batch_size),
     )
     if policy is not None:
         if baseline is None and run_baseline:
             baseline = _run_pass(
                 model, processor, samples, None, None, max_new_tokens, progress,
-                build_prompt, time_prefill, seed, "unpruned",
+                build_prompt, time_prefill, seed, "unpruned", int(batch_size),
             )
         if baseline is not None:
             result.baseline = baseline
@@ -211,7 +239,7 @@ def evaluate(
 
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
-              build_prompt, time_prefill, seed, desc) -> EvalResult:
+              build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
     from tqdm.auto import tqdm
 
     from dop.models import get_adapter
@@ -241,46 +269,45 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
 
     results: list[SampleResult] = []
     t_start = time.perf_counter()
-    bar = tqdm(samples, desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False)
     correct = 0.0
+    extra = {"logits_to_keep": 1} if accepts_keep else {}
     with ctx, torch.inference_mode():
-        for i, s in enumerate(bar):
-            image = s.load_image()
-            prompt = build_prompt(processor, s.question)
-            inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-            inputs = {
-                k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-                if isinstance(v, torch.Tensor) else v
-                for k, v in inputs.items()
-            }
+        for first in range(0, len(samples), batch_size):
+            chunk = samples[first:first + batch_size]
+            inputs, prompts = _batch_inputs(processor, build_prompt, chunk, param)
             input_ids = inputs["input_ids"]
-            counts = _visual_counts(adapter, input_ids, inputs)
-            if not counts:
-                raise ValueError(
-                    f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
-                    f"the image (got {prompt!r})"
-                )
-            n_vis, n_text = counts[0], int(input_ids.shape[1]) - sum(counts)
+            counts = _row_counts(adapter, inputs, len(chunk))
+            for s, c, prompt in zip(chunk, counts, prompts):
+                if not c:
+                    raise ValueError(
+                        f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
+                        f"the image (got {prompt!r})"
+                    )
             prefill_ms = None
             if time_prefill:
-                extra = {"logits_to_keep": 1} if accepts_keep else {}
                 _sync(param.device)
                 t0 = time.perf_counter()
                 model(**inputs, use_cache=True, **extra)
                 _sync(param.device)
-                prefill_ms = (time.perf_counter() - t0) * 1000.0
+                prefill_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)  # per sample of the batch
             out = model.generate(**inputs, generation_config=gen_cfg)
-            new = out[0, input_ids.shape[1]:]
-            prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
-            score = vqa_accuracy(prediction, s.answers)
-            correct += score
-            results.append(SampleResult(
-                index=i, task=s.task, question=s.question, answers=list(s.answers),
-                prediction=prediction, score=score, num_visual_tokens=n_vis,
-                num_text_tokens=n_text, prefill_ms=prefill_ms, visual_counts=tuple(counts),
-            ))
+            mask = inputs.get("attention_mask")
+            for row, (s, c) in enumerate(zip(chunk, counts)):
+                i = first + row
+                new = out[row, input_ids.shape[1]:]
+                prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
+                score = vqa_accuracy(prediction, s.answers)
+                correct += score
+                length = int(mask[row].sum()) if mask is not None else int(input_ids.shape[1])
+                results.append(SampleResult(
+                    index=i, task=s.task, question=s.question, answers=list(s.answers),
+                    prediction=prediction, score=score, num_visual_tokens=c[0],
+                    num_text_tokens=length - sum(c), prefill_ms=prefill_ms, visual_counts=tuple(c),
+                ))
+            bar.update(len(chunk))
             if progress:
-                bar.set_postfix(acc=f"{correct / (i + 1):.3f}", refresh=False)
+                bar.set_postfix(acc=f"{correct / len(results):.3f}", refresh=False)
     bar.close()
     wall = time.perf_counter() - t_start
 

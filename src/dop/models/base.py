@@ -16,8 +16,10 @@ from torch import nn
 class ImageSpan:
     """The visual tokens of one image in the LLM's sequence."""
 
-    positions: torch.Tensor  # LongTensor (n,) sequence positions, increasing
+    positions: torch.Tensor  # LongTensor (n,) sequence positions within its row, increasing
     grid: tuple[int, int] | None = None  # (rows, cols) when the tokens form a row-major grid
+    row: int = 0  # the batch row (prompt) that holds the image
+    index: int = 0  # the image's place among the images of its row
 
     @property
     def n(self) -> int:
@@ -80,18 +82,75 @@ class Adapter:
             out.append((r, r) if r * r == n else None)
         return out
 
-    def image_spans(self, input_ids: torch.Tensor, inputs: dict) -> list[ImageSpan]:
-        """Per image, the positions of its visual tokens in ``input_ids`` (batch of 1)."""
-        ids = input_ids.reshape(-1)
-        pos = torch.nonzero(ids == self.image_token_id).flatten()
-        if pos.numel() == 0:
+    def padded_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids of a batch padded on the left, so that each prompt sees the positions
+        it would alone (as ``generate`` computes them); None where the model derives its own
+        from the attention mask."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding table of the language model."""
+        return self.model.get_input_embeddings()
+
+    def image_token_mask(self, input_ids: torch.Tensor | None, embeddings_of=None) -> torch.Tensor:
+        """(B, S) bool: where the image tokens sit. From ``input_ids``, or, for a forward given
+        ``inputs_embeds`` only, where those embeddings equal the image token's own embedding (the
+        rule transformers itself applies to place the image features)."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        if embeddings_of is None:
+            raise ValueError("image positions need input_ids or inputs_embeds")
+        embeds, table = embeddings_of
+        token = torch.tensor([self.image_token_id], device=embeds.device)
+        target = table(token).to(device=embeds.device, dtype=embeds.dtype)[0]
+        mask = (embeds == target).all(-1)
+        if not bool(mask.any()):
+            raise ValueError(
+                "dop cannot find the image positions in inputs_embeds (no row equals the image token's "
+                "embedding); pass input_ids with the pixel values, or embeddings made by the model's own "
+                "embedding table"
+            )
+        return mask
+
+    def image_spans(self, input_ids: torch.Tensor | None, inputs: dict, embeddings_of=None) -> list[ImageSpan]:
+        """Per image, over the batch (row-major), the positions of its visual tokens in its row."""
+        mask = self.image_token_mask(input_ids, embeddings_of)
+        if mask.dim() == 1:
+            mask = mask[None]
+        if not bool(mask.any()):
             return []
         counts = self.image_counts(inputs)
-        if counts is None or sum(counts) != pos.numel():
-            # contiguous runs of image tokens, one image per run
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-            edges = [0, *breaks.tolist(), pos.numel()]
-            counts = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        chunks = torch.split(pos, counts)
-        grids = self.image_grids(inputs, counts)
-        return [ImageSpan(c, g) for c, g in zip(chunks, grids)]
+        per_row = [torch.nonzero(m).flatten() for m in mask]
+        if counts is not None and sum(counts) == sum(int(p.numel()) for p in per_row):
+            row_counts, start = [], 0
+            for pos in per_row:  # the images of the batch, in order, fill the rows in order
+                n, mine = int(pos.numel()), []
+                while n > 0 and start < len(counts):
+                    mine.append(counts[start])
+                    n -= counts[start]
+                    start += 1
+                if n != 0:
+                    row_counts = None
+                    break
+                row_counts.append(mine)
+        else:
+            row_counts = None
+        if row_counts is None:  # contiguous runs of image tokens, one image per run
+            row_counts = [_runs(pos) for pos in per_row]
+        flat_counts = [c for rc in row_counts for c in rc]
+        grids = self.image_grids(inputs, flat_counts)
+        spans, k = [], 0
+        for row, (pos, rc) in enumerate(zip(per_row, row_counts)):
+            for i, chunk in enumerate(torch.split(pos, rc)):
+                spans.append(ImageSpan(chunk, grids[k], row=row, index=i))
+                k += 1
+        return spans
+
+
+def _runs(pos: torch.Tensor) -> list[int]:
+    """Lengths of the runs of consecutive positions in ``pos`` (increasing)."""
+    if pos.numel() == 0:
+        return []
+    breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    edges = [0, *breaks.tolist(), pos.numel()]
+    return [b - a for a, b in zip(edges[:-1], edges[1:])]

@@ -13,6 +13,9 @@ class Qwen25VLAdapter(Adapter):
     model_types = ("qwen2_5_vl",)
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
 
+    def padded_position_ids(self, attention_mask):
+        return None  # the model's rope index reads the attention mask itself (3-D positions)
+
     def _merge(self) -> int:
         return int(getattr(self.config.vision_config, "spatial_merge_size", 2))
 

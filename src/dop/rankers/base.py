@@ -20,18 +20,38 @@ import torch
 
 @dataclass
 class RankContext:
-    """Everything a ranker may look at for one prompt (batch of 1)."""
+    """Everything a ranker may look at for the prompts of one forward.
+
+    A batch of B prompts is ranked in one call: ``spans`` lists the images of every row in
+    order (each span knows its ``row``), and a ranker returns one permutation per span. The
+    images of a batch appear in ``spans`` in the order the model consumes their pixels."""
 
     model: Any  # the transformers model
     adapter: Any  # dop.models.Adapter
     inputs: dict[str, Any]  # the forward's keyword inputs (input_ids, pixel_values, ...)
-    spans: list  # list[ImageSpan]: per image, positions of its visual tokens (+ grid)
-    embeddings: torch.Tensor | None = None  # (1, S, d) the decoder's input (visual tokens projected)
+    spans: list  # list[ImageSpan]: per image, positions of its visual tokens (+ grid, row)
+    embeddings: torch.Tensor | None = None  # (B, S, d) the decoder's input (visual tokens projected)
     n_keep: list[int] = field(default_factory=list)  # per image: tokens any op still processes
+    present: torch.Tensor | None = None  # (B, S) bool: False at padding; None means no padding
 
     @property
     def counts(self) -> list[int]:
         return [s.n for s in self.spans]
+
+    def image_embeddings(self, span) -> torch.Tensor:
+        """(n, d) the decoder's input at the visual tokens of ``span``."""
+        return self.embeddings[span.row].index_select(0, span.positions.to(self.embeddings.device))
+
+    def text_embeddings(self, row: int) -> torch.Tensor:
+        """(t, d) the decoder's input at the text tokens of batch row ``row`` (no padding)."""
+        emb = self.embeddings[row]
+        keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+        if self.present is not None:
+            keep &= self.present[row].to(emb.device)
+        for s in self.spans:
+            if s.row == row:
+                keep[s.positions.to(emb.device)] = False
+        return emb[keep]
 
 
 @dataclass
@@ -69,12 +89,13 @@ class Ranker:
 def check_permutation(perm, n: int, what: str) -> torch.Tensor:
     """Validate and return ``perm`` as a LongTensor permutation of ``range(n)``."""
     try:
-        t = torch.as_tensor(perm).reshape(-1).long()
+        dev = perm.device if isinstance(perm, torch.Tensor) else "cpu"
+        t = torch.as_tensor(perm, device=dev).reshape(-1).long()
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{what}: expected a permutation of range({n}), got {type(perm).__name__} ({e})") from None
     if t.numel() != n:
         raise ValueError(f"{what}: expected a permutation of range({n}), got {t.numel()} entries")
-    seen = torch.zeros(n, dtype=torch.bool)
+    seen = torch.zeros(n, dtype=torch.bool, device=t.device)
     if n and (t.min() < 0 or t.max() >= n):
         raise ValueError(f"{what}: entries must lie in [0, {n}); got min {int(t.min())}, max {int(t.max())}")
     seen[t] = True

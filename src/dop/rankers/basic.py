@@ -15,7 +15,7 @@ class IdentityRanker(Ranker):
     name = "identity"
 
     def rank(self, ctx: RankContext):
-        return [torch.arange(n) for n in ctx.counts]
+        return [torch.arange(n, device="cpu") for n in ctx.counts]
 
 
 def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Tensor:
@@ -24,7 +24,7 @@ def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Te
     On a (rows, cols) grid the stride is 2-D (every s-th row and column, s chosen so the
     lattice holds at least ``n_keep`` tokens); without a grid it is a 1-D stride."""
     if n == 0:
-        return torch.arange(0)
+        return torch.arange(0, device="cpu")
     n_keep = max(1, min(n, n_keep or n))
     if grid is not None and grid[0] * grid[1] == n:
         rows, cols = grid
@@ -32,13 +32,13 @@ def spatial_order(n: int, grid: tuple[int, int] | None, n_keep: int) -> torch.Te
         while stride > 1 and ((rows + stride - 1) // stride) * ((cols + stride - 1) // stride) < n_keep:
             stride -= 1
         off = stride // 2
-        r = torch.arange(min(off, rows - 1), rows, stride)
-        c = torch.arange(min(off, cols - 1), cols, stride)
+        r = torch.arange(min(off, rows - 1), rows, stride, device="cpu")
+        c = torch.arange(min(off, cols - 1), cols, stride, device="cpu")
         first = (r[:, None] * cols + c[None, :]).reshape(-1)
     else:
         stride = max(1, n // n_keep)
-        first = torch.arange(min(stride // 2, n - 1), n, stride)
-    mask = torch.ones(n, dtype=torch.bool)
+        first = torch.arange(min(stride // 2, n - 1), n, stride, device="cpu")
+    mask = torch.ones(n, dtype=torch.bool, device="cpu")
     mask[first] = False
     return torch.cat([first, torch.nonzero(mask).flatten()])
 
@@ -65,7 +65,7 @@ class RandomRanker(Ranker):
 
     def rank(self, ctx: RankContext):
         out = []
-        for i, n in enumerate(ctx.counts):
-            g = torch.Generator().manual_seed(self.seed * 1000003 + i)
-            out.append(torch.randperm(n, generator=g))
+        for span in ctx.spans:  # seeded by the image's place in its own prompt: batching changes nothing
+            g = torch.Generator().manual_seed(self.seed * 1000003 + span.index)
+            out.append(torch.randperm(span.n, generator=g, device="cpu"))
         return out

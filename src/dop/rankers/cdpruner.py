@@ -46,7 +46,7 @@ def relevance(visual: torch.Tensor, text: torch.Tensor, sign: float = 1.0, theta
     """(n,) relevance weights ``r`` of visual tokens (n, d) to instruction tokens (m, d)."""
     v = torch.nn.functional.normalize(visual.double(), dim=-1)
     if text.numel() == 0:
-        return torch.ones(v.shape[0], dtype=torch.float64)
+        return torch.ones(v.shape[0], dtype=torch.float64, device=v.device)
     t = torch.nn.functional.normalize(text.double(), dim=-1)
     rel = sign * (v @ t.T).mean(-1)
     rel = (rel - rel.min()) / (rel.max() - rel.min() + 1e-6)
@@ -64,8 +64,8 @@ def cdpruner_order(visual: torch.Tensor, text: torch.Tensor, n_keep: int, sign: 
     n = visual.shape[0]
     r = relevance(visual, text, sign, theta)
     chosen = greedy_dpp(conditional_kernel(visual, r), max(0, min(n, int(n_keep))))
-    taken = torch.zeros(n, dtype=torch.bool)
-    first = torch.tensor(chosen, dtype=torch.long)
+    taken = torch.zeros(n, dtype=torch.bool, device=r.device)
+    first = torch.tensor(chosen, dtype=torch.long, device=r.device)
     taken[first] = True
     by_r = order_desc(r)
     return torch.cat([first, by_r[~taken[by_r]]])
@@ -86,7 +86,7 @@ class CDPrunerRanker(Ranker):
         self.theta = float(theta)
 
     def rank(self, ctx: RankContext):
-        emb = ctx.embeddings[0]
-        text = emb[~visual_mask(emb.shape[0], ctx.spans)]
         keeps = ctx.n_keep or [s.n for s in ctx.spans]
-        return [cdpruner_order(emb[s.positions], text, k, self.sign, self.theta) for s, k in zip(ctx.spans, keeps)]
+        texts = {row: ctx.text_embeddings(row) for row in {s.row for s in ctx.spans}}
+        return [cdpruner_order(ctx.image_embeddings(s), texts[s.row], k, self.sign, self.theta)
+                for s, k in zip(ctx.spans, keeps)]

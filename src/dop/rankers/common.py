@@ -28,11 +28,13 @@ def reorder_active(old: torch.Tensor, active: torch.Tensor, scores: torch.Tensor
     return new
 
 
-def visual_mask(length: int, spans) -> torch.Tensor:
-    """(length,) bool: True at the visual positions of ``spans``."""
-    m = torch.zeros(length, dtype=torch.bool)
+def visual_mask(length: int, spans, device=None) -> torch.Tensor:
+    """(length,) bool: True at the visual positions of ``spans`` (the spans of one prompt)."""
+    if device is None:
+        device = spans[0].positions.device if spans else "cpu"
+    m = torch.zeros(length, dtype=torch.bool, device=device)
     for s in spans:
-        m[s.positions] = True
+        m[s.positions.to(device)] = True
     return m
 
 
@@ -81,7 +83,7 @@ def last_token_attention(state: LayerState, key_mask: torch.Tensor) -> torch.Ten
 
 def present_keys(ctx: RankContext, state: LayerState, length: int) -> torch.Tensor:
     """Text positions plus the visual tokens active at this layer."""
-    mask = ~visual_mask(length, ctx.spans)
+    mask = ~visual_mask(length, ctx.spans, state.hidden_states.device)
     for span, act in zip(ctx.spans, state.active):
         mask[span.positions[act]] = True
     return mask
@@ -129,10 +131,11 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     finally:
         for h in hooks:
             h.remove()
-    ranks = [torch.arange(s.n) for s in ctx.spans]
-    active = [torch.ones(s.n, dtype=torch.bool) for s in ctx.spans]
+    dev = ctx.embeddings.device if ctx.embeddings is not None else "cpu"
+    ranks = [torch.arange(s.n, device=dev) for s in ctx.spans]
+    active = [torch.ones(s.n, dtype=torch.bool, device=dev) for s in ctx.spans]
     for idx in wanted:
-        base = getattr(layers[idx], "base_layer", layers[idx])
+        base = layers[idx]
         rotary = sys.modules[type(base.self_attn).__module__].apply_rotary_pos_emb
         hidden, pe = captured[idx]
         state = LayerState(idx, hidden, base, pe, rotary, active, ranks)
@@ -152,10 +155,10 @@ def greedy_dpp(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> list[int]:
     L = kernel.double()
     n = L.shape[0]
     k = min(k, n)
-    cis = torch.zeros(k, n, dtype=torch.float64)
+    cis = torch.zeros(k, n, dtype=torch.float64, device=L.device)
     d2 = torch.diagonal(L).clone()
     chosen: list[int] = []
-    taken = torch.zeros(n, dtype=torch.bool)
+    taken = torch.zeros(n, dtype=torch.bool, device=L.device)
     for i in range(k):
         gains = d2.masked_fill(taken, float("-inf"))
         j = int(torch.argmax(gains))

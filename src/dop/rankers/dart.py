@@ -49,7 +49,7 @@ def dart_select(cand: torch.Tensor, key_norm: torch.Tensor, feats: torch.Tensor,
     n_keep = max(0, min(int(n_keep), cand.numel()))
     pivots = cand[: min(n_pivots, n_keep)]
     chosen = list(pivots.tolist())
-    left = torch.ones(cand.numel(), dtype=torch.bool)
+    left = torch.ones(cand.numel(), dtype=torch.bool, device=cand.device)
     left[: pivots.numel()] = False
     x = torch.nn.functional.normalize(feats.double(), dim=-1)
     all_pivots = list(pivots.tolist()) + list(text_pivots.tolist())
@@ -67,7 +67,7 @@ def dart_select(cand: torch.Tensor, key_norm: torch.Tensor, feats: torch.Tensor,
         extra = cand[left][: n_keep - len(chosen)]
         chosen.extend(extra.tolist())
         left &= ~torch.isin(cand, extra)
-    return torch.cat([torch.tensor(chosen, dtype=torch.long), cand[left]])
+    return torch.cat([torch.tensor(chosen, dtype=torch.long, device=cand.device), cand[left]])
 
 
 @register_ranker
@@ -86,7 +86,9 @@ class DARTRanker(Ranker):
         self.pivots = int(pivots)
         self.text_pivots = int(text_pivots)
         self.layers = (K - 1, K)
-        self._norms: torch.Tensor | None = None
+        # key norms of layer K - 1, one entry per prompt: a batch is re-ranked row by row, in
+        # the same row order at layer K - 1 and at layer K (first in, first out)
+        self._norms: list[torch.Tensor] = []
 
     def install(self, model, adapter) -> None:
         check_layers_exist(self, adapter)
@@ -96,14 +98,14 @@ class DARTRanker(Ranker):
 
     def rerank(self, ctx: RankContext, state: LayerState):
         if state.layer_idx == self.K - 1:
-            self._norms = decoder_keys(state).abs().sum(-1)
+            self._norms.append(decoder_keys(state).abs().sum(-1))
             return None
-        norms, self._norms = self._norms, None
+        norms = self._norms.pop(0) if self._norms else None
         if norms is None:
             raise RuntimeError("dart: layer K ran without the keys of layer K - 1")
         feats = ctx.adapter.language_model().norm(state.hidden_states)[0]
         S = feats.shape[0]
-        is_text = ~visual_mask(S, ctx.spans)
+        is_text = ~visual_mask(S, ctx.spans, feats.device)
         out = []
         keeps = ctx.n_keep or [s.n for s in ctx.spans]
         for span, old, act, keep in zip(ctx.spans, state.ranks, state.active, keeps):
@@ -116,6 +118,6 @@ class DARTRanker(Ranker):
             cand_tok = torch.nonzero(act).flatten()
             order_pos = dart_select(pos[cand_tok], norms, feats, txt, min(keep, cand_tok.numel()), self.pivots)
             tok_of_pos = {int(p): i for i, p in enumerate(pos.tolist())}
-            ordered = torch.tensor([tok_of_pos[int(p)] for p in order_pos], dtype=torch.long)
+            ordered = torch.tensor([tok_of_pos[int(p)] for p in order_pos], dtype=torch.long, device=feats.device)
             out.append(place_active(old, act, ordered))
         return out

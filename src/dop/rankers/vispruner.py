@@ -63,10 +63,10 @@ def vispruner_order(scores: torch.Tensor, features: torch.Tensor, n_keep: int, i
     n_imp = int(n_keep * important_ratio)
     important = by_attn[:n_imp]
     diverse = _diverse(features, by_attn[n_imp:], n_keep - n_imp)
-    rank_of = torch.empty(n, dtype=torch.long)
-    rank_of[by_attn] = torch.arange(n)
+    rank_of = torch.empty(n, dtype=torch.long, device=by_attn.device)
+    rank_of[by_attn] = torch.arange(n, device=by_attn.device)
     diverse = diverse[torch.argsort(rank_of[diverse], stable=True)]
-    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen = torch.zeros(n, dtype=torch.bool, device=by_attn.device)
     chosen[important] = True
     chosen[diverse] = True
     rest = by_attn[~chosen[by_attn]]
@@ -142,10 +142,9 @@ class VisPrunerRanker(Ranker):
             finally:
                 self.uninstall()
         scores = token_scores(ctx, captured)
-        emb = ctx.embeddings[0]
         keeps = ctx.n_keep or [s.n for s in ctx.spans]
         return [
-            vispruner_order(sc, emb[s.positions], k, self.important_ratio)
+            vispruner_order(sc.to(ctx.embeddings.device), ctx.image_embeddings(s), k, self.important_ratio)
             for sc, s, k in zip(scores, ctx.spans, keeps)
         ]
 
@@ -219,12 +218,12 @@ def _llava_next_scores(ctx, layer, hidden, extra) -> torch.Tensor:
         for s in sizes
     ]
     per_image = torch.split(rows[..., None], tiles, dim=0)
-    newline = torch.full((1,), float("nan"), dtype=rows.dtype)
+    newline = torch.full((1,), float("nan"), dtype=rows.dtype, device=rows.device)
     packed, _ = ctx.adapter.entry_module().pack_image_features(
         list(per_image), sizes, vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_newline=newline
     )
     flat = torch.cat([p.reshape(-1) for p in packed])
-    low = flat[~torch.isnan(flat)].min() if bool((~torch.isnan(flat)).any()) else torch.tensor(0.0, dtype=flat.dtype)
+    low = flat[~torch.isnan(flat)].min() if bool((~torch.isnan(flat)).any()) else torch.tensor(0.0, dtype=flat.dtype, device=flat.device)
     return torch.where(torch.isnan(flat), low - 1.0, flat)
 
 
@@ -260,7 +259,7 @@ def _qwen_scores(ctx, block, hidden, kwargs, grid_thw) -> torch.Tensor:
     q, k = rot(q, k, cos, sin)
     q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, hd)
     cu = kwargs["cu_seqlens"].tolist()
-    received = torch.empty(S, dtype=torch.float64)
+    received = torch.empty(S, dtype=torch.float64, device=hidden.device)
     for a, b in zip(cu[:-1], cu[1:]):  # full attention within each image
         probs = softmax_attention(q[:, a:b], k[:, a:b], attn.scaling)
         received[a:b] = probs.mean(0).mean(0)

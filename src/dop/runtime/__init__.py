@@ -15,7 +15,7 @@ import contextlib
 from ..models import get_adapter
 from ..policy import Policy
 from ..rankers import resolve_ranker
-from .layer import PrunedDecoderLayer
+from .layer import is_patched, patch_layer, unpatch_layer
 from .session import PruneSession
 
 
@@ -28,37 +28,38 @@ class PolicyHandle:
         self.policy = policy
         self.ranker = ranker
         self.session = PruneSession(model, adapter, policy, ranker)
-        self._layers = adapter.decoder_layers()
-        self._originals = list(self._layers)
+        self._layers = list(adapter.decoder_layers())
         self._hook = None
         self._active = False
+        self._ranker_installed = False
         self._install()
 
     def _install(self) -> None:
-        for layer in self._originals:
-            if isinstance(layer, PrunedDecoderLayer):
-                raise ValueError("a policy is already applied to this model; remove() it first")
-        self.ranker.install(self.model, self.adapter)
+        if any(is_patched(layer) for layer in self._layers):
+            raise ValueError("a policy is already applied to this model; remove() it first")
         try:
+            self.ranker.install(self.model, self.adapter)
+            self._ranker_installed = True
             self._hook = self.adapter.entry_module().register_forward_pre_hook(
                 self.session.pre_forward, with_kwargs=True
             )
-            for i, layer in enumerate(self._originals):
-                self._layers[i] = PrunedDecoderLayer(layer, i, self.session)
+            for i, layer in enumerate(self._layers):
+                patch_layer(layer, i, self.session)
         except Exception:
             self.remove()
             raise
         self._active = True
 
     def remove(self) -> None:
-        """Restore the model exactly: the original layer objects, no hooks."""
-        for i, layer in enumerate(self._originals):
-            self._layers[i] = layer
+        """Restore the model exactly: the layers' own forward, no hooks, the ranker uninstalled."""
+        for layer in self._layers:
+            unpatch_layer(layer)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._active:
+        if self._ranker_installed:
             self.ranker.uninstall()
+            self._ranker_installed = False
         self._active = False
         self.session.current = None
 
@@ -85,7 +86,7 @@ class PolicyHandle:
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
-        return f"<PolicyHandle {state} layers={len(self._originals)} ranker={self.ranker.name!r}>"
+        return f"<PolicyHandle {state} layers={len(self._layers)} ranker={self.ranker.name!r}>"
 
 
 def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = False) -> PolicyHandle:

@@ -1,9 +1,16 @@
-"""The wrapped decoder layer: gather the rows an op processes, compute, scatter-add back.
+"""The pruned decoder layer: gather the rows an op processes, compute, scatter-add back
+(docs/design.md, "The runtime").
+
+The decoder layer object itself stays in the model: :func:`patch_layer` only sets its
+instance ``forward`` (as accelerate's hooks do), so parameter names, ``state_dict()``,
+``save_pretrained`` and tensor-parallel plans see the unmodified model; :func:`unpatch_layer`
+restores what was there before.
 
 Works for the pre-norm decoder layers of all supported families (Llama, Qwen2, Qwen2.5-VL
 text): ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``,
-``mlp``. Attention runs through the model's configured implementation (`eager`, `sdpa`),
-RoPE through the family's own ``apply_rotary_pos_emb`` on the gathered cos/sin rows.
+``mlp``. Projections and the MLP run on the packed kept rows of the whole batch; attention
+runs per batch row on the padded layout (:mod:`dop.runtime.attention`); RoPE through the
+family's own ``apply_rotary_pos_emb`` on the gathered cos/sin rows.
 """
 
 from __future__ import annotations
@@ -12,138 +19,237 @@ import sys
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .session import ForwardState, PruneSession
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
-    return x if rows is None else x.index_select(dim, rows)
+from .attention import attend
+from .session import ForwardState, PruneSession, RowSet
 
 
-def _same_rows(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.numel() == b.numel() and bool(torch.equal(a, b))
+class PrunedForward:
+    """The instance ``forward`` of one decoder layer while a policy is applied."""
 
-
-def _add(h: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
-    return h + update if rows is None else h.index_add(1, rows, update)
-
-
-class PrunedDecoderLayer(nn.Module):
-    """Stands in for one decoder layer while a policy is applied; ``base_layer`` is the original."""
-
-    def __init__(self, base_layer: nn.Module, layer_idx: int, session: PruneSession):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_idx = layer_idx
-        self.session = session
-        attn = base_layer.self_attn
-        family = sys.modules[type(attn).__module__]
-        self._rotary = getattr(family, "apply_rotary_pos_emb")
-        self._eager = getattr(family, "eager_attention_forward", None)
+    def __init__(self, layer: nn.Module, layer_idx: int, session: PruneSession):
+        attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not hasattr(attn, name):
                 raise ValueError(f"{type(attn).__name__} has no {name}; this decoder layer layout is not supported")
+        family = sys.modules[type(attn).__module__]
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.session = session
+        self.rotary = getattr(family, "apply_rotary_pos_emb")
+        self.eager = getattr(family, "eager_attention_forward", None)
+        self.previous = layer.__dict__.get("forward")  # an instance forward already set (accelerate hooks)
+        self.original = self.previous if self.previous is not None else type(layer).forward.__get__(layer)
 
-    def __getattr__(self, name):  # expose the original layer's attributes (e.g. attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
-
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
-                use_cache=False, position_embeddings=None, **kwargs):
-        if "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
+    def __call__(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                 position_embeddings=None, **kwargs):
         s = self.session
         st = s.current
         if st is None or s.bypass or not s.needs_pruning(st):
-            return self.base_layer(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
-                                   **kwargs)
-        if hidden_states.shape[1] != st.n_new:
-            raise RuntimeError(f"layer {self.layer_idx}: got {hidden_states.shape[1]} tokens, expected {st.n_new}")
+            if "past_key_values" not in kwargs:
+                kwargs["cache"] = cache
+            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        if tuple(hidden_states.shape[:2]) != (st.batch, st.n_new):
+            raise RuntimeError(
+                f"layer {self.layer_idx}: got hidden states of shape {tuple(hidden_states.shape[:2])}, "
+                f"expected (batch, new tokens) = {(st.batch, st.n_new)}"
+            )
+        if st.compiled:
+            return self._compute_compiled(st, hidden_states, position_embeddings, cache)
         if self.layer_idx == 0 and st.depths is None and st.has_visual:
             s.prepare(st, hidden_states)
-        s.maybe_rerank(st, self.layer_idx, hidden_states, self.base_layer, position_embeddings, self._rotary)
-        return self._pruned_forward(st, hidden_states, position_embeddings, cache if use_cache or cache is not None else None)
+        s.maybe_rerank(st, self.layer_idx, hidden_states, self.layer, position_embeddings, self.rotary)
+        return self._compute(st, hidden_states, position_embeddings, cache)
 
     # ------------------------------------------------------------------ the computation
-    def _pruned_forward(self, st: ForwardState, h, position_embeddings, cache):
+    def _compute(self, st: ForwardState, h, position_embeddings, cache):
         s, l = self.session, self.layer_idx
-        layer = self.base_layer
+        layer = self.layer
         attn = layer.self_attn
-        rows_q = s.rows(st, "attn_q", l)
-        rows_kv = s.rows(st, "attn_kv", l)
-        rows_m = s.rows(st, "mlp", l)
-        pos_new = st.past + st.positions
+        B, S, _ = h.shape
+        rq, rkv, rm = (_on(s.rows(st, k, l), h.device) for k in ("attn_q", "attn_kv", "mlp"))
+        cols = st.columns.to(h.device)[None, :].expand(B, -1)
+        cos, sin = (t.to(h.device).expand(B, -1, -1) for t in position_embeddings)
 
         # -- keys/values of the rows that keep attn_kv at this layer
-        cos, sin = position_embeddings
-        hn_kv = layer.input_layernorm(_take(h, rows_kv))
-        k = self._heads(attn.k_proj(hn_kv), attn)
-        v = self._heads(attn.v_proj(hn_kv), attn)
-        _, k = self._rotary(k, k, _take(cos, rows_kv), _take(sin, rows_kv))
-        kv_pos_new = _take(pos_new, rows_kv, 0)
-        record = st.record
+        hn_kv = layer.input_layernorm(_rows(h, rkv))
+        k = _heads(_padded(attn.k_proj(hn_kv), rkv, B), attn.head_dim)
+        v = _heads(_padded(attn.v_proj(hn_kv), rkv, B), attn.head_dim)
+        _, k = self.rotary(k, k, _gather(cos, rkv), _gather(sin, rkv))
+        kv_pos = torch.where(rkv.valid, _gather(cols, rkv), -1)
+        fresh = True  # the keys are exactly this forward's kept rows
         if cache is not None:
-            k, v = cache.update(k, v, l)
-            prev = record.kv_pos.get(l) if record is not None else None
-            kv_pos = kv_pos_new if prev is None else torch.cat([prev, kv_pos_new])
-            if record is not None:
-                record.kv_pos[l] = kv_pos
-                if kv_pos.numel() < record.seen:
-                    record.pruned = True
-        else:
-            kv_pos = kv_pos_new
+            k, v, kv_pos, fresh = _store(cache, st, l, k, v, kv_pos, rkv)
 
-        # -- queries of the rows that keep attn_q; a query with no allowed key gets no update
-        q_pos = _take(pos_new, rows_q, 0)
-        n_kv = kv_pos.numel()
-        # kv_pos is increasing, so a query sees some key iff it is not before the first one
-        keep = q_pos >= kv_pos[0] if n_kv else torch.zeros_like(q_pos, dtype=torch.bool)
-        if not bool(keep.all()):
-            rows_q = (st.positions if rows_q is None else rows_q)[keep]
-            q_pos = q_pos[keep]
-        if q_pos.numel() > 0:
-            same = _same_rows(rows_q, rows_kv)
-            hn_q = hn_kv if same else layer.input_layernorm(_take(h, rows_q))
-            q = self._heads(attn.q_proj(hn_q), attn)
-            q, _ = self._rotary(q, q, _take(cos, rows_q), _take(sin, rows_q))
-            mask = self._mask(q_pos, kv_pos, same and n_kv == q_pos.numel(), q.dtype)
-            fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
-            if fn is None:
-                raise ValueError(
-                    f"attention implementation {attn.config._attn_implementation!r} is not supported by the "
-                    "pruning runtime yet (flash_attention_2 needs a variable-length path); load the model with attn_implementation='sdpa' or 'eager'"
-                )
-            extra = {}
-            if getattr(attn, "sliding_window", None) is not None:
-                extra["sliding_window"] = attn.sliding_window
-            out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
-            out = attn.o_proj(out.reshape(1, q_pos.numel(), -1))
-            h = _add(h, rows_q, out)
+        # -- queries of the rows that keep attn_q
+        if rq.count:
+            same = fresh and _same(rq, rkv)
+            hn_q = hn_kv if same else layer.input_layernorm(_rows(h, rq))
+            q = _heads(_padded(attn.q_proj(hn_q), rq, B), attn.head_dim)
+            q, _ = self.rotary(q, q, _gather(cos, rq), _gather(sin, rq))
+            q_pos = torch.where(rq.valid, _gather(cols, rq), -1)
+            out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
+                                     counts=rq.valid.sum(1), eager_fn=self.eager)
+            h = _add_rows(h, rq, out, meaningful, attn.o_proj)
 
         # -- MLP on its rows
-        if rows_m is None or rows_m.numel():
-            h = _add(h, rows_m, layer.mlp(layer.post_attention_layernorm(_take(h, rows_m))))
+        if rm.count:
+            update = layer.mlp(layer.post_attention_layernorm(_rows(h, rm)))
+            h = _scatter_add(h, rm.flat, update, rm.every)
         return h
 
-    @staticmethod
-    def _heads(x: torch.Tensor, attn) -> torch.Tensor:
-        return x.view(1, x.shape[1], x.shape[-1] // attn.head_dim, attn.head_dim).transpose(1, 2)
 
-    def _mask(self, q_pos, kv_pos, same_rows: bool, dtype):
-        """None where the implementation's own causal rule is right, else an additive mask."""
-        impl = self.base_layer.self_attn.config._attn_implementation
-        nq = q_pos.numel()
-        if nq == 1 and bool((kv_pos <= q_pos[0]).all()):
-            return None  # one query that may see every key (decoding)
-        if same_rows and impl != "eager":
-            return None  # same rows for q and kv, no older entries: top-left causal is exact
-        allowed = kv_pos[None, :] <= q_pos[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[None, None]
+    def _compute_compiled(self, st: ForwardState, h, position_embeddings, cache):
+        """A decoding step traced by torch.compile (docs/design.md, "Compile"): every new token is
+        text, so every row is computed; the static cache's holes stay hidden by the mask. Only
+        tensor operations, no value read back to Python."""
+        l, layer = self.layer_idx, self.layer
+        attn = layer.self_attn
+        B, S, _ = h.shape
+        cos, sin = (t.to(h.device).expand(B, -1, -1) for t in position_embeddings)
+        hn = layer.input_layernorm(h)
+        q = _heads(attn.q_proj(hn), attn.head_dim)
+        k = _heads(attn.k_proj(hn), attn.head_dim)
+        v = _heads(attn.v_proj(hn), attn.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
+        cols = cache.layers[l].cumulative_length + torch.arange(S, device=h.device)
+        keys, values = cache.update(k, v, l)
+        kv_pos = st.record.kv_pos[l]
+        kv_pos.index_copy_(1, cols, cols[None, :].expand(B, -1).contiguous())
+        q_pos = cols[None, :].expand(B, -1)
+        out, meaningful = attend(attn, q, keys, values, q_pos=q_pos, kv_pos=kv_pos, same_rows=False,
+                                 counts=None, eager_fn=self.eager)
+        h = h + attn.o_proj(out) * meaningful[..., None].to(h.dtype)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _on(rows: RowSet, device) -> RowSet:
+    if rows.flat.device == device:
+        return rows
+    return RowSet(rows.flat.to(device), rows.index.to(device), rows.valid.to(device), rows.slots.to(device), rows.every)
+
+
+def _rows(x: torch.Tensor, rows: RowSet) -> torch.Tensor:
+    """The kept rows of ``x`` (B, S, D): ``x`` itself when every row is kept, else packed (1, T, D)."""
+    if rows.every:
+        return x
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.flat)[None]
+
+
+def _padded(y: torch.Tensor, rows: RowSet, B: int) -> torch.Tensor:
+    """Packed rows (1, T, D) into the padded layout (B, M, D), zeros in the padding slots."""
+    if rows.every:
+        return y
+    out = y.new_zeros((B * rows.width, y.shape[-1]))
+    out.index_copy_(0, rows.slots, y[0])
+    return out.view(B, rows.width, -1)
+
+
+def _gather(t: torch.Tensor, rows: RowSet) -> torch.Tensor:
+    """Per-token values ``t`` (B, S) or (B, S, D) at the padded layout's positions."""
+    if rows.every:
+        return t
+    if t.dim() == 2:
+        return torch.gather(t, 1, rows.index)
+    return torch.gather(t, 1, rows.index[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    B, M, D = x.shape
+    return x.view(B, M, D // head_dim, head_dim).transpose(1, 2)
+
+
+def _same(a: RowSet, b: RowSet) -> bool:
+    return a is b or (a.count == b.count and bool(torch.equal(a.flat, b.flat)))
+
+
+def _scatter_add(h: torch.Tensor, flat: torch.Tensor, update: torch.Tensor, dense: bool) -> torch.Tensor:
+    if dense:
+        return h + update.view(h.shape)
+    B, S, d = h.shape
+    return h.reshape(B * S, d).index_add(0, flat, update.reshape(-1, d)).view(B, S, d)
+
+
+def _add_rows(h, rq: RowSet, out, meaningful, o_proj):
+    """o_proj of the attention output of the query rows that saw some key, added to ``h``."""
+    B = h.shape[0]
+    ok = meaningful.reshape(-1).index_select(0, rq.slots) if not rq.every else meaningful.reshape(-1)
+    if rq.every and bool(ok.all()):
+        return h + o_proj(out)
+    packed = out.reshape(B * rq.width, -1).index_select(0, rq.slots)
+    flat = rq.flat
+    if not bool(ok.all()):
+        packed, flat = packed[ok], flat[ok]
+        if flat.numel() == 0:
+            return h
+    return _scatter_add(h, flat, o_proj(packed[None]), False)
+
+
+def _is_static(cache, layer_idx: int) -> bool:
+    layers = getattr(cache, "layers", None)
+    return layers is not None and layer_idx < len(layers) and hasattr(layers[layer_idx], "max_cache_len")
+
+
+def _store(cache, st: ForwardState, l: int, k, v, kv_pos, rkv: RowSet):
+    """Write this forward's kept keys/values to the cache; return every key of the layer, their
+    columns, and whether the keys are exactly this forward's kept rows (no older entries).
+
+    A dynamic cache stores the kept rows only (padded per batch row). A static cache is sized
+    to the logical sequence: it receives every column, zeros where the row was skipped, and
+    the columns record those slots as holes (-1) so no query ever sees them."""
+    record = st.record
+    if _is_static(cache, l):
+        B, H, _, hd = k.shape
+        S = st.n_new
+        full_k, full_v = k.new_zeros((B, H, S, hd)), v.new_zeros((B, H, S, hd))
+        if rkv.width:
+            idx = rkv.index[:, None, :, None].expand(-1, H, -1, hd)
+            full_k.scatter_(2, idx, k)
+            full_v.scatter_(2, idx, v)
+        keys, values = cache.update(full_k, full_v, l)
+        pos = record.kv_pos.get(l)
+        if pos is None or pos.shape != (B, keys.shape[2]):
+            pos = torch.full((B, keys.shape[2]), -1, dtype=torch.long, device=k.device)
+        written = torch.full((B, S), -1, dtype=torch.long, device=k.device)
+        if rkv.width:
+            written.scatter_(1, rkv.index, torch.where(rkv.valid, kv_pos, -1))
+        pos = pos.clone()
+        pos[:, st.past:st.past + S] = written
+        record.kv_pos[l] = pos
+        record.pruned = True
+        return keys, values, pos, False
+    prev = record.kv_pos.get(l) if record is not None else None
+    keys, values = cache.update(k, v, l)
+    if prev is not None and prev.shape[0] != kv_pos.shape[0]:
+        prev = prev.expand(kv_pos.shape[0], -1)
+    pos = kv_pos if prev is None else torch.cat([prev.to(kv_pos.device), kv_pos], dim=1)
+    if record is not None:
+        record.kv_pos[l] = pos
+        if pos.shape[1] < record.seen or bool((pos < 0).any()):
+            record.pruned = True
+    return keys, values, pos, prev is None or prev.shape[1] == 0
+
+
+def patch_layer(layer: nn.Module, layer_idx: int, session: PruneSession) -> PrunedForward:
+    if isinstance(layer.__dict__.get("forward"), PrunedForward):
+        raise ValueError("a policy is already applied to this model; remove() it first")
+    fwd = PrunedForward(layer, layer_idx, session)
+    layer.forward = fwd
+    return fwd
+
+
+def unpatch_layer(layer: nn.Module) -> None:
+    fwd = layer.__dict__.get("forward")
+    if not isinstance(fwd, PrunedForward):
+        return
+    if fwd.previous is not None:
+        layer.forward = fwd.previous
+    else:
+        del layer.forward
+
+
+def is_patched(layer: nn.Module) -> bool:
+    return isinstance(layer.__dict__.get("forward"), PrunedForward)

@@ -28,7 +28,7 @@ import torch
 
 from ..models import get_adapter
 from ..policy import Policy
-from .layer import PrunedDecoderLayer
+from .layer import is_patched
 from .session import ForwardState
 
 
@@ -38,12 +38,12 @@ class _Stop(Exception):
 
 @dataclass
 class PrefixCache:
-    """The unpruned run of one prompt (batch of 1)."""
+    """The unpruned run of one prompt, or of a batch padded on the left."""
 
-    hidden: list[torch.Tensor]  # input of each decoder layer, (1, S, d)
+    hidden: list[torch.Tensor]  # input of each decoder layer, (B, S, d)
     kwargs: list[dict]  # keyword arguments each decoder layer received
-    logits: torch.Tensor  # (vocab,) float32 logits of the last position
-    inputs: dict  # the model inputs
+    logits: torch.Tensor  # (B, vocab) float32 logits of the last position of each row
+    inputs: dict  # the model inputs (a batch padded on the left, or one prompt)
 
 
 def _forward_kwargs(model) -> dict:
@@ -52,16 +52,21 @@ def _forward_kwargs(model) -> dict:
 
 
 def last_logits(model, inputs: dict) -> torch.Tensor:
-    """(vocab,) float32 logits of the last position of one full forward."""
+    """(vocab,) float32 logits of the last position of one prompt's full forward."""
+    return batch_last_logits(model, inputs)[0]
+
+
+def batch_last_logits(model, inputs: dict) -> torch.Tensor:
+    """(B, vocab) float32 logits of the last position of each row (batches padded on the left)."""
     out = model(**inputs, use_cache=False, **_forward_kwargs(model))
-    return out.logits[0, -1].float()
+    return out.logits[:, -1].float()
 
 
 def capture_prefix(model, inputs: dict) -> PrefixCache:
     """Run the unpruned model once and keep every decoder layer's input."""
     layers = get_adapter(model).decoder_layers()
     for layer in layers:
-        if isinstance(layer, PrunedDecoderLayer):
+        if is_patched(layer):
             raise ValueError("capture_prefix needs the unmodified model; remove the applied policy first")
     hidden: list = [None] * len(layers)
     kwargs: list = [None] * len(layers)
@@ -77,7 +82,7 @@ def capture_prefix(model, inputs: dict) -> PrefixCache:
 
     hooks = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        logits = last_logits(model, inputs)
+        logits = batch_last_logits(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -131,7 +136,7 @@ def capture_ranks(model, inputs: dict, ranker, groups: list[float] | None = None
 
 
 def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]], start: int) -> torch.Tensor:
-    """(vocab,) float32 last-position logits of the pruned forward of ``prefix.inputs`` under
+    """(B, vocab) float32 last-position logits of the pruned forward of ``prefix.inputs`` under
     ``handle``'s policy, computing only decoder layers ``start..L-1``.
 
     The policy must process every visual token by every op below ``start`` (else the cached
@@ -149,7 +154,10 @@ def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]
     inputs = prefix.inputs
     ids = inputs["input_ids"]
     spans = handle.adapter.image_spans(ids, inputs)
-    st = ForwardState(past=0, n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs), record=None)
+    mask = inputs.get("attention_mask")
+    present = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    st = ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs),
+                      record=None, present=present, device=ids.device)
     if st.has_visual and not s.unpruned:
         st.ranks = [r.clone() for r in ranks[start]]
         st.depths = s._depths_from_ranks(st, st.ranks)
@@ -164,4 +172,4 @@ def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]
         s.current = None
     lm = handle.adapter.language_model()
     h = lm.norm(h[:, -1:])
-    return handle.model.get_output_embeddings()(h)[0, -1].float()
+    return handle.model.get_output_embeddings()(h)[:, -1].float()

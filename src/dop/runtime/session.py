@@ -1,48 +1,109 @@
-"""Per-prompt bookkeeping of the pruning runtime.
+"""Per-forward bookkeeping of the pruning runtime (docs/design.md, "The runtime").
 
 A :class:`PruneSession` lives as long as an `apply_policy` handle. A forward pre-hook on the
 model's entry module (the one that receives `input_ids`) tells it what the new tokens of
-each forward are; the wrapped decoder layers then ask it which rows each op kind processes.
+each forward are; the patched decoder layers then ask it which rows each op kind processes.
 
-Every token carries, per primitive op kind, a *depth*: it is processed by that op at layer
-``l`` iff ``l < depth``. Text and generated tokens have depth ``num_layers``.
+Every new token carries, per primitive op kind, a *depth*: it is processed by that op at layer
+``l`` iff ``l < depth``. Text and generated tokens have depth ``num_layers``; padding tokens
+(``attention_mask == 0``) have depth 0 for every kind, so they are never computed and never
+become keys. Batches are handled row by row in the bookkeeping and packed in the
+computation: see :class:`RowSet`.
+
+Every tensor made here follows the device of the inputs it describes.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from ..models import ImageSpan
 from ..policy import OP_KINDS, Policy
 from ..rankers import LayerState, RankContext, Ranker, check_permutation, run_ranker
 
 
 @dataclass
-class CacheRecord:
-    """What we know of one KV cache object: logical positions of each layer's entries."""
+class RowSet:
+    """The rows one op kind processes at one layer, in two layouts.
 
-    seen: int = 0  # tokens of the sequence so far (logical length)
+    *packed*: ``flat`` indexes the (B * S) flattened new tokens, row-major and increasing; the
+    projections and the MLP run on these rows only (FLOPs fall with the pruning).
+    *padded*: ``index`` (B, M) gives each batch row's processed positions, left-aligned and
+    padded to the longest row (M); ``valid`` (B, M) marks the real slots, and ``slots``
+    indexes the real slots of the flattened (B * M) layout in the same order as ``flat``.
+    Attention and the KV cache use the padded layout (a cache holds one tensor per layer).
+    ``every`` is True when all B * S tokens are processed (then packed == padded == dense).
+    """
+
+    flat: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    slots: torch.Tensor
+    every: bool
+
+    @property
+    def width(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def count(self) -> int:
+        return int(self.flat.numel())
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor) -> "RowSet":
+        B, S = keep.shape
+        dev = keep.device
+        counts = keep.sum(1)
+        M = int(counts.max()) if B else 0
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :M]
+        valid = torch.arange(M, device=dev)[None, :] < counts[:, None]
+        return cls(
+            flat=torch.nonzero(keep.reshape(-1)).flatten(),
+            index=order,
+            valid=valid,
+            slots=torch.nonzero(valid.reshape(-1)).flatten(),
+            every=bool(keep.all()),
+        )
+
+
+@dataclass
+class CacheRecord:
+    """What we know of one KV cache object.
+
+    ``seen`` counts the columns of the (padded) sequence so far; ``kv_pos[l]`` (B, T_l) holds
+    the column of each entry of layer ``l``'s cache, -1 for a slot that holds no token (a
+    padding slot of the padded layout, or a hole of a static cache)."""
+
+    seen: int = 0
     kv_pos: dict[int, torch.Tensor] = field(default_factory=dict)
-    pruned: bool = False  # some layer holds fewer entries than `seen`
+    pruned: bool = False  # some layer's entries differ from "every column, in order"
+    owner: int = 0  # id() of the session that made it
 
 
 @dataclass
 class ForwardState:
-    """The new tokens of one forward call."""
+    """The new tokens of one forward call (a batch of B rows of S new tokens each)."""
 
-    past: int  # logical position of the first new token
+    past: int  # column of the first new token
+    batch: int
     n_new: int
-    spans: list  # ImageSpan per image, positions relative to the new tokens
+    spans: list  # ImageSpan per image over the batch (row-major), positions within the new tokens
     inputs: dict
     record: CacheRecord | None
-    depths: dict[str, torch.Tensor] | None = None  # kind -> (n_new,) int64
-    ranks: list[torch.Tensor] | None = None
+    present: torch.Tensor  # (B, S) bool: not padding
+    device: torch.device
+    depths: dict[str, torch.Tensor] | None = None  # kind -> (B, S) int64
+    ranks: list[torch.Tensor] | None = None  # per span
     rows_cache: dict = field(default_factory=dict)
+    compiled: bool = False  # traced by torch.compile: dense rows, columns read from the static cache
 
     def __post_init__(self) -> None:
-        self.positions = torch.arange(self.n_new)  # indices of the new tokens, built once per forward
+        # built once per forward; a compiled forward reads its columns from the cache instead
+        # (a Python int that changes every step would make the compiler recompile every step)
+        if not self.compiled:
+            self.columns = self.past + torch.arange(self.n_new, device=self.device)
 
     @property
     def has_visual(self) -> bool:
@@ -66,8 +127,7 @@ class PruneSession:
         self.num_layers = adapter.num_layers
         self.current: ForwardState | None = None
         self.bypass = False
-        self._records: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._kind_depths = {k: torch.tensor(policy.kind_depths(k), dtype=torch.long) for k in OP_KINDS}
+        self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
         self.unpruned = policy.is_unpruned()
         self.rerank_layers = tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
         if self.rerank_layers and not self.unpruned:
@@ -81,7 +141,9 @@ class PruneSession:
 
     # ------------------------------------------------------------------ hook
     def pre_forward(self, module, args, kwargs):
-        if self.bypass:
+        # a policy that keeps every operation changes nothing: keep no state at all, so that
+        # compiled graphs see no Python-side bookkeeping (docs/design.md, "Compile")
+        if self.bypass or self.unpruned:
             self.current = None
             return None
         input_ids = kwargs.get("input_ids")
@@ -91,135 +153,233 @@ class PruneSession:
         if input_ids is None and embeds is None:
             self.current = None
             return None
-        batch = (input_ids if input_ids is not None else embeds).shape[0]
-        if batch != 1:
-            raise ValueError(
-                f"dop's runtime prunes one prompt at a time (batch size 1); got a batch of {batch}. "
-                "Run the prompts one by one (batched pruning is planned)."
-            )
-        n_new = int((input_ids if input_ids is not None else embeds).shape[1])
+        ref = input_ids if input_ids is not None else embeds
+        batch, n_new = int(ref.shape[0]), int(ref.shape[1])
+        device = ref.device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        record = self._record_for(cache)
+        if torch.compiler.is_compiling():
+            return self._pre_compiled(cache, kwargs, batch, n_new, device)
+        record = self._record_for(cache, kwargs.get("attention_mask"), device)
         past = record.seen if record is not None else 0
         # visual tokens only where this forward carries images: a generated token that happens
         # to equal the image token id is text
         has_pixels = any(kwargs.get(k) is not None for k in PIXEL_KEYS)
-        spans = self.adapter.image_spans(input_ids, kwargs) if input_ids is not None and has_pixels else []
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
-            raise ValueError("padding (attention_mask zeros) is not supported by the pruning runtime at batch size 1")
-        self.current = ForwardState(past=past, n_new=n_new, spans=spans, inputs=dict(kwargs), record=record)
+        spans = []
+        if has_pixels:
+            lookup = (embeds, self.adapter.input_embeddings()) if input_ids is None else None
+            spans = self.adapter.image_spans(input_ids, kwargs, embeddings_of=lookup)
+        present = _present(kwargs.get("attention_mask"), batch, n_new, device)
+        self.current = ForwardState(past=past, batch=batch, n_new=n_new, spans=spans, inputs=dict(kwargs),
+                                    record=record, present=present, device=device)
         if record is not None:
             record.seen = past + n_new
         return None
 
-    def _record_for(self, cache) -> CacheRecord | None:
+    def _pre_compiled(self, cache, kwargs, batch, n_new, device):
+        """A forward traced by torch.compile (docs/design.md, "Compile"): decoding steps on a
+        static cache whose prefill ran pruned. Only tensor state is touched here."""
+        if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
+            raise ValueError(
+                "a pruned forward over images cannot be compiled (its row counts depend on the ranks); "
+                "compile the decoding steps only, as generate() does with cache_implementation='static'"
+            )
+        record = getattr(cache, "_dop_record", None) if cache is not None else None
+        if record is not None and (record.owner != id(self) or not _is_static_cache(cache)):
+            raise ValueError("a compiled forward under a pruning policy needs the static cache its pruned prefill filled")
+        present = torch.ones((batch, n_new), dtype=torch.bool, device=device)
+        self.current = ForwardState(past=0, batch=batch, n_new=n_new, spans=[], inputs={}, record=record,
+                                    present=present, device=device, compiled=True)
+        return None
+
+    def _record_for(self, cache, mask, device) -> CacheRecord | None:
         if cache is None:
             return None
-        rec = self._records.get(cache)
-        if rec is None:
-            rec = CacheRecord()
+        rec = getattr(cache, "_dop_record", None)
+        if rec is None or rec.owner != id(self):
+            rec = CacheRecord(owner=id(self))
             existing = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             rec.seen = existing
-            self._records[cache] = rec
-            if existing:  # entries written before the policy was applied: unpruned prefix
+            try:
+                cache._dop_record = rec
+            except (AttributeError, TypeError):
+                raise ValueError(f"dop cannot keep its records on a {type(cache).__name__}") from None
+            if existing:  # entries written before the policy was applied: every column, in order
+                rows = _cache_batch(cache)
+                cols = torch.arange(existing, device=device)[None, :].expand(rows, -1)
+                if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= existing:
+                    old = mask[:, :existing].to(device=device, dtype=torch.bool).expand(rows, -1)
+                    cols = torch.where(old, cols, -1)
+                    rec.pruned = not bool(old.all())
                 for l in range(self.num_layers):
-                    rec.kv_pos[l] = torch.arange(existing)
-            _patch_seq_length(cache, rec)
+                    rec.kv_pos[l] = cols
+            _patch_cache(cache, rec)
         return rec
 
     # ------------------------------------------------------------------ ranking
     def needs_pruning(self, st: ForwardState) -> bool:
-        return (st.has_visual and not self.unpruned) or (st.record is not None and st.record.pruned)
+        if st.record is not None and st.record.pruned:
+            return True
+        return st.has_visual and not self.unpruned
 
     def prepare(self, st: ForwardState, hidden: torch.Tensor) -> None:
         """Rank the images of this forward and derive every new token's depths."""
         n_keep = [self.policy.n_keep(s.n) for s in st.spans]
         if self.rerank_layers:  # decides inside the LLM: start in order of appearance
-            ranks = [torch.arange(s.n) for s in st.spans]
+            ranks = [torch.arange(s.n, device=st.device) for s in st.spans]
         else:
-            ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, hidden, n_keep)
+            ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, hidden, n_keep, present=st.present)
             ranks = run_ranker(self.ranker, ctx)
-        st.ranks = ranks
-        st.depths = self._depths_from_ranks(st, ranks)
+        st.ranks = [r.to(st.device) for r in ranks]
+        st.depths = self._depths_from_ranks(st, st.ranks)
 
     def _depths_from_ranks(self, st: ForwardState, ranks) -> dict[str, torch.Tensor]:
-        depths = {k: torch.full((st.n_new,), self.num_layers, dtype=torch.long) for k in OP_KINDS}
+        dev = st.device
+        full = torch.full((st.batch, st.n_new), self.num_layers, dtype=torch.long, device=dev)
+        full = torch.where(st.present, full, 0)  # padding: never processed
+        depths = {k: full.clone() for k in OP_KINDS}
+        per_group = {k: torch.tensor(self._kind_depths[k], dtype=torch.long, device=dev) for k in OP_KINDS}
         for span, perm in zip(st.spans, ranks):
-            group = torch.tensor(self.policy.group_of_rank(span.n), dtype=torch.long)
+            group = torch.tensor(self.policy.group_of_rank(span.n), dtype=torch.long, device=dev)
             token_group = torch.empty_like(group)
             token_group[perm] = group  # token perm[r] sits at rank r
-            pos = span.positions
+            pos = span.positions.to(dev)
             for k in OP_KINDS:
-                depths[k][pos] = self._kind_depths[k][token_group]
+                depths[k][span.row, pos] = per_group[k][token_group]
         return depths
 
     def maybe_rerank(self, st: ForwardState, layer_idx: int, hidden, layer, position_embeddings, rotary_fn):
+        """In-LLM rankers decide per prompt: each batch row is shown to them without its padding."""
         if layer_idx not in self.rerank_layers or not st.has_visual or st.depths is None:
             return
+        new_ranks, changed = list(st.ranks), False
+        for row in sorted({s.row for s in st.spans}):
+            idx = [i for i, s in enumerate(st.spans) if s.row == row]
+            perms = self._rerank_row(st, _RowView(st, row), idx, layer_idx, hidden, layer,
+                                     position_embeddings, rotary_fn)
+            if perms is not None:
+                changed = True
+                for i, p in zip(idx, perms):
+                    new_ranks[i] = p
+        if changed:
+            st.ranks = new_ranks
+            st.depths = self._depths_from_ranks(st, new_ranks)
+            st.rows_cache.clear()
+
+    def _rerank_row(self, st, view, idx, layer_idx, hidden, layer, position_embeddings, rotary_fn):
+        spans = [st.spans[i] for i in idx]
+        ranks = [st.ranks[i] for i in idx]
         # a token may move iff every op processed it at every layer below this one: its state
         # is then that of an unpruned token, whichever group it joins from here on
         active, processed = [], []
-        for span in st.spans:
-            pos = span.positions
-            act = torch.ones(span.n, dtype=torch.bool)
-            here = torch.zeros(span.n, dtype=torch.bool)
+        for span in spans:
+            pos = span.positions.to(st.device)
+            act = torch.ones(span.n, dtype=torch.bool, device=st.device)
+            here = torch.zeros(span.n, dtype=torch.bool, device=st.device)
             for k in OP_KINDS:
-                act &= st.depths[k][pos] >= layer_idx
-                here |= st.depths[k][pos] > layer_idx
+                act &= st.depths[k][span.row, pos] >= layer_idx
+                here |= st.depths[k][span.row, pos] > layer_idx
             active.append(act)
             processed.append(int(here.sum()))
         # n_keep: per image, the visual tokens some op processes at this layer
-        ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, None, processed)
-        state = LayerState(layer_idx, hidden, layer, position_embeddings, rotary_fn, active, st.ranks)
+        ctx = RankContext(self.model, self.adapter, st.inputs, [view.span(s) for s in spans], None, processed)
+        pe = tuple(view.take(t) for t in position_embeddings) if position_embeddings is not None else None
+        state = LayerState(layer_idx, view.take(hidden), layer, pe, rotary_fn, active, ranks)
         new = self.ranker.rerank(ctx, state)
         if new is None:
-            return
+            return None
         checked = []
-        for i, (perm, old, act, span) in enumerate(zip(new, st.ranks, active, st.spans)):
+        for i, (perm, old, act, span) in enumerate(zip(new, ranks, active, spans)):
             perm = check_permutation(perm, span.n, f"ranker {self.ranker.name!r} at layer {layer_idx}, image {i}")
+            perm = perm.to(st.device)
             frozen = ~act[old]  # rank slots holding tokens no longer active
             if bool((perm[frozen] != old[frozen]).any()):
                 raise ValueError(
                     f"ranker {self.ranker.name!r} at layer {layer_idx} moved tokens that are no longer active"
                 )
             checked.append(perm)
-        st.ranks = checked
-        st.depths = self._depths_from_ranks(st, checked)
-        st.rows_cache.clear()
+        return checked
 
     # ------------------------------------------------------------------ rows per layer
-    def rows(self, st: ForwardState, kind: str, layer_idx: int) -> torch.Tensor | None:
-        """Indices (into the new tokens) that op ``kind`` processes at ``layer_idx``;
-        None means all of them."""
+    def rows(self, st: ForwardState, kind: str, layer_idx: int) -> RowSet:
+        """The rows op ``kind`` processes at ``layer_idx``."""
         key = (kind, layer_idx)
         if key not in st.rows_cache:
-            if st.depths is None:
-                st.rows_cache[key] = None
-            else:
-                keep = st.depths[kind] > layer_idx
-                st.rows_cache[key] = None if bool(keep.all()) else torch.nonzero(keep).flatten()
+            keep = st.present if st.depths is None else st.depths[kind] > layer_idx
+            st.rows_cache[key] = RowSet.from_keep(keep)
         return st.rows_cache[key]
+
+
+class _RowView:
+    """One batch row without its padding: what a per-prompt in-LLM ranker expects to see."""
+
+    def __init__(self, st: ForwardState, row: int):
+        self.row = row
+        self.keep = torch.nonzero(st.present[row]).flatten()
+        self.new_pos = torch.cumsum(st.present[row].long(), 0) - 1
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        src = t[self.row:self.row + 1] if t.shape[0] > 1 else t
+        return src.index_select(1, self.keep.to(src.device))
+
+    def span(self, s: ImageSpan) -> ImageSpan:
+        return ImageSpan(self.new_pos[s.positions.to(self.new_pos.device)], s.grid, row=0, index=s.index)
+
+
+def _present(mask, batch: int, n_new: int, device) -> torch.Tensor:
+    """(B, S) bool: the new tokens that are not padding, from a 2-D attention mask."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= n_new:
+        return mask[:, -n_new:].to(device=device, dtype=torch.bool).expand(batch, n_new)
+    return torch.ones((batch, n_new), dtype=torch.bool, device=device)
+
+
+def _is_static_cache(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "max_cache_len") for layer in layers)
+
+
+def _cache_batch(cache) -> int:
+    """Batch rows of a cache that already holds entries."""
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            return int(keys.shape[0])
+    return 1
 
 
 def policy_depths(policy: Policy) -> dict[str, list[int]]:
     return {k: policy.kind_depths(k) for k in OP_KINDS}
 
 
-def _patch_seq_length(cache, record: CacheRecord) -> None:
-    """A pruned layer 0 holds fewer K/V entries than the sequence has tokens, yet generation
-    derives the next position from ``cache.get_seq_length()``. Answer with the logical length."""
-    original = cache.get_seq_length
+def _patch_cache(cache, record: CacheRecord) -> None:
+    """Teach the cache object about pruned layers (docs/design.md, "KV cache"):
 
-    def get_seq_length(layer_idx: int = 0, *args, **kwargs):
-        if record.pruned:
-            return record.seen
-        return original(layer_idx, *args, **kwargs)
+    - a pruned layer 0 holds fewer K/V entries than the sequence has columns, yet generation
+      derives the next position from ``cache.get_seq_length()``: answer the logical length;
+    - beam search reorders the cache's batch rows: reorder our per-row entry columns with it.
+    """
+    patches = {}
+    if not _is_static_cache(cache):  # a static cache counts every column itself
+        original_len = cache.get_seq_length
 
-    try:
-        cache.get_seq_length = get_seq_length
-    except (AttributeError, TypeError):  # a cache class with slots: leave it
-        pass
+        def get_seq_length(layer_idx: int = 0, *args, **kwargs):
+            if record.pruned:
+                return record.seen
+            return original_len(layer_idx, *args, **kwargs)
+
+        patches["get_seq_length"] = get_seq_length
+    original_reorder = getattr(cache, "reorder_cache", None)
+    if original_reorder is not None:
+        def reorder_cache(beam_idx, *args, **kwargs):
+            for l, pos in list(record.kv_pos.items()):
+                record.kv_pos[l] = pos.index_select(0, beam_idx.to(pos.device))
+            return original_reorder(beam_idx, *args, **kwargs)
+
+        patches["reorder_cache"] = reorder_cache
+    for name, fn in patches.items():
+        try:
+            setattr(cache, name, fn)
+        except (AttributeError, TypeError):  # a cache class with slots: leave it
+            pass
 
 
 def capture_decoder_input(model, adapter, inputs: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""DOP search (DESIGN 1): first-token KL, divergence table (additive proxy), exact budgeted
+"""DOP search (docs/design.md, "Search"): first-token KL, divergence table (additive proxy), exact budgeted
 solver, verification against the true joint divergence.
 
     from dop.search import search

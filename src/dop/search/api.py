@@ -1,4 +1,4 @@
-"""``search()``: samples in, one policy per budget out (DESIGN 1, issue 5).
+"""``search()``: samples in, one policy per budget out (docs/design.md, "Search").
 
     from dop.search import search
     result = search(model, processor, samples, budget=0.14, space="dop", ranker="vispruner")
@@ -103,6 +103,7 @@ def search(
     progress: bool = True,
     meta: dict | None = None,
     naive: bool = False,
+    batch_size: int = 1,
 ) -> SearchResult:
     """Find the policy of ``space`` closest to the unpruned model (summed first-token KL
     proxy) under each budget.
@@ -112,6 +113,7 @@ def search(
     use ``convention``. ``table``: a :class:`DivergenceTable`, or a path that is resumed
     if present and checkpointed as it fills. ``verify_k``: also measure the true divergence
     of the chosen policy, of ``verify_k`` random feasible ones and of token pruning.
+    ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
     from ..models import get_adapter
@@ -152,7 +154,8 @@ def search(
     tab = table if isinstance(table, DivergenceTable) else None
     t_table = time.perf_counter()
     if tab is None or not tab.complete:
-        tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive)
+        tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive,
+                          batch_size=batch_size)
     else:
         tab.check_key(key)
     t_table = time.perf_counter() - t_table

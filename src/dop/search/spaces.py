@@ -1,4 +1,4 @@
-"""Search spaces (DESIGN 1): the paper's ``dop`` (n_v, D_attn, D_mlp) and ``multigroup``.
+"""Search spaces (docs/design.md, "Search"): the paper's ``dop`` (n_v, D_attn, D_mlp) and ``multigroup``.
 
 A space is a list of :class:`Param` (a name, the values the solver may pick, the values the
 divergence table measures, the unpruned value) and a map from an assignment of values to a

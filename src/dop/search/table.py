@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..batching import collate, pad_token_id
 from ..jsonio import write_json_atomic
 from .divergence import PreparedSample, kl_divergence
 from .spaces import Space
@@ -147,15 +148,17 @@ def build_table(
     progress: bool = True,
     checkpoint_s: float = 5.0,
     on_entry: Callable[[int], None] | None = None,
+    batch_size: int = 1,
 ) -> DivergenceTable:
     """Fill (or finish) the divergence table. ``path``: load it if present (resume), save as it
     fills. ``naive=True`` runs every entry as a full forward (for tests and comparisons).
-    ``on_entry(n_done)`` is called after each new entry."""
+    ``on_entry(n_done)`` is called after each new entry. ``batch_size`` samples run together
+    (padded on the left); the entries equal batch size 1's and the layer counts are per sample."""
     from tqdm.auto import tqdm
 
     from ..models import get_adapter
     from ..runtime import apply_policy
-    from ..runtime.replay import capture_prefix, capture_ranks, last_logits, replay_from
+    from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
 
     n = len(prepared)
     if table is None and path and os.path.exists(path):
@@ -165,7 +168,8 @@ def build_table(
         table = DivergenceTable.empty(key, space, n)
     else:
         table.check_key(key)
-    L = get_adapter(model).num_layers
+    adapter = get_adapter(model)
+    L = adapter.num_layers
     params = list(space.params)
     ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
     probe_layers = min(max([0, *ranker_layers]) + 1, L - 1)
@@ -174,34 +178,47 @@ def build_table(
                disable=not progress, file=sys.stderr, leave=False)
     t0, last_save, done = time.perf_counter(), time.perf_counter(), 0
     wall0 = table.wall_s
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    pad_id = pad_token_id(model)
     try:
         with torch.inference_mode():
-            for i, s in enumerate(prepared):
-                todo = [(p, v) for p in params for v in p.measured if table.get(p.name, v, i) is None]
+            for first in range(0, n, int(batch_size)):
+                rows = list(range(first, min(n, first + int(batch_size))))
+                todo = [(p, v) for p in params for v in p.measured
+                        if any(table.get(p.name, v, i) is None for i in rows)]
                 if not todo:
                     continue
-                prefix = capture_prefix(model, s.inputs)
-                table.layer_evals += L
-                table.naive_layer_evals += L
+                inputs = collate([prepared[i].inputs for i in rows], pad_id)
+                if len(rows) > 1:
+                    pos = adapter.padded_position_ids(inputs["attention_mask"])
+                    if pos is not None:
+                        inputs["position_ids"] = pos
+                prefix = capture_prefix(model, inputs)
+                table.layer_evals += L * len(rows)
+                table.naive_layer_evals += L * len(rows)
                 ranks = None
                 for p, v in todo:
                     start = 0 if naive else p.start_layer(v)
                     if start > 0 and ranks is None:
-                        ranks = capture_ranks(model, s.inputs, ranker)
-                        table.layer_evals += probe_layers
+                        ranks = capture_ranks(model, inputs, ranker)
+                        table.layer_evals += probe_layers * len(rows)
                     policy = space.single(p.name, v)
                     with apply_policy(model, policy, ranker=ranker) as h:
                         if start == 0:
-                            q = last_logits(model, s.inputs)
+                            q = batch_last_logits(model, inputs)
                         else:
                             q = replay_from(h, prefix, ranks, start)
-                    table.layer_evals += L - start
-                    table.naive_layer_evals += L
-                    table.set(p.name, v, i, kl_divergence(prefix.logits, q))
-                    done += 1
-                    bar.update(1)
-                    if on_entry is not None:
-                        on_entry(done)
+                    for row, i in enumerate(rows):
+                        if table.get(p.name, v, i) is not None:
+                            continue  # measured before a resume
+                        table.layer_evals += L - start
+                        table.naive_layer_evals += L
+                        table.set(p.name, v, i, kl_divergence(prefix.logits[row], q[row]))
+                        done += 1
+                        bar.update(1)
+                        if on_entry is not None:
+                            on_entry(done)
                     if path and time.perf_counter() - last_save > checkpoint_s:
                         table.wall_s = wall0 + time.perf_counter() - t0
                         table.save(path)
