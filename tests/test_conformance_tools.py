@@ -95,8 +95,8 @@ def test_junit_classification_and_comparison(tmp_path):
                  + _case("f", fail.format(m="AssertionError: Tensor-likes are not close!", t=TB_CMP)) + _case("f"))
     res = {}
     for mode, text in (("plain", plain), ("noop", noop), ("prune", prune)):
-        (tmp_path / f"{mode}.xml").write_text(text)
-        res[mode] = runner.read_junit(tmp_path / f"{mode}.xml")
+        (tmp_path / f"junit-{mode}.xml").write_text(text)
+        res[mode] = runner.read_junit(tmp_path / f"junit-{mode}.xml")
     assert res["prune"][f"{CLS}::c"].status == runner.CRASH and res["prune"][f"{CLS}::c"].origin == "transformers"
     assert res["noop"][f"{CLS}::d"].origin == "dop" and res["noop"][f"{CLS}::d"].exception == "ValueError"
     assert res["prune"][f"{CLS}::b"].exception == "AssertionError"
@@ -112,3 +112,8 @@ def test_junit_classification_and_comparison(tmp_path):
                                     "families": ["llava"], "keyword": None, "ranker": "identity",
                                     "seconds": {"plain": 1.0}})
     assert "| llava | 6 | 2 | 3 | 2 | 1 |" in md and "`LlavaModelTest::b`" in md
+    # the runner itself, summarising these files: --check fails on the no-op failures and crashes
+    assert runner.main(["--from-junit", str(tmp_path), "--families", "llava", "--report", str(tmp_path / "r.md")]) == 0
+    assert runner.main(["--from-junit", str(tmp_path), "--families", "llava", "--check",
+                        "--report", str(tmp_path / "r.md")]) == 1
+    assert "| llava | 6 | 2 | 3 | 2 | 1 |" in (tmp_path / "r.md").read_text()
