@@ -276,3 +276,49 @@ def test_compiled_decoding_full_graph_without_recompiles(fam, pruning):
     for e, c in zip(eager, (first, second)):
         assert torch.equal(e.sequences, c.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(e.scores, c.scores)) < 1e-4
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@torch.no_grad()
+def test_attentions_for_every_layer(fam):
+    """output_attentions under a policy: one (B, heads, S, S) map per layer; skipped queries'
+    rows and skipped keys' columns are zero, kept rows sum to 1; a layer where nothing is
+    skipped gives the unpruned model's own map."""
+    model = build_model(fam, attn="eager").double()
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    vanilla = model(**inputs, output_attentions=True).attentions
+    pol = dop.Policy(L, [0.5, 1.0], {"attn_q": [L, 2], "attn_kv": [L, 1], "mlp": [L, 1]})
+    with dop.apply_policy(model, pol, ranker="random"):
+        out = model(**inputs, output_attentions=True).attentions
+    S = inputs["input_ids"].shape[1]
+    assert len(out) == L and all(a.shape == (1, vanilla[0].shape[1], S, S) for a in out)
+    assert (out[0] - vanilla[0]).abs().max().item() < 1e-10  # layer 0 skips nothing
+    rows = out[2].sum(-1)[0, 0]
+    n_zero_rows = int((rows == 0).sum())
+    assert n_zero_rows == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_q skipped from layer 2
+    assert torch.allclose(rows[rows != 0], torch.ones_like(rows[rows != 0]))
+    cols = out[1][0, 0].sum(0)
+    assert int((cols == 0).sum()) == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_kv skipped from layer 1
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "internvl"])  # transformers has no flex path for Qwen2.5-VL
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")  # transformers' own call
+@torch.no_grad()
+def test_flex_attention_model_runs_pruned_and_exact(fam):
+    """A model loaded with attn_implementation='flex_attention' runs pruned: masked layers go
+    through SDPA with a boolean mask (docs/design.md, "Attention backends")."""
+    model = build_model(fam, attn="flex_attention")  # float32: flex has no float64 kernel on CPU
+    inputs, counts = build_inputs(model, fam, num_images=2)
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    pd = {"format": "dop-policy/1", "num_layers": L, "groups": [0.5, 1.0], "depth": {"attn": [L, 2], "mlp": [L, 1]}}
+    perms = _perms(counts, 0)
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        ref = model(**inputs, use_cache=False).logits
+    with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+        out = model(**inputs).logits
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert (out - ref).abs().max().item() < 1e-5

@@ -499,3 +499,19 @@ def test_batched_table_equals_batch_size_one(tiny, space_name):
         largest = max(x for n in one.entries for v in one.entries[n] for x in one.entries[n][v])
         assert worst < 1e-10 and largest > 1e-7, f"{fam} {ranker}: tables differ by {worst:.3g} (largest KL {largest:.3g})"
         assert two.complete and (one.layer_evals, one.naive_layer_evals) == (two.layer_evals, two.naive_layer_evals)
+
+
+@pytest.mark.parametrize("ranker,space_name,kw", [
+    (NormReranker(), "dop", {"nv_stride": 4, "min_depth": 2}),  # a probe forward to layer 2
+    ("random", "multigroup", {"groups": [0.5, 1.0]}),
+])
+def test_layer_evals_per_sample_is_what_the_table_spends(ranker, space_name, kw):
+    """The count docs/scaling.md prices a search with, before running it."""
+    from dop.search.table import layer_evals_per_sample
+
+    model = build_model("llava", num_layers=L)
+    prepared = _prepared(model, "llava", 2)
+    sp = _space(space_name, prepared, **kw)
+    t = build_table(model, prepared, sp, ranker, _key(sp, str(ranker)), progress=False)
+    fast, naive = layer_evals_per_sample(sp, ranker)
+    assert (t.layer_evals, t.naive_layer_evals) == (2 * fast, 2 * naive) and fast < naive

@@ -9,6 +9,8 @@ import sys
 
 # order shown in `dop --help`; a module that is absent is simply not offered
 COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")  # modules in dop/commands/
+# commands that share their samples among the processes of `torchrun ... -m dop` (dop/distributed.py)
+DISTRIBUTED = ("run", "search", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from . import distributed
+
     try:
+        if args.command in DISTRIBUTED:
+            distributed.init_from_env()  # under torchrun: join the job (docs/scaling.md)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"dop: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -36,11 +36,14 @@ class RunOptions:
     max_new_tokens: int = 10
     progress: bool = True
     attn_implementation: str = "sdpa"
+    columns: str | None = None  # Hugging Face data sets: "role=column,..." (dop.evaluate.hf)
 
     def key(self) -> dict:
         d = asdict(self)
         d.pop("out")
         d.pop("progress")
+        if d["columns"] is None:
+            d.pop("columns")  # keeps the stage keys of runs made before the option existed
         return d
 
 
@@ -50,13 +53,18 @@ def _machine() -> str:
 
 
 def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Under several ranks (dop/distributed.py) the search and the evaluations share their
+    samples; rank 0 alone logs and writes files (the others return the same figures)."""
+    from . import distributed as dd
     from .evaluate.datasets import load_dataset
     from .evaluate.loading import load_model, prompt_builder_for
     from .evaluate.runner import evaluate
     from .models import get_adapter
     from .report.stages import Stages, write_json_atomic
 
-    out = Path(opts.out or f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    if not dd.is_main():
+        log = _quiet
+    out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "policies").mkdir(exist_ok=True)
     stages = Stages(out, log)
@@ -66,9 +74,16 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     log(f"[load] model {opts.model!r}, validation {opts.data!r} ({opts.samples}), test {opts.test_data!r} ({opts.test_samples})")
     t0 = time.perf_counter()
     model, processor = load_model(opts.model, attn_implementation=opts.attn_implementation)
+    if dd.is_distributed():
+        model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
     build_prompt = prompt_builder_for(opts.model)
-    val = load_dataset(opts.data, limit=opts.samples)
-    test = load_dataset(opts.test_data, limit=opts.test_samples)
+    from .evaluate.hf import is_hf_spec
+
+    def columns(spec):  # --columns names the columns of whichever of the two is a Hugging Face data set
+        return opts.columns if is_hf_spec(spec) else None
+
+    val = load_dataset(opts.data, limit=opts.samples, columns=columns(opts.data))
+    test = load_dataset(opts.test_data, limit=opts.test_samples, columns=columns(opts.test_data))
     adapter = get_adapter(model)
     n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
     budgets = [budget_for_baselines(spec, model, n_visual, n_text) for spec in opts.budgets]
@@ -125,7 +140,8 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
                 continue
             policy = Policy.from_dict(pol_d)
             fname = f"policies/{_slug(b['spec'])}-{_slug(label)}.json"
-            policy.to_json(out / fname)
+            if dd.is_main():
+                policy.to_json(out / fname)
             log(f"[eval] {b['label']}: {label}")
             d = stages.run(
                 f"eval-{_slug(b['spec'])}-{_slug(label)}",
@@ -134,6 +150,10 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
             )
             rows.append(_row(label, kind, d, unpruned_d, fname, policy, n_visual))
         results_budgets.append(dict(b, methods=rows))
+
+    if not dd.is_main():
+        return dict(out=str(out), unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
+                    budgets=results_budgets)
 
     # -- report
     from .report.markdown import write_report
@@ -183,6 +203,10 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     write_report(results, out / "report.md")
     results["out"] = str(out)
     return results
+
+
+def _quiet(_msg: str) -> None:
+    pass
 
 
 def _slug(text: str) -> str:

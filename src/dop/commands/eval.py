@@ -18,7 +18,7 @@ import os
 import sys
 
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
-from .options import add_model_runtime_options  # noqa: E402
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options  # noqa: E402
 
 FORMAT = "dop-eval/1"
 
@@ -35,8 +35,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
                    help="'demo', a hub id (owner/name) or a local checkpoint folder")
-    p.add_argument("--data", required=True, metavar="shapes:SPLIT[:SEED]|FILE.jsonl",
-                   help="the synthetic benchmark split, or a JSONL file (or folder holding data.jsonl)")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="the synthetic benchmark split, a JSONL file (or folder holding data.jsonl), or a "
+                        "Hugging Face data set: parquet files, a save_to_disk folder or a hub id with a split")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
     p.add_argument("--policy", metavar="FILE", help="a dop-policy/1 JSON file to apply")
     p.add_argument("--ranker", metavar="NAME", help="visual-token ranker (overrides the policy's)")
     p.add_argument("--tasks", metavar="T1,T2", help="only these tasks (comma-separated)")
@@ -76,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    if args.json:
+    from dop.distributed import is_main
+
+    if args.json and is_main():  # under torchrun rank 0 alone writes it
         _check_output(args.json)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dop.evaluate.datasets import load_dataset
 
-    samples = load_dataset(args.data, limit=args.limit, tasks=tasks)
+    samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
 
     # ---- the model, then the policy against it, still before any sample is run
     import torch
@@ -107,11 +111,12 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, policy, samples, tasks) -> int:
     import torch
 
+    from dop import distributed
     from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
     from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
 
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_for(args.device)
     model, processor = _load_quietly(args, dtype)
     model = model.to(device)
     if policy is not None:
@@ -124,6 +129,8 @@ def _run_loaded(args, policy, samples, tasks) -> int:
         run_baseline=not args.no_baseline, seed=args.seed, batch_size=args.batch_size,
     )
 
+    if not distributed.is_main():
+        return 0  # rank 0 prints the report and writes the JSON
     print(format_report(result, model=args.model, data=args.data, policy_file=args.policy))
     if args.json:
         doc = to_json_document(
@@ -137,13 +144,15 @@ def _run_loaded(args, policy, samples, tasks) -> int:
 
 
 def _load_quietly(args, dtype):
-    """load_model, without transformers' weight-loading bar under --no-progress."""
+    """load_model, without transformers' weight-loading bar under --no-progress (or on
+    ranks other than 0)."""
     from transformers.utils import logging as hf_logging
 
+    from dop import distributed
     from dop.evaluate.loading import load_model
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    if args.no_progress and was_on:
+    quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
+    if quiet:
         hf_logging.disable_progress_bar()
     try:
         return load_model(
@@ -151,7 +160,7 @@ def _load_quietly(args, dtype):
             trust_remote_code=args.trust_remote_code,
         )
     finally:
-        if args.no_progress and was_on:
+        if quiet:
             hf_logging.enable_progress_bar()
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_METAVAR = "shapes:SPLIT[:SEED]|FILE.jsonl|PARQUET|HF_FOLDER|hf:OWNER/NAME[:CONFIG]:SPLIT"
+COLUMNS_HELP = ("Hugging Face data sets: which column plays which role, e.g. question=query,answers=label,"
+                "options=A+B+C+D,task=category (roles: image, question, answers, task, hint, options; "
+                "default: found by name, see docs/eval.md)")
 
 
 def add_model_runtime_options(p) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
+    from .options import COLUMNS_HELP
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -21,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=d.model, metavar="demo|HUB_ID|PATH", help="model (default: demo)")
     p.add_argument("--data", default=d.data, metavar="SPEC", help="validation data for the search (default: shapes:val)")
     p.add_argument("--test-data", default=d.test_data, metavar="SPEC", help="test data (default: shapes:test)")
+    p.add_argument("--columns", default=None, metavar="ROLE=COL,...", help=COLUMNS_HELP)
     p.add_argument("--samples", type=int, default=d.samples, help="validation samples (default: 25)")
     p.add_argument("--test-samples", type=int, default=d.test_samples, help="test samples (default: 200)")
     p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS), metavar="B1,B2",
@@ -53,11 +55,15 @@ def run(args) -> int:
         model=args.model, data=args.data, test_data=args.test_data, samples=args.samples,
         test_samples=args.test_samples, budgets=_split(args.budgets), ranker=args.ranker,
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+        max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
     )
     if not opts.budgets:
         raise ValueError("--budgets: give at least one budget")
     res = run_main_job(opts)
+    from ..distributed import is_main
+
+    if not is_main():
+        return 0  # rank 0 prints the headline
     print()
     print(headline(res))
     print(f"\nreport: {res['out']}/report.md  (pareto.png, policy_map.png, results.json, policies/)")

@@ -17,7 +17,7 @@ import sys
 import time
 
 
-from .options import add_model_runtime_options
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options
 
 
 def register(subparsers) -> None:
@@ -34,8 +34,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
                    help="'demo', a hub id (owner/name) or a local checkpoint folder")
-    p.add_argument("--data", required=True, metavar="shapes:SPLIT[:SEED]|FILE.jsonl",
-                   help="validation data: the synthetic benchmark split, or a JSONL file / folder")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="validation data: the synthetic benchmark split, a JSONL file / folder, or a Hugging "
+                        "Face data set (parquet, save_to_disk folder, hf:OWNER/NAME[:CONFIG]:SPLIT)")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
     p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
     p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
     p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
@@ -109,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     if args.space == "dop" and (groups or kinds):
         raise ValueError("--groups and --kinds apply to --space multigroup only")
     outputs = _outputs(args.output, budgets)
-    for o in outputs:
+    from dop.distributed import is_main
+
+    main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
+    for o in outputs if main_outputs else ():
         _check_folder("-o", o)
-    for flag, path in (("--table", args.table), ("--json", args.json)):
+    for flag, path in (("--table", args.table), ("--json", args.json if main_outputs else None)):
         if path:
             _check_folder(flag, path)
 
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_ranker(args.ranker)
     from dop.evaluate.datasets import load_dataset
 
-    samples = load_dataset(args.data, limit=args.samples)
+    samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
     if args.table and os.path.exists(args.table):
         from dop.search.table import DivergenceTable
 
@@ -140,13 +145,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     import torch
 
+    from dop import distributed
     from dop.commands.eval import _load_quietly, write_json_atomic
     from dop.evaluate.loading import prompt_builder_for
     from dop.search import search
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
-    model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(distributed.device_for(args.device))
     try:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
@@ -161,6 +167,8 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
                   file=sys.stderr)
         raise
     wall = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and prints the summary
     for r, out in zip(result.results, outputs):
         r.policy.to_json(out)
     print(format_summary(result, args, outputs, wall))

@@ -5,6 +5,8 @@ A data set spec is one of
 - ``shapes:SPLIT`` or ``shapes:SPLIT:SEED``: the synthetic benchmark of ``dop.demo.shapes``
   (splits ``train``, ``val``, ``test``; without a seed, the split's default seed). The
   sample count is ``limit`` (default :data:`DEFAULT_SHAPES_SAMPLES`).
+- a Hugging Face data set: parquet files, a ``save_to_disk`` folder or
+  ``hf:OWNER/NAME[:CONFIG]:SPLIT`` (see :mod:`dop.evaluate.hf` for the column mapping).
 - ``FILE.jsonl``, or a folder holding ``data.jsonl`` (what ``dop data export`` writes):
   one JSON object per line with ``image`` (a path relative to the JSONL file, or
   absolute), ``question`` (string), ``answers`` (non-empty list of strings; numbers are
@@ -45,10 +47,22 @@ class Sample:
     image: Any = None
     image_path: str | None = None
     where: str = ""
+    image_bytes: bytes | None = None  # an encoded image (Hugging Face data sets), decoded on first use
+    image_column: str = "image"
 
     def load_image(self):
-        """The image as PIL RGB (opened from ``image_path`` on first use)."""
-        if self.image is None:
+        """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use)."""
+        if self.image is None and self.image_bytes is not None:
+            import io
+
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(io.BytesIO(self.image_bytes)) as im:
+                    self.image = im.convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                raise DatasetError(f"{self.where}, column {self.image_column!r}: not an image ({e})") from None
+        elif self.image is None:
             from PIL import Image, UnidentifiedImageError
 
             try:
@@ -82,25 +96,37 @@ def as_sample(obj: Any, index: int = 0) -> Sample:
     )
 
 
-def load_dataset(spec: str, limit: int | None = None, tasks: Sequence[str] | None = None) -> list[Sample]:
+def load_dataset(spec: str, limit: int | None = None, tasks: Sequence[str] | None = None,
+                 columns: dict[str, str] | str | None = None) -> list[Sample]:
     """Load the data set named by ``spec`` (see the module docstring).
 
     ``tasks`` keeps only those tasks (an unknown one is an error listing the known ones);
-    ``limit`` caps the number of samples. Raises :class:`DatasetError` (a ``ValueError``)
-    with a message naming the offending spec, line or task.
+    ``limit`` caps the number of samples; ``columns`` (a dict or ``"role=column,..."``)
+    names the columns of a Hugging Face data set (:mod:`dop.evaluate.hf`). Raises
+    :class:`DatasetError` (a ``ValueError``) with a message naming the offending spec, line
+    or task.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DatasetError(f"limit must be a positive integer, got {limit!r}")
     spec = str(spec)
     head, _, rest = spec.partition(":")
+    from . import hf
+
+    if isinstance(columns, str):
+        columns = hf.parse_columns(columns)
+    if columns and not hf.is_hf_spec(spec):
+        raise DatasetError(f"--columns applies to Hugging Face data sets (parquet, save_to_disk, hf:), not {spec!r}")
     if head in DATASETS and rest:
         samples = _load_shapes(rest, limit, tasks)
+    elif hf.is_hf_spec(spec):
+        samples = hf.load_hf(spec, limit=limit, tasks=tasks, columns=columns)
     elif os.path.isdir(spec) or spec.endswith(".jsonl") or os.path.isfile(spec):
         samples = load_jsonl(spec, limit=limit, tasks=tasks)
     else:
         raise DatasetError(
             f"unknown data set {spec!r}; known data sets: shapes:SPLIT[:SEED] "
-            f"(splits train, val, test), or a path to a JSONL file (or a folder holding data.jsonl)"
+            f"(splits train, val, test), a path to a JSONL file (or a folder holding data.jsonl), "
+            f"parquet files, a save_to_disk folder, or hf:OWNER/NAME[:CONFIG]:SPLIT"
         )
     if not samples:
         raise DatasetError(f"data set {spec!r} has no samples")
@@ -153,7 +179,9 @@ def load_jsonl(path: str | os.PathLike, limit: int | None = None, tasks: Sequenc
     path = Path(path)
     if path.is_dir():
         if not (path / "data.jsonl").is_file():
-            raise DatasetError(f"data set folder {str(path)!r} holds no data.jsonl")
+            raise DatasetError(
+                f"data set folder {str(path)!r} holds no data.jsonl, parquet files or save_to_disk data set"
+            )
         path = path / "data.jsonl"
     if not path.is_file():
         raise DatasetError(f"data set file {str(path)!r} not found")

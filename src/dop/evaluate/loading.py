@@ -89,14 +89,16 @@ def load_model(
     return model.eval(), processor
 
 
-def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_INSTRUCTION) -> str:
+def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_INSTRUCTION,
+                num_images: int = 1) -> str:
     """The prompt for a real checkpoint: its chat template applied to one user message
-    holding the image and the question (plus the short-answer instruction, unless the
-    question already carries it), with the generation prompt."""
+    holding the image (``num_images`` of them) and the question (plus the short-answer
+    instruction, unless the question already carries it), with the generation prompt."""
     text = question
     if instruction and instruction.lower() not in question.lower():
         text = f"{question}\n{instruction}"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(
             f"{type(processor).__name__} has no chat template; save the processor with one "

@@ -6,9 +6,12 @@ generate greedily, decode the new tokens, score them against the references.
 - **Prefill time** is measured on a separate forward pass over the whole prompt
   (``model(**inputs, use_cache=True, logits_to_keep=1)``, as generation's first step does),
   timed with ``time.perf_counter`` around the call (CUDA synchronised on both sides),
-  under ``torch.inference_mode``. The first sample of a run is a warm-up and is left out
-  of the mean when there are others. The pass costs one extra prefill per sample;
-  ``time_prefill=False`` skips it.
+  under ``torch.inference_mode``. The first sample of a run (of each rank's share, under
+  torch.distributed) is a warm-up and is left out of the mean when there are others. The
+  pass costs one extra prefill per sample; ``time_prefill=False`` skips it.
+- Under a process group of several ranks (:mod:`dop.distributed`) each rank runs its share
+  of the samples and the per-sample results are gathered in sample order, so every figure
+  but the times is one process's.
 - **FLOPs** come from ``dop.count_flops`` in both conventions (``dop``: all decoder
   matrix products of the prefill; ``paper``: the published token-pruning formula) for
   each sample's measured visual-token count (per image, through the family's adapter)
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -240,8 +242,7 @@ def evaluate(
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
-    from tqdm.auto import tqdm
-
+    from dop import distributed as dd
     from dop.models import get_adapter
 
     adapter = get_adapter(model)
@@ -267,14 +268,16 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
     else:
         ctx, ranker_name = nullcontext(), None
 
+    mine = dd.shard(len(samples))  # this rank's samples (all of them in one process)
     results: list[SampleResult] = []
     t_start = time.perf_counter()
-    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False)
+    bar = dd.JobProgress(len(samples), desc=desc, unit="sample", disable=not progress)
     correct = 0.0
     extra = {"logits_to_keep": 1} if accepts_keep else {}
     with ctx, torch.inference_mode():
-        for first in range(0, len(samples), batch_size):
-            chunk = samples[first:first + batch_size]
+        for first in range(0, len(mine), batch_size):
+            ids = list(mine[first:first + batch_size])
+            chunk = [samples[i] for i in ids]
             inputs, prompts = _batch_inputs(processor, build_prompt, chunk, param)
             input_ids = inputs["input_ids"]
             counts = _row_counts(adapter, inputs, len(chunk))
@@ -293,8 +296,7 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
                 prefill_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)  # per sample of the batch
             out = model.generate(**inputs, generation_config=gen_cfg)
             mask = inputs.get("attention_mask")
-            for row, (s, c) in enumerate(zip(chunk, counts)):
-                i = first + row
+            for row, (i, s, c) in enumerate(zip(ids, chunk, counts)):
                 new = out[row, input_ids.shape[1]:]
                 prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
                 score = vqa_accuracy(prediction, s.answers)
@@ -307,14 +309,17 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
                 ))
             bar.update(len(chunk))
             if progress:
-                bar.set_postfix(acc=f"{correct / len(results):.3f}", refresh=False)
+                bar.set_postfix(acc=f"{correct / len(results):.3f}")
+    bar.wait(len(samples))
     bar.close()
+    times = [r.prefill_ms for r in results if r.prefill_ms is not None]
+    if len(times) > 1:
+        times = times[1:]  # the first sample (of each rank) warms up caches and kernels
+    times = [t for part in dd.all_gather(times) for t in part]
+    results = dd.gather_ordered({r.index: r for r in results}, len(samples))
     wall = time.perf_counter() - t_start
 
     tasks = score_tasks(r.to_dict() for r in results)
-    times = [r.prefill_ms for r in results if r.prefill_ms is not None]
-    if len(times) > 1:
-        times = times[1:]  # the first sample warms up caches and kernels
     per_sample = [flops_of(r.visual_counts, r.num_text_tokens) for r in results]
     flops = {
         conv: {

@@ -29,22 +29,31 @@ class Stages:
         return self.dir / f"{name}.json"
 
     def run(self, name: str, fn: Callable[[], Any], key: Any = None) -> Any:
+        """Under several ranks (dop/distributed.py) rank 0's files decide for every rank, and
+        only rank 0 writes them; ``fn`` runs on every rank (it shares its work)."""
+        from .. import distributed as dd
+
         path = self.path(name)
-        if path.exists():
+        saved = None
+        if path.exists() and dd.is_main():
             try:
                 saved = json.loads(path.read_text())
             except json.JSONDecodeError:
                 saved = None
-            if saved is not None and saved.get("key") == _normal(key):
-                self.reused.append(name)
-                self.times[name] = saved.get("seconds", 0.0)
-                self.log(f"[{name}] reused from {path}")
-                return saved["result"]
+            if saved is not None and saved.get("key") != _normal(key):
+                saved = None
+        saved = dd.broadcast(saved)
+        if saved is not None:
+            self.reused.append(name)
+            self.times[name] = saved.get("seconds", 0.0)
+            self.log(f"[{name}] reused from {path}")
+            return saved["result"]
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
         self.times[name] = seconds
-        write_json_atomic(path, {"key": _normal(key), "seconds": seconds, "result": result})
+        if dd.is_main():
+            write_json_atomic(path, {"key": _normal(key), "seconds": seconds, "result": result})
         return json.loads(json.dumps(result, default=_default))
 
 

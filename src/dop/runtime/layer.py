@@ -93,6 +93,8 @@ class PrunedForward:
             q_pos = torch.where(rq.valid, _gather(cols, rq), -1)
             out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
                                      counts=rq.valid.sum(1), eager_fn=self.eager)
+            if _attentions_requested(attn):
+                _report_attentions(attn, h, q, k, q_pos, kv_pos, rq, st.past + S)
             h = _add_rows(h, rq, out, meaningful, attn.o_proj)
 
         # -- MLP on its rows
@@ -124,6 +126,40 @@ class PrunedForward:
                                  counts=None, eager_fn=self.eager)
         h = h + attn.o_proj(out) * meaningful[..., None].to(h.dtype)
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _attentions_requested(attn) -> bool:
+    """True when the model is collecting attention weights (``output_attentions=True``):
+    transformers records them with forward hooks on the attention modules."""
+    if not attn._forward_hooks:
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers layout: report whenever someone listens
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _report_attentions(attn, h, q, k, q_pos, kv_pos, rq: RowSet, columns: int) -> None:
+    """Hand the attention module's forward hooks the weights of the pruned layer, laid out as
+    the unpruned model's (B, heads, new tokens, columns): a kept query's row holds its
+    softmax over the keys it may see; rows of skipped queries and columns of keys the layer
+    does not hold are zero (docs/design.md, "Hidden states and attentions")."""
+    from .attention import visible
+
+    B, H, Mq, _ = q.shape
+    kk = k.repeat_interleave(H // k.shape[1], dim=1)
+    allowed = visible(q_pos, kv_pos, getattr(attn, "sliding_window", None))[:, None]
+    scores = (q @ kk.transpose(-1, -2)) * attn.scaling
+    probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype) * allowed
+    per_query = probs.new_zeros((B, H, Mq, columns))
+    per_query.scatter_add_(3, kv_pos.clamp(min=0)[:, None, None, :].expand(-1, H, Mq, -1), probs)
+    weights = probs.new_zeros((B, H, h.shape[1], columns))
+    weights.scatter_(2, rq.index[:, None, :, None].expand(-1, H, -1, columns), per_query)
+    for hook in list(attn._forward_hooks.values()):
+        hook(attn, (h,), (None, weights))
 
 
 def _on(rows: RowSet, device) -> RowSet:

@@ -116,6 +116,7 @@ def search(
     ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
+    from .. import distributed as dd
     from ..models import get_adapter
     from ..rankers import resolve_ranker
 
@@ -153,7 +154,7 @@ def search(
     path = table if isinstance(table, str) else None
     tab = table if isinstance(table, DivergenceTable) else None
     t_table = time.perf_counter()
-    if tab is None or not tab.complete:
+    if tab is None or not tab.complete or dd.is_distributed():  # the ranks pool their checkpoints there
         tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive,
                           batch_size=batch_size)
     else:
@@ -185,8 +186,9 @@ def search(
             if refs is None:
                 from ..runtime.replay import last_logits
 
+                mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
                 with torch.inference_mode():
-                    refs = [last_logits(model, s.inputs) for s in prepared]
+                    refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
             res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, ranker, seed, progress)
             policy.meta["true_divergence"] = res.verification.chosen_true
             t_verify += time.perf_counter() - tv

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -70,6 +70,15 @@ class DivergenceTable:
 
     def set(self, name: str, value: int, sample: int, kl: float) -> None:
         self.entries[name][value][sample] = float(kl)
+
+    def merge_values(self, other: "DivergenceTable") -> None:
+        """Fill this table's missing entries from ``other`` (a table of the same search)."""
+        for name, vals in other.entries.items():
+            for v, per in vals.items():
+                mine = self.entries[name][v]
+                for i, x in enumerate(per):
+                    if mine[i] is None and x is not None:
+                        mine[i] = x
 
     def missing(self) -> int:
         return sum(x is None for vals in self.entries.values() for per in vals.values() for x in per)
@@ -153,12 +162,12 @@ def build_table(
     """Fill (or finish) the divergence table. ``path``: load it if present (resume), save as it
     fills. ``naive=True`` runs every entry as a full forward (for tests and comparisons).
     ``on_entry(n_done)`` is called after each new entry. ``batch_size`` samples run together
-    (padded on the left); the entries equal batch size 1's and the layer counts are per sample."""
-    from tqdm.auto import tqdm
+    (padded on the left); the entries equal batch size 1's and the layer counts are per sample.
 
-    from ..models import get_adapter
-    from ..runtime import apply_policy
-    from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
+    Under a process group of several ranks (:mod:`dop.distributed`) each rank fills the rows
+    of its share of the samples and the rows are gathered on every rank (see
+    :func:`_build_sharded`)."""
+    from .. import distributed as dd
 
     n = len(prepared)
     if table is None and path and os.path.exists(path):
@@ -168,14 +177,118 @@ def build_table(
         table = DivergenceTable.empty(key, space, n)
     else:
         table.check_key(key)
+    if dd.is_distributed():
+        return _build_sharded(model, prepared, space, ranker, key, table, path, naive, progress, checkpoint_s,
+                              on_entry, batch_size)
+    bar = dd.JobProgress(table.total(), table.total() - table.missing(), desc="divergence table", unit="entry",
+                         disable=not progress)
+    _fill(model, prepared, space, ranker, table, range(n), path, naive, bar, checkpoint_s, on_entry,
+          batch_size=batch_size)
+    return table
+
+
+def layer_evals_per_sample(space: Space, ranker=None) -> tuple[int, int]:
+    """Decoder-layer evaluations the table spends on one sample computed from scratch, and
+    the naive count (every entry a full forward): exactly what :func:`build_table` adds up,
+    so the cost of a search can be priced before it runs (docs/scaling.md)."""
+    L = space.num_layers
+    starts = [p.start_layer(v) for p in space.params for v in p.measured]
+    probe = _probe_layers(L, ranker) if any(s > 0 for s in starts) else 0
+    return L + probe + sum(L - s for s in starts), L + L * len(starts)
+
+
+def _probe_layers(L: int, ranker) -> int:
+    """Layers run once per sample to capture the ranking (up to the ranker's last re-ranking layer)."""
+    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
+    return min(max([0, *ranker_layers]) + 1, L - 1)
+
+
+def rank_path(path: str, rank: int) -> str:
+    """The checkpoint of one rank's rows beside the table file: ``table.rank<r>.json``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext or '.json'}"
+
+
+def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progress, checkpoint_s, on_entry,
+                   batch_size=1):
+    """The table of several ranks (issue 14). Rank r computes the missing entries of samples
+    r, r+W, ... and checkpoints them in its own file (:func:`rank_path`), which holds every
+    value the rank knows and the model work that rank did; at the start the ranks pool what
+    the table file and the rank files they see hold (so a resumed job, even with ranks placed
+    on other nodes or another number of them, or a finished table on rank 0's disk only,
+    costs nothing twice), at the end the rows are gathered on every rank and rank 0 writes the
+    table file and the rank files are removed. Per-sample values do not depend on which
+    rank computed them, so the table equals one process's; layer evaluations add up over
+    the ranks (each counts what its own file records), wall time is the slowest rank's."""
+    from .. import distributed as dd
+
+    n = len(prepared)
+    own_path = rank_path(path, dd.rank()) if path else None
+    own = DivergenceTable.empty(key, space, n)
+    if own_path and os.path.exists(own_path):
+        own = DivergenceTable.load(own_path)
+        own.check_key(key, f"table file {own_path!r}")
+    own.merge_values(base)
+    for r, other in _rank_files(path).items() if path else ():  # other ranks' files on this disk
+        if r != dd.rank():
+            t = DivergenceTable.load(other)
+            t.check_key(key, f"table file {other!r}")
+            own.merge_values(t)
+    for entries in dd.all_gather(own.entries):
+        own.merge_values(DivergenceTable(key, n, entries))
+    missing = own.missing()
+    bar = dd.JobProgress(own.total(), own.total() - missing, desc="divergence table", unit="entry",
+                         disable=not progress)
+    try:
+        _fill(model, prepared, space, ranker, own, dd.shard(n), own_path, naive, bar, checkpoint_s, on_entry,
+              close=False, batch_size=batch_size)
+        bar.wait(missing)
+    finally:
+        bar.close()
+    parts = dd.all_gather((own.entries, own.layer_evals, own.naive_layer_evals, own.wall_s,
+                           base.layer_evals, base.naive_layer_evals, base.wall_s))
+    table = DivergenceTable(key, n, own.entries)
+    for entries, *_ in parts:
+        table.merge_values(DivergenceTable(key, n, entries))
+    table.layer_evals = max(p[4] for p in parts) + sum(p[1] for p in parts)
+    table.naive_layer_evals = max(p[5] for p in parts) + sum(p[2] for p in parts)
+    table.wall_s = max(p[6] for p in parts) + max(p[3] for p in parts)
+    if path and dd.is_main():
+        table.save(path)
+    dd.barrier()  # the table file is written: the rank files are no longer needed
+    for f in _rank_files(path).values() if path else ():  # every one this machine sees, stale ones too
+        try:
+            os.remove(f)
+        except FileNotFoundError:  # another rank on this file system was first
+            pass
+    return table
+
+
+def _rank_files(path: str) -> dict[int, str]:
+    """The rank files of the table file ``path`` that this machine sees, by rank."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(os.path.basename(path))
+    pattern = re.compile(re.escape(root) + r"\.rank([0-9]+)" + re.escape(ext or ".json"))
+    found = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        m = pattern.fullmatch(name)
+        if m:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    return found
+
+
+def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, checkpoint_s, on_entry,
+          close: bool = True, batch_size: int = 1) -> None:
+    """Compute the missing entries of samples ``indices`` into ``table``, saving it to
+    ``path`` every ``checkpoint_s`` seconds and at the end (also on error)."""
+    from ..models import get_adapter
+    from ..runtime import apply_policy
+    from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
+
     adapter = get_adapter(model)
     L = adapter.num_layers
     params = list(space.params)
-    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
-    probe_layers = min(max([0, *ranker_layers]) + 1, L - 1)
-    missing = table.missing()
-    bar = tqdm(total=table.total(), initial=table.total() - missing, desc="divergence table", unit="entry",
-               disable=not progress, file=sys.stderr, leave=False)
+    probe_layers = _probe_layers(L, ranker)
     t0, last_save, done = time.perf_counter(), time.perf_counter(), 0
     wall0 = table.wall_s
     if int(batch_size) < 1:
@@ -183,8 +296,9 @@ def build_table(
     pad_id = pad_token_id(model)
     try:
         with torch.inference_mode():
-            for first in range(0, n, int(batch_size)):
-                rows = list(range(first, min(n, first + int(batch_size))))
+            indices = list(indices)
+            for first in range(0, len(indices), int(batch_size)):
+                rows = indices[first:first + int(batch_size)]
                 todo = [(p, v) for p in params for v in p.measured
                         if any(table.get(p.name, v, i) is None for i in rows)]
                 if not todo:
@@ -224,11 +338,11 @@ def build_table(
                         table.save(path)
                         last_save = time.perf_counter()
     finally:
-        bar.close()
+        if close:
+            bar.close()
         table.wall_s = wall0 + time.perf_counter() - t0
         if path:
             table.save(path)
-    return table
 
 
 def _resolved(ranker):

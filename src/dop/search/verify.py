@@ -102,19 +102,36 @@ def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int =
     return lo, pol(lo)
 
 
+def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, policy, ranker) -> tuple[float, list[float]]:
+    """:func:`true_divergence` with the samples shared among the ranks (:mod:`dop.distributed`):
+    each rank runs its share (``refs`` may hold None elsewhere), the per-sample values are
+    gathered in sample order, so the mean is one process's."""
+    from .. import distributed as dd
+
+    mine = dd.shard(len(prepared))
+    per = []
+    if mine:
+        _, per = true_divergence(model, [prepared[i] for i in mine], [refs[i] for i in mine], policy, ranker)
+    per = dd.gather_ordered(dict(zip(mine, per)), len(prepared))
+    return sum(per) / len(per), per
+
+
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
            k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
     from tqdm.auto import tqdm
 
+    from .. import distributed as dd
+
     cost = solver.cost
     assigns = random_feasible(space, solver, solution.limit, k, seed)
-    bar = tqdm(total=len(assigns) + 3, desc="verify", unit="policy", disable=not progress, file=sys.stderr, leave=False)
-    chosen_true, _ = true_divergence(model, prepared, refs, solution.policy, ranker)
+    bar = tqdm(total=len(assigns) + 3, desc="verify", unit="policy", disable=not progress or not dd.is_main(),
+               file=sys.stderr, leave=False)  # the ranks go policy by policy together
+    chosen_true, _ = sharded_true_divergence(model, prepared, refs, solution.policy, ranker)
     bar.update(1)
     rows = []
     for a in assigns:
         pol = space.policy(a)
-        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        t, _ = sharded_true_divergence(model, prepared, refs, pol, ranker)
         rows.append({"assign": a, "proxy": solver.proxy_of(a), "true": t, "cost": cost.policy_cost(pol)})
         bar.update(1)
     rho, pval = _spearman(rows)
@@ -122,11 +139,11 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
     found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
     if found is not None:
         n, pol = found
-        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        t, _ = sharded_true_divergence(model, prepared, refs, pol, ranker)
         tp = {"n_keep": n, "policy": pol.to_dict(), "cost": cost.policy_cost(pol), "true": t}
     bar.update(1)
     blind_policy = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
-    blind, _ = true_divergence(model, prepared, refs, blind_policy, ranker)
+    blind, _ = sharded_true_divergence(model, prepared, refs, blind_policy, ranker)
     bar.update(1)
     bar.close()
     return Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)

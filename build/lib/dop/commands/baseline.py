@@ -1,0 +1,83 @@
+"""`dop baseline`: write the policy (and ranker) that reproduces a published token pruner.
+
+    dop baseline fastv --model llava-1.5-7b --tokens 64 -o fastv64.json
+    dop baseline vispruner --model demo --budget-tokens 64 -o vis.json
+    dop baseline pdrop --model llava-1.5-7b --ratio 0.5 --layers 8-16-24 -o pdrop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..baselines import METHODS
+
+    p = subparsers.add_parser(
+        "baseline",
+        help="policy + ranker of a published token-pruning method",
+        description=(
+            "Write the dop policy that reproduces a token-pruning method: pruning before the LLM "
+            "(vispruner, cdpruner, random, spatial), FastV and DART (all tokens through K layers), "
+            "PyramidDrop (stages). Give a kept-token count (--tokens), a FLOPs budget (--budget, "
+            "a fraction of the unpruned decoder; --budget-tokens N: as cheap as keeping N visual "
+            "tokens at every layer), or for pdrop its --ratio. FLOPs come from count_flops; no "
+            "weights are loaded."
+        ),
+    )
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--model", required=True, help="a preset name, 'demo', a checkpoint folder or a hub id (config only)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokens", type=int, help="visual tokens kept per image (FastV/DART: from layer K on)")
+    g.add_argument("--budget", type=float, help="FLOPs budget: fraction of the unpruned decoder's prefill FLOPs")
+    g.add_argument("--budget-tokens", type=int, metavar="N", help="budget of keeping N visual tokens at every layer")
+    g.add_argument("--ratio", type=float, help="pdrop: fraction lambda kept at each stage")
+    p.add_argument("--convention", choices=("paper", "dop"), default="paper",
+                   help="FLOPs convention a --budget is measured in (default: paper)")
+    p.add_argument("--visual-tokens", type=int, help="visual tokens per image (default: the model's typical count)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens, for the dop convention (default: 64)")
+    p.add_argument("-K", "--K", dest="K", type=int, default=2, help="fastv/dart: layers run on every token (default 2)")
+    p.add_argument("--layers", help="pdrop: stage layers, e.g. 8-16-24 (default: the decoder's quarter points)")
+    p.add_argument("--important-ratio", type=float, default=0.5, help="vispruner: share of important tokens (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="random: seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="policy JSON file to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..baselines import baseline
+    from ..flops import budget_from_tokens
+
+    if args.ratio is not None and args.method != "pdrop":
+        raise ValueError("--ratio applies to pdrop only; give --tokens or --budget")
+    if args.method == "pdrop" and args.tokens is not None:
+        raise ValueError("pdrop keeps a ratio per stage: give --ratio, --budget or --budget-tokens")
+    budget = args.budget
+    if args.budget_tokens is not None:
+        from ..baselines import _arch
+
+        budget = budget_from_tokens(_arch(args.model), args.budget_tokens, args.visual_tokens)
+        if args.convention != "paper":
+            raise ValueError("--budget-tokens is defined in the paper convention; leave --convention at paper")
+    kw = dict(convention=args.convention, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens)
+    if args.method == "pdrop":
+        kw.update(ratio=args.ratio, budget=budget, layers=args.layers)
+    else:
+        kw.update(tokens=args.tokens, budget=budget)
+        if args.method in ("fastv", "dart"):
+            kw["K"] = args.K
+        elif args.method == "vispruner":
+            kw["important_ratio"] = args.important_ratio
+        elif args.method == "random":
+            kw["seed"] = args.seed
+    policy, spec = baseline(args.method, args.model, **kw)
+    if args.budget_tokens is not None:
+        policy.meta["budget_tokens"] = args.budget_tokens
+    policy.to_json(args.output)
+    m = policy.meta
+    what = f"ratio {m['ratio']:g}" if args.method == "pdrop" else f"{m['kept_tokens']}/{m['visual_tokens']} tokens"
+    ff = m["flops_fraction"]
+    print(f"{args.method}: {what}, ranker {spec}; decoder FLOPs {ff['paper']:.4f} (paper) / {ff['dop']:.4f} (dop) "
+          f"of unpruned -> {args.output}", file=sys.stdout)
+    return 0

@@ -1,0 +1,284 @@
+"""`dop eval`: accuracy, FLOPs and prefill time of a model, pruned or not, on a data set.
+
+    dop eval --model demo --data shapes:test
+    dop eval --model demo --data shapes:test --policy policy.json --ranker vispruner --json out.json
+    dop eval --model llava-hf/llava-1.5-7b-hf --data my_vqa/data.jsonl --limit 200
+
+Everything that can be checked is checked before the first sample is run (data set lines,
+image files, policy file, model name, policy layer count, output folder); ``--json`` is
+written atomically (temporary file + rename), so a failed run leaves no half-written file.
+The JSON schema is documented in docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+
+from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options  # noqa: E402
+
+FORMAT = "dop-eval/1"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy, FLOPs and prefill time on a data set, pruned or not",
+        description=(
+            "Greedy generation at batch size 1 over a data set; prints accuracy per task "
+            "(F1 for yes/no tasks), the average, Rel. Avg. against the unpruned model when a "
+            "policy is given, decoder FLOPs in both conventions and the mean prefill time."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
+                   help="'demo', a hub id (owner/name) or a local checkpoint folder")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="the synthetic benchmark split, a JSONL file (or folder holding data.jsonl), or a "
+                        "Hugging Face data set: parquet files, a save_to_disk folder or a hub id with a split")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
+    p.add_argument("--policy", metavar="FILE", help="a dop-policy/1 JSON file to apply")
+    p.add_argument("--ranker", metavar="NAME", help="visual-token ranker (overrides the policy's)")
+    p.add_argument("--tasks", metavar="T1,T2", help="only these tasks (comma-separated)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="evaluate the first N samples (shapes: generate N; default 300)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="K",
+                   help="generation length cap (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="torch seed set before each pass, for random rankers (default 0); "
+                        "the shapes data seed is part of --data")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="with --policy, skip the unpruned pass (no Rel. Avg.)")
+    p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file (docs/eval.md)")
+    add_model_runtime_options(p)
+    p.set_defaults(func=run)
+
+
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--json {path!r}: folder {folder!r} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    # ---- checks that need nothing loaded
+    if args.ranker and not args.policy:
+        raise ValueError("--ranker applies only together with --policy")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    if args.json:
+        _check_output(args.json)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+
+    from dop.policy import Policy
+
+    policy = Policy.from_json(args.policy) if args.policy else None
+    if policy is not None:
+        from dop.rankers import resolve_ranker
+
+        resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
+
+    from dop.evaluate.datasets import load_dataset
+
+    samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
+
+    # ---- the model, then the policy against it, still before any sample is run
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_loaded(args, policy, samples, tasks)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called in-process
+
+
+def _run_loaded(args, policy, samples, tasks) -> int:
+    import torch
+
+    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
+    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
+
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = _load_quietly(args, dtype)
+    model = model.to(device)
+    if policy is not None:
+        policy = policy.check_layers(num_decoder_layers(model))
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+
+    result = evaluate(
+        model, processor, samples, policy=policy, ranker=args.ranker, max_new_tokens=max_new,
+        progress=not args.no_progress, build_prompt=prompt_builder_for(args.model),
+        run_baseline=not args.no_baseline, seed=args.seed,
+    )
+
+    print(format_report(result, model=args.model, data=args.data, policy_file=args.policy))
+    if args.json:
+        doc = to_json_document(
+            result, model=args.model, data=args.data, policy_file=args.policy,
+            max_new_tokens=max_new, seed=args.seed, limit=args.limit, tasks=tasks,
+            device=device, dtype=args.dtype,
+        )
+        write_json_atomic(args.json, doc)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _load_quietly(args, dtype):
+    """load_model, without transformers' weight-loading bar under --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    from dop.evaluate.loading import load_model
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if args.no_progress and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model(
+            args.model, attn_implementation=args.attn_implementation, dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+    finally:
+        if args.no_progress and was_on:
+            hf_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------- report
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100.0 * x:.1f}%"
+
+
+def _flops(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} FLOPs"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} ms"
+
+
+def format_report(result, *, model: str, data: str, policy_file: str | None = None) -> str:
+    """The table ``dop eval`` prints."""
+    base = result.baseline
+    pruned = result.policy is not None
+    lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
+    if pruned:
+        ranker = result.ranker or result.policy.ranker or "default"
+        shown = "(inline JSON)" if policy_file and policy_file.lstrip().startswith("{") else policy_file
+        lines.append(f"policy {shown or '(given)'}   ranker {ranker}")
+    lines.append("")
+    cols = ["task", "n", "accuracy", "F1"]
+    if base is not None:
+        cols += ["unpruned", "unpr. F1", "ratio"]
+    rows = []
+    for t, s in result.tasks.items():
+        row = [t, str(s.n), _pct(s.accuracy), _pct(s.f1) if s.yes_no else ""]
+        if base is not None:
+            b = base.tasks[t]
+            ratio = s.accuracy / b.accuracy if b.accuracy > 0 else None
+            row += [_pct(b.accuracy), _pct(b.f1) if b.yes_no else "", _pct(ratio)]
+        rows.append(row)
+    avg = ["average", str(len(result.samples)), _pct(result.average), ""]
+    if base is not None:
+        avg += [_pct(base.average), "", ""]
+    rows.append(avg)
+    if base is not None:
+        rows.append(["Rel. Avg.", "", _pct(result.rel_avg), "", "", "", ""])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+
+    def fmt(r):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+    lines.append(fmt(cols))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt(r) for r in rows[:-1 - (base is not None)]]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt(r) for r in rows[len(result.tasks):]]
+    lines.append("")
+
+    # costs: pruned vs unpruned side by side when both exist
+    heads = ["cost", "pruned" if pruned else "model"] + (["unpruned", "ratio"] if base is not None else [])
+    cost_rows = []
+
+    def add(name, a, b, f):
+        row = [name, f(a)]
+        if base is not None:
+            row += [f(b), f"{a / b:.3f}" if a is not None and b else "-"]
+        cost_rows.append(row)
+
+    fl, bfl = result.flops or {}, (base.flops if base is not None else None) or {}
+    for conv in ("dop", "paper"):
+        add(f"decoder FLOPs ({conv})", fl.get(conv, {}).get("decoder"), bfl.get(conv, {}).get("decoder"), _flops)
+    add("total FLOPs (dop)", fl.get("dop", {}).get("total"), bfl.get("dop", {}).get("total"), _flops)
+    add("mean prefill time", result.prefill_ms, base.prefill_ms if base is not None else None, _ms)
+    add("visual tokens / image", result.num_visual_tokens, base.num_visual_tokens if base is not None else None,
+        lambda x: "-" if x is None else f"{x:.1f}")
+    cw = [max(len(h), *(len(r[i]) for r in cost_rows)) for i, h in enumerate(heads)]
+    lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(heads, cw))))
+    lines.append("  ".join("-" * w for w in cw))
+    for r in cost_rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, cw))))
+    return "\n".join(lines)
+
+
+def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, limit, tasks,
+                     device, dtype) -> dict:
+    """The ``--json`` document (schema ``dop-eval/1``, see docs/eval.md)."""
+    import platform
+
+    import torch
+    import transformers
+
+    import dop
+
+    doc = {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "data": data,
+        "tasks_filter": tasks,
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        # null for inline policy JSON: the policy itself is under "policy"
+        "policy_file": None if policy_file and policy_file.lstrip().startswith("{") else policy_file,
+    }
+    doc.update(result.to_dict())
+    base = result.baseline
+    if base is not None:
+        b = base.to_dict()
+        for k in ("policy", "ranker", "rel_avg"):
+            b.pop(k, None)
+        doc["unpruned"] = b
+    else:
+        doc["unpruned"] = None
+    doc["environment"] = {
+        "dop": dop.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return doc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from dop.cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

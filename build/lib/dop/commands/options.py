@@ -1,0 +1,21 @@
+"""Options shared by the commands that load a model (`dop eval`, `dop search`)."""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_METAVAR = "shapes:SPLIT[:SEED]|FILE.jsonl|PARQUET|HF_FOLDER|hf:OWNER/NAME[:CONFIG]:SPLIT"
+COLUMNS_HELP = ("Hugging Face data sets: which column plays which role, e.g. question=query,answers=label,"
+                "options=A+B+C+D,task=category (roles: image, question, answers, task, hint, options; "
+                "default: found by name, see docs/eval.md)")
+
+
+def add_model_runtime_options(p) -> None:
+    """--device, --dtype, --attn-implementation, --trust-remote-code, --threads, --no-progress."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--attn-implementation", default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own code to run (off by default)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,83 @@
+"""`dop run`: the main job. Searches DOP policies from a few validation samples, builds the
+token-pruning baselines at the same FLOPs budgets, evaluates all of them and the unpruned
+model on a test split, and writes a report (report.md, pareto.png, policy_map.png,
+results.json, every policy file). Rerun with the same --out to reuse finished stages.
+
+    dop run                                   # the bundled demo model, defaults below
+    dop run --model llava-hf/llava-1.5-7b-hf --data my_val.jsonl --test-data my_test.jsonl
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
+    from .options import COLUMNS_HELP
+
+    d = RunOptions()
+    p = subparsers.add_parser(
+        "run", help="the main job: search, apply, compare with token pruners, report",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", default=d.model, metavar="demo|HUB_ID|PATH", help="model (default: demo)")
+    p.add_argument("--data", default=d.data, metavar="SPEC", help="validation data for the search (default: shapes:val)")
+    p.add_argument("--test-data", default=d.test_data, metavar="SPEC", help="test data (default: shapes:test)")
+    p.add_argument("--columns", default=None, metavar="ROLE=COL,...", help=COLUMNS_HELP)
+    p.add_argument("--samples", type=int, default=d.samples, help="validation samples (default: 25)")
+    p.add_argument("--test-samples", type=int, default=d.test_samples, help="test samples (default: 200)")
+    p.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS), metavar="B1,B2",
+                   help="FLOPs budgets: fractions of decoder FLOPs (0.14), percentages (14%%) or tokens:N / "
+                        "tokens:a/b (as many FLOPs as keeping N tokens, or that share; default: "
+                        "tokens:1/9,tokens:2/9,tokens:1/3)")
+    p.add_argument("--ranker", default=d.ranker, help="ranker for the DOP policies (default: vispruner)")
+    p.add_argument("--space", default=",".join(DEFAULT_SPACES), metavar="S1,S2",
+                   help="search spaces (default: dop,multigroup)")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), metavar="M1,M2",
+                   help="token-pruning baselines to compare with ('none' for none)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<timestamp>/)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    return () if items == ("none",) else items
+
+
+def run(args) -> int:
+    from ..pipeline import RunOptions, run_main_job
+
+    if args.samples < 1 or args.test_samples < 1:
+        raise ValueError("--samples and --test-samples must be at least 1")
+    opts = RunOptions(
+        model=args.model, data=args.data, test_data=args.test_data, samples=args.samples,
+        test_samples=args.test_samples, budgets=_split(args.budgets), ranker=args.ranker,
+        spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
+    )
+    if not opts.budgets:
+        raise ValueError("--budgets: give at least one budget")
+    res = run_main_job(opts)
+    print()
+    print(headline(res))
+    print(f"\nreport: {res['out']}/report.md  (pareto.png, policy_map.png, results.json, policies/)")
+    return 0
+
+
+def headline(res: dict) -> str:
+    lines = [f"{'budget':<24} {'method':<22} {'FLOPs':>7} {'avg':>6} {'Rel.Avg':>8} {'prefill ms':>10}"]
+    u = res["unpruned"]
+    lines.append(f"{'-':<24} {'unpruned':<22} {'100.0%':>7} {100 * u['average']:6.1f} {'100.0':>8} "
+                 f"{u['prefill_ms'] or 0:10.1f}")
+    for b in res["budgets"]:
+        for m in b["methods"]:
+            ff, ra = m["flops_fraction"], m["rel_avg"]
+            ff_s = "-" if ff is None else f"{100 * ff:.1f}%"
+            ra_s = "-" if ra is None else f"{100 * ra:.1f}"
+            lines.append(
+                f"{b['label']:<24} {m['method']:<22} {ff_s:>7} {100 * m['average']:6.1f} {ra_s:>8} "
+                f"{m['prefill_ms'] or 0:10.1f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""`dop search`: find the policy closest to the unpruned model under a FLOPs budget.
+
+    dop search --model demo --data shapes:val --samples 25 --budget 0.14 --ranker vispruner -o policy.json
+    dop search --model demo --data shapes:val --budgets 0.1,0.14,0.25 --table table.json -o policy.json
+    dop search --model llava-hf/llava-1.5-7b-hf --data val.jsonl --budget tokens:64 --space multigroup --verify 50
+
+With several budgets, ``-o policy.json`` becomes ``policy.<budget>.json`` per budget (or put
+``{budget}`` in the name). ``--table`` checkpoints the divergence table as it fills; running
+the same command again resumes it (or, once complete, solves new budgets at no model cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options
+
+
+def register(subparsers) -> None:
+    from dop.search.cost import BUDGET_HELP
+
+    p = subparsers.add_parser(
+        "search",
+        help="search a pruning policy under a FLOPs budget (first-token KL, additive proxy, exact solver)",
+        description=(
+            "Measure each policy parameter's first-token KL divergence alone on validation samples "
+            "(the additive proxy), then pick exactly the policy with the least summed divergence whose "
+            "decoder FLOPs fit the budget."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
+                   help="'demo', a hub id (owner/name) or a local checkpoint folder")
+    p.add_argument("--data", required=True, metavar=DATA_METAVAR,
+                   help="validation data: the synthetic benchmark split, a JSONL file / folder, or a Hugging "
+                        "Face data set (parquet, save_to_disk folder, hf:OWNER/NAME[:CONFIG]:SPLIT)")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
+    p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
+    p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
+    p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
+    p.add_argument("--space", default="dop", choices=("dop", "multigroup"),
+                   help="dop: n_v, D_attn, D_mlp (the paper's); multigroup: one depth per (op kind, rank group)")
+    p.add_argument("--groups", metavar="F1,F2,...",
+                   help="multigroup: cumulative group fractions (default 0.125,0.25,0.5,1)")
+    p.add_argument("--kinds", metavar="K1,K2,...", help="multigroup: op kinds, attn,mlp (default) or attn_q,attn_kv,mlp")
+    p.add_argument("--stride", type=int, default=1, metavar="S",
+                   help="measure every S-th depth and interpolate in between (default 1: all depths)")
+    p.add_argument("--nv-stride", type=int, default=None, metavar="S",
+                   help="dop: measure every S-th n_v and interpolate (default: about 32 points)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="M",
+                   help="the top-M ranked visual tokens are processed by every module at every layer")
+    p.add_argument("--convention", default="dop", choices=("dop", "paper"),
+                   help="FLOPs convention of fraction/TFLOPs budgets (tokens:N budgets are always paper)")
+    p.add_argument("--ranker", default="vispruner", metavar="NAME", help="visual-token ranker (default vispruner)")
+    p.add_argument("-o", "--output", required=True, metavar="policy.json", help="where to write the policy")
+    p.add_argument("--table", metavar="table.json", help="checkpoint / resume the divergence table here")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="measure the true divergence of the chosen policy, K random feasible ones (Spearman) "
+                        "and token pruning at the same budget")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
+    p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
+    add_model_runtime_options(p)
+    p.set_defaults(func=run)
+
+
+def _outputs(path: str, budgets: list[str]) -> list[str]:
+    if len(budgets) == 1 and "{budget}" not in path:
+        return [path]
+    root, ext = os.path.splitext(path)
+    safe = [b.replace(":", "-").replace("/", "-") for b in budgets]
+    if "{budget}" in path:
+        return [path.replace("{budget}", s) for s in safe]
+    return [f"{root}.{s}{ext or '.json'}" for s in safe]
+
+
+def _check_folder(flag: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {path!r}: folder {folder!r} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dop.search.cost import parse_budget
+    from dop.search.spaces import check_groups, check_kinds
+
+    # ---- checks that need nothing loaded
+    budgets = ([args.budget] if args.budget else []) + (
+        [b.strip() for b in args.budgets.split(",") if b.strip()] if args.budgets else [])
+    if not budgets:
+        raise ValueError("give --budget B or --budgets B1,B2,...")
+    for b in budgets:
+        parse_budget(b)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be a positive integer, got {args.samples}")
+    if args.verify < 0:
+        raise ValueError(f"--verify must be a non-negative integer, got {args.verify}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    groups = check_groups(args.groups.split(",")) if args.groups else None
+    kinds = check_kinds(args.kinds) if args.kinds else None
+    if args.space == "dop" and (groups or kinds):
+        raise ValueError("--groups and --kinds apply to --space multigroup only")
+    outputs = _outputs(args.output, budgets)
+    for o in outputs:
+        _check_folder("-o", o)
+    for flag, path in (("--table", args.table), ("--json", args.json)):
+        if path:
+            _check_folder(flag, path)
+
+    from dop.rankers import resolve_ranker
+
+    resolve_ranker(args.ranker)
+    from dop.evaluate.datasets import load_dataset
+
+    samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
+    if args.table and os.path.exists(args.table):
+        from dop.search.table import DivergenceTable
+
+        DivergenceTable.load(args.table)  # unreadable files fail before the model loads
+
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_loaded(args, samples, budgets, outputs, groups, kinds)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
+    import torch
+
+    from dop.commands.eval import _load_quietly, write_json_atomic
+    from dop.evaluate.loading import prompt_builder_for
+    from dop.search import search
+
+    t0 = time.perf_counter()
+    model, processor = _load_quietly(args, getattr(torch, args.dtype))
+    model = model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        result = search(
+            model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
+            groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
+            convention=args.convention, table=args.table, verify_k=args.verify, seed=args.seed,
+            build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
+            meta={"model": args.model, "data": args.data},
+        )
+    except KeyboardInterrupt:
+        if args.table:
+            print(f"the divergence table so far is saved in {args.table}; run the same command again to resume",
+                  file=sys.stderr)
+        raise
+    wall = time.perf_counter() - t0
+    for r, out in zip(result.results, outputs):
+        r.policy.to_json(out)
+    print(format_summary(result, args, outputs, wall))
+    if args.json:
+        doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
+               "seed": args.seed, "wall_s": wall, **result.to_dict(), "outputs": outputs}
+        write_json_atomic(args.json, doc)
+    return 0
+
+
+def _fl(x: float, paper: bool = False) -> str:
+    unit = "MACs" if paper else "FLOPs"
+    for p, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= s:
+            return f"{x / s:.3g} {p}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_summary(result, args, outputs, wall: float) -> str:
+    sp = result.space
+    lines = [
+        f"model {args.model}   data {args.data} ({result.table.num_samples} samples)   ranker {args.ranker}   "
+        f"space {sp.name}   seed {args.seed}",
+        f"reference prompt: {result.shape['visual_tokens']} visual + {result.shape['text_tokens']} text tokens; "
+        f"{sp.num_layers} decoder layers",
+        f"divergence table: {result.layer_evals} decoder-layer evaluations (naive: {result.naive_layer_evals}, "
+        f"{result.layer_evals / max(1, result.naive_layer_evals):.0%})" + (f", saved in {args.table}" if args.table else ""),
+    ]
+    for r, out in zip(result.results, outputs):
+        f = r.flops
+        lines += [
+            "",
+            f"budget {r.budget.spec} ({r.solution.convention} convention) -> {out}",
+            f"  parameters: {sp.describe(r.solution.assign)}",
+            f"  policy: groups {r.policy.groups}  depth {r.policy.depth}",
+            f"  decoder FLOPs (dop):   {_fl(f['dop']['before'])} -> {_fl(f['dop']['after'])} ({f['dop']['fraction']:.1%})",
+            f"  decoder MACs (paper):  {_fl(f['paper']['before'], True)} -> {_fl(f['paper']['after'], True)} "
+            f"({f['paper']['fraction']:.1%})",
+            f"  predicted divergence (proxy): {r.solution.predicted:.5g}",
+        ]
+        v = r.verification
+        if v is not None:
+            lines.append(f"  true divergence: {v.chosen_true:.5g}")
+            if v.spearman is not None:
+                lines.append(f"  Spearman proxy vs truth over {len(v.random)} random feasible policies: {v.spearman:.3f}")
+            elif v.random:
+                lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
+            if v.blind_true is not None and v.random:
+                lines.append(f"  blind policy (no visual operation at all): true divergence {v.blind_true:.5g}; "
+                             f"{v.n_at_least_blind} of {len(v.random)} random policies are at least as far"
+                             + (f" (Spearman over the others: {v.spearman_below_blind:.3f})"
+                                if v.spearman_below_blind is not None else ""))
+            tp = v.token_pruning
+            if tp:
+                lines.append(f"  token pruning at the same budget (keep {tp['n_keep']} of {sp.n_ref}, same ranker): "
+                             f"true divergence {tp['true']:.5g}")
+            worse = [name for name, ref in (("token pruning at the same budget", tp["true"] if tp else None),
+                                            ("the blind policy", v.blind_true))
+                     if ref is not None and v.chosen_true > ref]
+            if worse:
+                lines.append(f"  warning: the chosen policy is further from the unpruned model than {' and '.join(worse)}; "
+                             "the proxy does not rank this model's policies well here (see the Spearman above)")
+    lines += ["", f"wall time {wall:.1f} s (divergence table {result.table_s:.1f} s, verification {result.verify_s:.1f} s, "
+                  f"the rest loading and solving)"]
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""Run a model (optionally under a pruning policy) over a data set and score it.
+
+Per sample, at batch size 1: build the prompt, run the processor, time one prefill,
+generate greedily, decode the new tokens, score them against the references.
+
+- **Prefill time** is measured on a separate forward pass over the whole prompt
+  (``model(**inputs, use_cache=True, logits_to_keep=1)``, as generation's first step does),
+  timed with ``time.perf_counter`` around the call (CUDA synchronised on both sides),
+  under ``torch.inference_mode``. The first sample of a run is a warm-up and is left out
+  of the mean when there are others. The pass costs one extra prefill per sample;
+  ``time_prefill=False`` skips it.
+- **FLOPs** come from ``dop.count_flops`` in both conventions (``dop``: all decoder
+  matrix products of the prefill; ``paper``: the published token-pruning formula) for
+  each sample's measured visual-token count (per image, through the family's adapter)
+  and text-token count (the rest of the prompt), and are averaged over samples.
+- With a policy, the unpruned model is evaluated too (unless a baseline result is
+  passed in) so that Rel. Avg. can be reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .datasets import Sample, as_sample
+from .metrics import TaskScore, average, rel_avg, score_tasks, vqa_accuracy
+
+DEFAULT_MAX_NEW_TOKENS = 10
+CONVENTIONS = ("dop", "paper")
+
+
+@dataclass
+class SampleResult:
+    index: int
+    task: str
+    question: str
+    answers: list[str]
+    prediction: str
+    score: float
+    num_visual_tokens: int
+    num_text_tokens: int
+    prefill_ms: float | None = None
+    visual_counts: tuple[int, ...] = ()  # per image (num_visual_tokens is the first image's)
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out.pop("visual_counts")
+        return out
+
+
+@dataclass
+class EvalResult:
+    """Scores and costs of one pass over a data set. Accuracies are fractions in [0, 1];
+    FLOPs are per sample (mean), in FLOPs; times in milliseconds."""
+
+    samples: list[SampleResult]
+    tasks: dict[str, TaskScore]
+    average: float
+    prefill_ms: float | None
+    flops: dict[str, dict[str, float]] | None  # {"dop"|"paper": {"decoder": x, "total": y}}
+    num_visual_tokens: float
+    num_text_tokens: float
+    policy: Any = None
+    ranker: str | None = None
+    wall_s: float = 0.0
+    baseline: "EvalResult | None" = None
+    rel_avg: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self, with_samples: bool = True) -> dict:
+        out = {
+            "policy": self.policy.to_dict() if self.policy is not None else None,
+            "ranker": self.ranker,
+            "num_samples": len(self.samples),
+            "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
+            "average": self.average,
+            "rel_avg": self.rel_avg,
+            "flops": self.flops,
+            "num_visual_tokens": self.num_visual_tokens,
+            "num_text_tokens": self.num_text_tokens,
+            "prefill_ms": self.prefill_ms,
+            "wall_s": self.wall_s,
+        }
+        if with_samples:
+            out["samples"] = [s.to_dict() for s in self.samples]
+        return out
+
+
+def _decoder_layers(model) -> int:
+    from .loading import num_decoder_layers
+
+    return num_decoder_layers(model)
+
+
+def _visual_counts(adapter, input_ids: torch.Tensor, inputs: dict) -> list[int]:
+    """Visual tokens of each image in the prompt, as the family's adapter sees them."""
+    if hasattr(adapter, "visual_positions"):
+        return [int(p.numel()) for p in adapter.visual_positions(input_ids, **inputs)]
+    return [span.n for span in adapter.image_spans(input_ids, inputs)]
+
+
+def _greedy_config(model, max_new_tokens: int, tokenizer):
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.do_sample = False
+    cfg.num_beams = 1
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, None)
+    cfg.max_new_tokens = int(max_new_tokens)
+    cfg.max_length = None
+    if cfg.pad_token_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        cfg.pad_token_id = pad if pad is not None else cfg.eos_token_id
+    return cfg
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer around a forward pass measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _FlopsCache:
+    def __init__(self, model, policy):
+        from dop import count_flops
+
+        self._count, self._model, self._policy, self._memo = count_flops, model, policy, {}
+
+    def __call__(self, counts: tuple[int, ...], n_text: int) -> dict[str, dict[str, float]]:
+        key = (tuple(counts), n_text)
+        if key not in self._memo:
+            out = {}
+            for conv in CONVENTIONS:
+                r = self._count(
+                    self._model, self._policy,
+                    num_visual_tokens=list(counts), num_text_tokens=n_text, convention=conv,
+                )
+                out[conv] = {"decoder": float(r.decoder), "total": float(r.total)}
+            self._memo[key] = out
+        return self._memo[key]
+
+
+def evaluate(
+    model,
+    processor,
+    samples: Sequence[Sample | dict],
+    policy=None,
+    ranker=None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: bool = True,
+    *,
+    build_prompt: Callable[[Any, str], str] | None = None,
+    baseline: EvalResult | None = None,
+    run_baseline: bool = True,
+    time_prefill: bool = True,
+    seed: int | None = 0,
+    desc: str | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``samples``; see the module docstring for what is measured.
+
+    ``policy`` (a :class:`dop.Policy` or a policy file path) is applied with
+    ``dop.apply_policy(model, policy, ranker)``; its layer count must match the model's (checked before any work). With a
+    policy, ``baseline`` (an unpruned :class:`EvalResult` on the same samples) is used for
+    Rel. Avg., or computed when None and ``run_baseline``. ``build_prompt(processor,
+    question)`` defaults to the chat-template prompt of
+    :func:`dop.evaluate.loading.chat_prompt`. ``seed`` seeds torch before each pass (for
+    random rankers); None leaves the generator alone.
+    """
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    samples = [as_sample(s, i) for i, s in enumerate(samples)]
+    if not samples:
+        raise ValueError("evaluate: no samples")
+    if policy is not None:
+        if not hasattr(policy, "check_layers"):  # a path to a policy file
+            from dop.policy import Policy
+
+            policy = Policy.from_json(policy)
+        policy = policy.check_layers(_decoder_layers(model))
+    elif ranker is not None:
+        raise ValueError("a ranker only applies together with a policy")
+    if baseline is not None and len(baseline.samples) != len(samples):
+        raise ValueError(
+            f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
+        )
+    if build_prompt is None:
+        from .loading import chat_prompt as build_prompt
+    build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
+
+    result = _run_pass(
+        model, processor, samples, policy, ranker, max_new_tokens, progress,
+        build_prompt, time_prefill, seed, desc or ("pruned" if policy is not None else "eval"),
+    )
+    if policy is not None:
+        if baseline is None and run_baseline:
+            baseline = _run_pass(
+                model, processor, samples, None, None, max_new_tokens, progress,
+                build_prompt, time_prefill, seed, "unpruned",
+            )
+        if baseline is not None:
+            result.baseline = baseline
+            result.rel_avg = rel_avg(result.tasks, baseline.tasks)
+    return result
+
+
+def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
+              build_prompt, time_prefill, seed, desc) -> EvalResult:
+    from tqdm.auto import tqdm
+
+    from dop.models import get_adapter
+
+    adapter = get_adapter(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    gen_cfg = _greedy_config(model, max_new_tokens, tokenizer)
+    flops_of = _FlopsCache(model, policy)
+    param = next(model.parameters())
+    accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    if policy is not None:
+        from dop import apply_policy
+
+        ctx = apply_policy(model, policy, ranker=ranker)
+        # the name as given (keeps options such as "random:seed=3"), else the one resolved
+        if isinstance(ranker, str):
+            ranker_name = ranker
+        elif ranker is None and policy.ranker:
+            ranker_name = policy.ranker
+        else:
+            ranker_name = getattr(ctx.ranker, "name", None)
+    else:
+        ctx, ranker_name = nullcontext(), None
+
+    results: list[SampleResult] = []
+    t_start = time.perf_counter()
+    bar = tqdm(samples, desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False)
+    correct = 0.0
+    with ctx, torch.inference_mode():
+        for i, s in enumerate(bar):
+            image = s.load_image()
+            prompt = build_prompt(processor, s.question)
+            inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+            inputs = {
+                k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
+                if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()
+            }
+            input_ids = inputs["input_ids"]
+            counts = _visual_counts(adapter, input_ids, inputs)
+            if not counts:
+                raise ValueError(
+                    f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
+                    f"the image (got {prompt!r})"
+                )
+            n_vis, n_text = counts[0], int(input_ids.shape[1]) - sum(counts)
+            prefill_ms = None
+            if time_prefill:
+                extra = {"logits_to_keep": 1} if accepts_keep else {}
+                _sync(param.device)
+                t0 = time.perf_counter()
+                model(**inputs, use_cache=True, **extra)
+                _sync(param.device)
+                prefill_ms = (time.perf_counter() - t0) * 1000.0
+            out = model.generate(**inputs, generation_config=gen_cfg)
+            new = out[0, input_ids.shape[1]:]
+            prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
+            score = vqa_accuracy(prediction, s.answers)
+            correct += score
+            results.append(SampleResult(
+                index=i, task=s.task, question=s.question, answers=list(s.answers),
+                prediction=prediction, score=score, num_visual_tokens=n_vis,
+                num_text_tokens=n_text, prefill_ms=prefill_ms, visual_counts=tuple(counts),
+            ))
+            if progress:
+                bar.set_postfix(acc=f"{correct / (i + 1):.3f}", refresh=False)
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    tasks = score_tasks(r.to_dict() for r in results)
+    times = [r.prefill_ms for r in results if r.prefill_ms is not None]
+    if len(times) > 1:
+        times = times[1:]  # the first sample warms up caches and kernels
+    per_sample = [flops_of(r.visual_counts, r.num_text_tokens) for r in results]
+    flops = {
+        conv: {
+            part: sum(f[conv][part] for f in per_sample) / len(per_sample)
+            for part in ("decoder", "total")
+        }
+        for conv in CONVENTIONS
+    }
+    n = len(results)
+    return EvalResult(
+        samples=results,
+        tasks=tasks,
+        average=average(tasks),
+        prefill_ms=sum(times) / len(times) if times else None,
+        flops=flops,
+        num_visual_tokens=sum(r.num_visual_tokens for r in results) / n,
+        num_text_tokens=sum(r.num_text_tokens for r in results) / n,
+        policy=policy,
+        ranker=ranker_name,
+        wall_s=wall,
+    )

@@ -1,0 +1,55 @@
+"""Adapter registry: one file per MLLM family, keyed by `config.model_type`.
+
+Adding a family is one new file that subclasses :class:`Adapter` and decorates it with
+:func:`register_adapter`, plus its import below.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ImageSpan
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    for mt in cls.model_types:
+        if mt in _ADAPTERS:
+            raise ValueError(f"an adapter for model_type {mt!r} is already registered")
+        _ADAPTERS[mt] = cls
+    return cls
+
+
+def known_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def _adapter_class(model_type: str) -> type[Adapter]:
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model type {model_type!r}; supported: {', '.join(known_model_types())}"
+        ) from None
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for a loaded model (a `*ForConditionalGeneration` or its inner model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no .config; pass a transformers model")
+    return _adapter_class(getattr(config, "model_type", None))(model)
+
+
+def model_class_for(config) -> type:
+    """The transformers class that loads a checkpoint of this config's family."""
+    import transformers
+
+    cls = _adapter_class(getattr(config, "model_type", None))
+    return getattr(transformers, cls.model_class_name)
+
+
+from . import internvl, llava, llava_next, qwen2_5_vl  # noqa: E402,F401  (registration)
+
+__all__ = ["Adapter", "ImageSpan", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]

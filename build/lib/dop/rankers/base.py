@@ -1,0 +1,83 @@
+"""The ranker contract.
+
+A ranker orders the visual tokens of each image by importance: it returns, per image, a
+permutation of ``range(n_image)`` listing token indices (within the image, in order of
+appearance) from most to least important. Rank 0 comes first.
+
+Rankers that decide *inside* the LLM (FastV, PyramidDrop) also declare ``layers``: before
+each of those decoder layers the runtime calls :meth:`Ranker.rerank` with that layer's
+input state, and the ranker may reorder the visual tokens that every op has processed at
+every earlier layer (their state is that of unpruned tokens); the others keep their ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RankContext:
+    """Everything a ranker may look at for one prompt (batch of 1)."""
+
+    model: Any  # the transformers model
+    adapter: Any  # dop.models.Adapter
+    inputs: dict[str, Any]  # the forward's keyword inputs (input_ids, pixel_values, ...)
+    spans: list  # list[ImageSpan]: per image, positions of its visual tokens (+ grid)
+    embeddings: torch.Tensor | None = None  # (1, S, d) the decoder's input (visual tokens projected)
+    n_keep: list[int] = field(default_factory=list)  # per image: tokens any op still processes
+
+    @property
+    def counts(self) -> list[int]:
+        return [s.n for s in self.spans]
+
+
+@dataclass
+class LayerState:
+    """What an in-LLM ranker sees at a re-ranking layer."""
+
+    layer_idx: int
+    hidden_states: torch.Tensor  # (1, S, d) input of the layer
+    layer: torch.nn.Module  # the original decoder layer (for its q/k projections)
+    position_embeddings: Any  # (cos, sin) for all S positions
+    rotary_fn: Any  # apply_rotary_pos_emb of the family
+    active: list[torch.Tensor]  # per image: bool (n,) tokens every op processed at every layer below
+    ranks: list[torch.Tensor]  # per image: current permutation (rank -> token index)
+
+
+class Ranker:
+    """Base class; subclasses set ``name`` and implement :meth:`rank`."""
+
+    name: str = ""
+    layers: tuple[int, ...] = ()  # decoder layers before which rerank() is called
+
+    def rank(self, ctx: RankContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def rerank(self, ctx: RankContext, state: LayerState) -> list[torch.Tensor] | None:
+        return None
+
+    def install(self, model, adapter) -> None:
+        """Called once by apply_policy (e.g. to hook the vision tower)."""
+
+    def uninstall(self) -> None:
+        """Undo :meth:`install`."""
+
+
+def check_permutation(perm, n: int, what: str) -> torch.Tensor:
+    """Validate and return ``perm`` as a LongTensor permutation of ``range(n)``."""
+    try:
+        t = torch.as_tensor(perm).reshape(-1).long()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{what}: expected a permutation of range({n}), got {type(perm).__name__} ({e})") from None
+    if t.numel() != n:
+        raise ValueError(f"{what}: expected a permutation of range({n}), got {t.numel()} entries")
+    seen = torch.zeros(n, dtype=torch.bool)
+    if n and (t.min() < 0 or t.max() >= n):
+        raise ValueError(f"{what}: entries must lie in [0, {n}); got min {int(t.min())}, max {int(t.max())}")
+    seen[t] = True
+    if not bool(seen.all()):
+        raise ValueError(f"{what}: not a permutation of range({n}) (repeated or missing indices)")
+    return t

@@ -1,0 +1,108 @@
+"""`apply_policy`: make a loaded MLLM skip the operations a policy prunes.
+
+    with apply_policy(model, policy, ranker="vispruner") as handle:
+        out = model.generate(**inputs)
+        with handle.bypass():          # the unpruned model, same object
+            ref = model(**inputs)
+
+Leaving the block (or ``handle.remove()``) puts the original decoder layers back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..models import get_adapter
+from ..policy import Policy
+from ..rankers import resolve_ranker
+from .layer import PrunedDecoderLayer
+from .session import PruneSession
+
+
+class PolicyHandle:
+    """The result of :func:`apply_policy`; a context manager. ``remove()`` undoes it."""
+
+    def __init__(self, model, adapter, policy: Policy, ranker):
+        self.model = model
+        self.adapter = adapter
+        self.policy = policy
+        self.ranker = ranker
+        self.session = PruneSession(model, adapter, policy, ranker)
+        self._layers = adapter.decoder_layers()
+        self._originals = list(self._layers)
+        self._hook = None
+        self._active = False
+        self._install()
+
+    def _install(self) -> None:
+        for layer in self._originals:
+            if isinstance(layer, PrunedDecoderLayer):
+                raise ValueError("a policy is already applied to this model; remove() it first")
+        self.ranker.install(self.model, self.adapter)
+        try:
+            self._hook = self.adapter.entry_module().register_forward_pre_hook(
+                self.session.pre_forward, with_kwargs=True
+            )
+            for i, layer in enumerate(self._originals):
+                self._layers[i] = PrunedDecoderLayer(layer, i, self.session)
+        except Exception:
+            self.remove()
+            raise
+        self._active = True
+
+    def remove(self) -> None:
+        """Restore the model exactly: the original layer objects, no hooks."""
+        for i, layer in enumerate(self._originals):
+            self._layers[i] = layer
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._active:
+            self.ranker.uninstall()
+        self._active = False
+        self.session.current = None
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @contextlib.contextmanager
+    def bypass(self):
+        """Run the unpruned model inside this block (for reference distributions)."""
+        prev = self.session.bypass
+        self.session.bypass = True
+        try:
+            yield self
+        finally:
+            self.session.bypass = prev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<PolicyHandle {state} layers={len(self._originals)} ranker={self.ranker.name!r}>"
+
+
+def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = False) -> PolicyHandle:
+    """Apply ``policy`` to ``model`` in place; returns a handle (also a context manager).
+
+    ``ranker`` is a registered name, a :class:`dop.rankers.Ranker`, or a callable
+    ``fn(ctx) -> list[permutation]``; it defaults to the policy's own ``ranker`` field,
+    else ``identity``. A policy for another depth is an error unless ``transfer=True``.
+    """
+    if isinstance(policy, str):
+        policy = Policy.from_json(policy)
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a dop.Policy or a path to a policy file, got {type(policy).__name__}")
+    adapter = get_adapter(model)
+    policy = policy.check_layers(adapter.num_layers, transfer=transfer)
+    r = resolve_ranker(ranker if ranker is not None else policy.ranker)
+    return PolicyHandle(model, adapter, policy, r)
+
+
+__all__ = ["PolicyHandle", "apply_policy"]

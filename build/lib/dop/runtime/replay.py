@@ -1,0 +1,167 @@
+"""Early start: run the decoder from layer ``d`` on, under a policy, from cached layer inputs.
+
+A policy that processes every visual token at every op below layer ``d`` leaves the inputs of
+layers ``0..d`` equal to the unpruned run's. A search that evaluates many such policies on the
+same prompt therefore caches, once per prompt, the unpruned input of every decoder layer (and
+the keyword arguments each layer received: mask, position embeddings, ...) and then runs only
+layers ``d..L-1`` (plus the final norm and the LM head at the last position) per policy:
+
+    prefix = capture_prefix(model, inputs)                  # unpruned run, with hooks
+    ranks = capture_ranks(model, inputs, ranker)            # the ranks a pruned run would use
+    with apply_policy(model, policy, ranker=ranker) as h:
+        logits = replay_from(h, prefix, ranks, start=d)     # == the full pruned forward's
+
+Nothing of the layer math is copied here: the handle's wrapped layers compute, this module
+only sets up the :class:`ForwardState` they read (the depths come from the given ranks, as in
+the full forward) and calls them in order. Rankers that re-rank inside the LLM (FastV-like)
+get their re-ranking calls at layers ``>= d`` from the wrapped layers themselves; the ranks of
+layers ``< d`` come from :func:`capture_ranks`, recorded under a policy that keeps every token
+active, which is what any policy starting at ``d`` does below ``d``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..models import get_adapter
+from ..policy import Policy
+from .layer import PrunedDecoderLayer
+from .session import ForwardState
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class PrefixCache:
+    """The unpruned run of one prompt (batch of 1)."""
+
+    hidden: list[torch.Tensor]  # input of each decoder layer, (1, S, d)
+    kwargs: list[dict]  # keyword arguments each decoder layer received
+    logits: torch.Tensor  # (vocab,) float32 logits of the last position
+    inputs: dict  # the model inputs
+
+
+def _forward_kwargs(model) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def last_logits(model, inputs: dict) -> torch.Tensor:
+    """(vocab,) float32 logits of the last position of one full forward."""
+    out = model(**inputs, use_cache=False, **_forward_kwargs(model))
+    return out.logits[0, -1].float()
+
+
+def capture_prefix(model, inputs: dict) -> PrefixCache:
+    """Run the unpruned model once and keep every decoder layer's input."""
+    layers = get_adapter(model).decoder_layers()
+    for layer in layers:
+        if isinstance(layer, PrunedDecoderLayer):
+            raise ValueError("capture_prefix needs the unmodified model; remove the applied policy first")
+    hidden: list = [None] * len(layers)
+    kwargs: list = [None] * len(layers)
+
+    def hook(i):
+        def pre(module, args, kw):
+            h = args[0] if args else kw["hidden_states"]
+            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if len(args) > 1:
+                raise RuntimeError(f"decoder layer {i} got positional arguments past hidden_states; not supported")
+            hidden[i], kwargs[i] = h, rest
+        return pre
+
+    hooks = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        logits = last_logits(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(h is None for h in hidden):
+        raise RuntimeError("the model's forward skipped some decoder layers; cannot cache their inputs")
+    return PrefixCache(hidden, kwargs, logits, dict(inputs))
+
+
+def capture_ranks(model, inputs: dict, ranker, groups: list[float] | None = None) -> dict[int, list[torch.Tensor]]:
+    """The ranks (per image) in force at the start of each layer ``l >= 1`` of a pruned forward
+    whose policy keeps every visual token active (and counted in ``n_keep``) below ``l``.
+
+    Recorded from a real forward (the vision tower runs, so rankers that hook it see it)
+    under a policy that skips only the MLP at the last layer; the forward stops as soon as the
+    last re-ranking layer of the ranker has been passed. Layers past that share its ranks."""
+    from . import apply_policy
+
+    adapter = get_adapter(model)
+    L = adapter.num_layers
+    groups = list(groups or [1.0])
+    probe = Policy(L, groups, {"mlp": [L - 1] * len(groups)}) if L > 1 else None
+    if probe is None:
+        return {}
+    out: dict[int, list[torch.Tensor]] = {}
+    with apply_policy(model, probe, ranker=ranker) as handle:
+        last = max([0, *handle.session.rerank_layers]) + 1
+        last = min(last, L - 1)
+        layers = adapter.decoder_layers()
+
+        def hook(i):
+            def pre(module, args, kw):
+                st = handle.session.current
+                if st is None or st.ranks is None:
+                    raise RuntimeError("the probe forward set no ranks (no visual tokens in the prompt?)")
+                out[i] = [r.clone() for r in st.ranks]
+                if i >= last:
+                    raise _Stop()
+            return pre
+
+        hooks = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(1, last + 1)]
+        try:
+            model(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+    for i in range(last + 1, L):
+        out[i] = out[last]
+    return out
+
+
+def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]], start: int) -> torch.Tensor:
+    """(vocab,) float32 last-position logits of the pruned forward of ``prefix.inputs`` under
+    ``handle``'s policy, computing only decoder layers ``start..L-1``.
+
+    The policy must process every visual token by every op below ``start`` (else the cached
+    inputs would be wrong: ValueError). ``ranks`` is :func:`capture_ranks`' output."""
+    s = handle.session
+    L = s.num_layers
+    if not (1 <= start < L):
+        raise ValueError(f"start must lie in [1, {L - 1}] (layer 0 needs the full forward), got {start}")
+    if handle.policy.max_active_depth() < start:
+        raise ValueError(
+            f"the policy skips an op from layer {handle.policy.max_active_depth()}, below start={start}; "
+            "its layer inputs differ from the unpruned run's"
+        )
+    layers = handle.adapter.decoder_layers()
+    inputs = prefix.inputs
+    ids = inputs["input_ids"]
+    spans = handle.adapter.image_spans(ids, inputs)
+    st = ForwardState(past=0, n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs), record=None)
+    if st.has_visual and not s.unpruned:
+        st.ranks = [r.clone() for r in ranks[start]]
+        st.depths = s._depths_from_ranks(st, st.ranks)
+    s.current = st
+    try:
+        h = prefix.hidden[start]
+        for l in range(start, L):
+            h = layers[l](h, **prefix.kwargs[l])
+            if isinstance(h, tuple):
+                h = h[0]
+    finally:
+        s.current = None
+    lm = handle.adapter.language_model()
+    h = lm.norm(h[:, -1:])
+    return handle.model.get_output_embeddings()(h)[0, -1].float()

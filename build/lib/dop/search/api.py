@@ -1,0 +1,192 @@
+"""``search()``: samples in, one policy per budget out (DESIGN 1, issue 5).
+
+    from dop.search import search
+    result = search(model, processor, samples, budget=0.14, space="dop", ranker="vispruner")
+    result.policy.to_json("policy.json")
+
+One divergence table serves every budget: pass ``budgets=[...]`` (a Pareto front at no
+extra model cost), or a finished table (``table=`` object or path) to skip the model work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..policy import Policy
+from .cost import Budget, CostModel, parse_budget
+from .divergence import PreparedSample, prepare_samples, reference_shape
+from .solver import Solution, Solver
+from .spaces import Space, make_space
+from .table import DivergenceTable, build_table, samples_fingerprint
+from .verify import Verification, verify
+
+
+@dataclass
+class BudgetResult:
+    budget: Budget
+    solution: Solution
+    policy: Policy
+    flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
+    verification: Verification | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "budget": self.budget.spec, "params": self.solution.assign, "predicted_divergence": self.solution.predicted,
+            "limit": self.solution.limit, "convention": self.solution.convention, "flops": self.flops,
+            "policy": self.policy.to_dict(),
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+@dataclass
+class SearchResult:
+    results: list[BudgetResult]
+    table: DivergenceTable
+    space: Space
+    wall_s: float
+    shape: dict = field(default_factory=dict)  # reference prompt shape
+    table_s: float = 0.0  # building (or finishing) the table in this call
+    verify_s: float = 0.0
+
+    @property
+    def policy(self):
+        return self.results[0].policy
+
+    @property
+    def policies(self):
+        return [r.policy for r in self.results]
+
+    @property
+    def layer_evals(self) -> int:
+        return self.table.layer_evals
+
+    @property
+    def naive_layer_evals(self) -> int:
+        return self.table.naive_layer_evals
+
+    def to_dict(self) -> dict:
+        return {
+            "space": self.space.key(), "shape": self.shape, "wall_s": self.wall_s,
+            "table_s": self.table_s, "verify_s": self.verify_s,
+            "layer_evals": self.layer_evals, "naive_layer_evals": self.naive_layer_evals,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def _ranker_key(ranker) -> str:
+    return ranker if isinstance(ranker, str) else f"callable:{getattr(ranker, 'name', getattr(ranker, '__name__', '?'))}"
+
+
+def search(
+    model,
+    processor,
+    samples: Sequence,
+    budget=None,
+    *,
+    budgets: Sequence | None = None,
+    space: str = "dop",
+    ranker="vispruner",
+    groups: Sequence[float] | None = None,
+    kinds: Sequence[str] | str | None = None,
+    stride: int = 1,
+    nv_stride: int | None = None,
+    min_tokens: int = 0,
+    convention: str = "dop",
+    table: DivergenceTable | str | None = None,
+    verify_k: int = 0,
+    seed: int = 0,
+    build_prompt: Callable | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+    naive: bool = False,
+) -> SearchResult:
+    """Find the policy of ``space`` closest to the unpruned model (summed first-token KL
+    proxy) under each budget.
+
+    ``budget``/``budgets``: a fraction of the unpruned decoder FLOPs (``0.14``), absolute
+    decoder TFLOPs (``"2.5T"``) or ``"tokens:64"`` (paper convention); fractions and TFLOPs
+    use ``convention``. ``table``: a :class:`DivergenceTable`, or a path that is resumed
+    if present and checkpointed as it fills. ``verify_k``: also measure the true divergence
+    of the chosen policy, of ``verify_k`` random feasible ones and of token pruning.
+    ``meta`` is merged into each policy's ``meta``.
+    """
+    from ..models import get_adapter
+    from ..rankers import resolve_ranker
+
+    t0 = time.perf_counter()
+    specs = ([] if budget is None else [budget]) + list(budgets or [])
+    if not specs:
+        raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
+    parsed = [parse_budget(b) for b in specs]
+    rk = resolve_ranker(ranker)  # unknown names fail before any work
+    rerank = sorted(int(l) for l in (getattr(rk, "layers", ()) or ()))
+    min_depth = rerank[0] + 1 if rerank else 0
+    if not isinstance(verify_k, int) or verify_k < 0:
+        raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("search: no samples")
+    torch.manual_seed(seed)
+    L = get_adapter(model).num_layers
+    prepared = samples if isinstance(samples[0], PreparedSample) else prepare_samples(model, processor, samples, build_prompt)
+    counts, text = reference_shape(prepared)
+    sp = make_space(space, L, max(counts), groups=groups, kinds=kinds, min_tokens=min_tokens,
+                    stride=stride, nv_stride=nv_stride, min_depth=min_depth)
+    costs = {c: CostModel(model, counts, text, c) for c in ("dop", "paper")}
+    if convention not in costs:
+        raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
+    limits = [(b, b.convention(convention)) for b in parsed]
+    for b, conv in limits:
+        b.limit(costs[conv])  # token counts out of range fail before any work
+
+    key = {
+        "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        "ranker": _ranker_key(ranker), "samples": len(prepared), "fingerprint": samples_fingerprint(prepared),
+        **sp.key(),
+    }
+    path = table if isinstance(table, str) else None
+    tab = table if isinstance(table, DivergenceTable) else None
+    t_table = time.perf_counter()
+    if tab is None or not tab.complete:
+        tab = build_table(model, prepared, sp, ranker, key, table=tab, path=path, progress=progress, naive=naive)
+    else:
+        tab.check_key(key)
+    t_table = time.perf_counter() - t_table
+    proxy = tab.proxy(sp)
+    t_verify = 0.0
+    solvers: dict[str, Solver] = {}
+    refs = None
+    results = []
+    for b, conv in limits:
+        if conv not in solvers:
+            solvers[conv] = Solver(sp, proxy, costs[conv])
+        sol = solvers[conv].solve(b.limit(costs[conv]), b.spec)
+        policy = sol.policy
+        policy.ranker = ranker if isinstance(ranker, str) else None
+        policy.meta = {
+            "model": key["model"], "ranker": _ranker_key(ranker), "budget": b.spec,
+            "budget_convention": conv, "samples": len(prepared), "seed": seed, "space": sp.name,
+            "params": dict(sol.assign), "predicted_divergence": sol.predicted, **(meta or {}),
+        }
+        flops = {}
+        for c, cm in costs.items():
+            before, after = cm.unpruned, cm.policy_cost(policy)
+            flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
+        res = BudgetResult(b, sol, policy, flops)
+        if verify_k:
+            tv = time.perf_counter()
+            if refs is None:
+                from ..runtime.replay import last_logits
+
+                with torch.inference_mode():
+                    refs = [last_logits(model, s.inputs) for s in prepared]
+            res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, ranker, seed, progress)
+            policy.meta["true_divergence"] = res.verification.chosen_true
+            t_verify += time.perf_counter() - tv
+        results.append(res)
+    shape = {"visual_tokens": counts, "text_tokens": text}
+    return SearchResult(results, tab, sp, time.perf_counter() - t0, shape, t_table, t_verify)

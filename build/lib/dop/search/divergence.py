@@ -1,0 +1,83 @@
+"""First-token divergence: KL(p || q) between the unpruned (p) and pruned (q) model's
+distributions over the first generated token, full vocabulary, float32 softmax; a sample
+set's divergence is the mean over its samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluate.datasets import Sample, as_sample
+from ..runtime.replay import last_logits
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(softmax(p) || softmax(q)) over the last dimension, in float32 (nats)."""
+    lp = F.log_softmax(p_logits.float().reshape(-1), dim=-1)
+    lq = F.log_softmax(q_logits.float().reshape(-1), dim=-1)
+    return float(torch.sum(lp.exp() * (lp - lq)))
+
+
+@dataclass
+class PreparedSample:
+    """Model inputs of one validation sample (batch of 1) and its token counts."""
+
+    inputs: dict
+    visual_counts: list[int]  # per image
+    text_tokens: int
+    where: str = ""
+
+
+def prepare_samples(model, processor, samples: Sequence[Sample | dict],
+                    build_prompt: Callable | None = None) -> list[PreparedSample]:
+    """Prompt (``build_prompt(processor, question)``, default the chat-template prompt of
+    :func:`dop.evaluate.loading.chat_prompt`) and processor inputs of every sample."""
+    from ..evaluate.loading import chat_prompt
+    from ..models import get_adapter
+
+    build_prompt = build_prompt or chat_prompt
+    adapter = get_adapter(model)
+    param = next(model.parameters())
+    out = []
+    for i, s in enumerate(samples):
+        s = as_sample(s, i)
+        prompt = build_prompt(processor, s.question)
+        inputs = processor(images=[s.load_image()], text=[prompt], return_tensors="pt")
+        inputs = {
+            k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
+            if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()
+        }
+        ids = inputs["input_ids"]
+        counts = [sp.n for sp in adapter.image_spans(ids, inputs)]
+        if not counts:
+            raise ValueError(f"{s.where or f'sample #{i}'}: the prompt holds no visual tokens (prompt {prompt!r})")
+        out.append(PreparedSample(inputs, counts, int(ids.shape[1]) - sum(counts), s.where))
+    return out
+
+
+def reference_shape(prepared: Sequence[PreparedSample]) -> tuple[list[int], int]:
+    """The prompt shape the search prices policies at: the most common per-image visual
+    counts and the mean text length (rounded)."""
+    from collections import Counter
+
+    counts = Counter(tuple(p.visual_counts) for p in prepared).most_common(1)[0][0]
+    text = int(round(sum(p.text_tokens for p in prepared) / len(prepared)))
+    return list(counts), text
+
+
+@torch.inference_mode()
+def true_divergence(model, prepared: Sequence[PreparedSample], refs: Sequence[torch.Tensor],
+                    policy, ranker) -> tuple[float, list[float]]:
+    """Mean (and per-sample) KL of the full pruned forward under ``policy`` against ``refs``
+    (the unpruned last-position logits)."""
+    from ..runtime import apply_policy
+
+    per = []
+    with apply_policy(model, policy, ranker=ranker):
+        for s, p in zip(prepared, refs):
+            per.append(kl_divergence(p, last_logits(model, s.inputs)))
+    return sum(per) / len(per), per

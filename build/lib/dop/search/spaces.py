@@ -1,0 +1,244 @@
+"""Search spaces (DESIGN 1): the paper's ``dop`` (n_v, D_attn, D_mlp) and ``multigroup``.
+
+A space is a list of :class:`Param` (a name, the values the solver may pick, the values the
+divergence table measures, the unpruned value) and a map from an assignment of values to a
+:class:`~dop.policy.Policy`. Every parameter's unpruned value leaves the model unchanged, so
+the table measures each parameter alone with the others at that value.
+
+``min_depth``: rankers that re-rank inside the LLM (FastV-like, first re-ranking layer K)
+need every visual token active up to and including layer K, so no op may stop below
+``K + 1``; tokens past ``n_v`` are then pruned from that layer on.
+
+``min_tokens`` (M) puts the top-M ranked visual tokens of every image in a leading group
+that every op processes at every layer: no module ever sees fewer than M visual tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..policy import KEYS, Policy
+
+SPACES = ("dop", "multigroup")
+DEFAULT_GROUPS = (0.125, 0.25, 0.5, 1.0)
+DEFAULT_KINDS = ("attn", "mlp")
+_EPS = 1e-9
+
+
+class SpaceError(ValueError):
+    """A search-space option is unusable; the message names it and what is accepted."""
+
+
+def _grid(lo: int, hi: int, stride: int) -> list[int]:
+    """Measured points of a parameter over ``[lo, hi)`` (``hi`` is the unpruned value)."""
+    return list(range(lo, hi, stride))
+
+
+@dataclass
+class Param:
+    name: str
+    unpruned: int
+    values: list[int]  # every value the solver may choose (the unpruned one included)
+    measured: list[int]  # values the table measures (the unpruned one excluded: divergence 0)
+    kind: str | None = None  # op kind of a depth parameter
+    group: int | None = None  # group index (within the searched groups) of a depth parameter
+    start: int = 0  # first layer a change of a non-depth parameter (n_v) affects
+
+    def start_layer(self, value: int) -> int:
+        """The first decoder layer whose computation differs from the unpruned run."""
+        return self.start if self.kind is None else int(value)
+
+    def interpolate(self, measured: dict[int, float]) -> dict[int, float]:
+        """Proxy value of every candidate: measured points, the unpruned value at 0, linear
+        interpolation in between."""
+        pts = dict(measured)
+        pts[self.unpruned] = 0.0
+        xs = sorted(pts)
+        out = {}
+        for v in self.values:
+            if v in pts:
+                out[v] = float(pts[v])
+                continue
+            hi = next(x for x in xs if x > v)
+            lo = max(x for x in xs if x < v)
+            t = (v - lo) / (hi - lo)
+            out[v] = float(pts[lo] * (1 - t) + pts[hi] * t)
+        return out
+
+
+@dataclass
+class Space:
+    """Base class: ``params``, ``policy(assign)`` and a ``key()`` for table files."""
+
+    name: str
+    num_layers: int
+    n_ref: int  # visual tokens per image the grid is laid out for
+    min_tokens: int = 0
+    params: list[Param] = field(default_factory=list)
+    min_depth: int = 0  # no op stops below this layer (rankers that re-rank inside the LLM)
+
+    def baseline(self) -> dict[str, int]:
+        return {p.name: p.unpruned for p in self.params}
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def policy(self, assign: dict[str, int]) -> Policy:
+        raise NotImplementedError
+
+    def single(self, name: str, value: int) -> Policy:
+        """The policy with ``name`` at ``value`` and every other parameter unpruned."""
+        a = self.baseline()
+        a[name] = value
+        return self.policy(a)
+
+    def key(self) -> dict:
+        return {
+            "space": self.name, "num_layers": self.num_layers, "n_ref": self.n_ref,
+            "min_tokens": self.min_tokens, "min_depth": self.min_depth,
+            "measured": {p.name: list(p.measured) for p in self.params},
+        }
+
+    def describe(self, assign: dict[str, int]) -> str:
+        return ", ".join(f"{p.name}={assign[p.name]}" for p in self.params)
+
+
+def _compose(L: int, n_ref: int, segments: list[tuple[int, dict[str, int]]], kinds) -> Policy:
+    """A policy from consecutive rank segments ``(end count, depth per kind)``; empty
+    segments are dropped, fractions are ``end / n_ref``."""
+    groups, depth, start = [], {k: [] for k in kinds}, 0
+    for end, ds in segments:
+        if end <= start:
+            continue
+        groups.append(1.0 if end >= n_ref else end / n_ref)
+        for k in kinds:
+            depth[k].append(int(ds[k]))
+        start = end
+    if not groups:
+        groups, depth = [1.0], {k: [L] for k in kinds}
+    return Policy(L, groups, depth)
+
+
+class DopSpace(Space):
+    """``n_v`` visual tokens kept (ranks past it pruned from every op), processed by attention
+    to depth ``D_attn`` and by the MLP to depth ``D_mlp``."""
+
+    def __init__(self, num_layers: int, n_ref: int, *, min_tokens: int = 0, stride: int = 1,
+                 nv_stride: int | None = None, min_depth: int = 0):
+        L, md = num_layers, min_depth
+        _check_common(L, n_ref, min_tokens, stride, md)
+        if nv_stride is None:
+            nv_stride = max(1, math.ceil(n_ref / 32))
+        if not isinstance(nv_stride, int) or nv_stride < 1:
+            raise SpaceError(f"nv_stride must be a positive integer, got {nv_stride!r}")
+        params = [
+            Param("n_v", n_ref, list(range(min_tokens, n_ref + 1)), _grid(min_tokens, n_ref, nv_stride), start=md),
+            Param("D_attn", L, list(range(md, L + 1)), _grid(md, L, stride), kind="attn"),
+            Param("D_mlp", L, list(range(md, L + 1)), _grid(md, L, stride), kind="mlp"),
+        ]
+        super().__init__("dop", L, n_ref, min_tokens, params, md)
+
+    def policy(self, assign: dict[str, int]) -> Policy:
+        L, M = self.num_layers, self.min_tokens
+        nv, da, dm = int(assign["n_v"]), int(assign["D_attn"]), int(assign["D_mlp"])
+        if not (M <= nv <= self.n_ref):
+            raise SpaceError(f"n_v must lie in [{M}, {self.n_ref}], got {nv}")
+        segs = [(M, {"attn": L, "mlp": L}), (nv, {"attn": da, "mlp": dm}), (self.n_ref, {"attn": self.min_depth, "mlp": self.min_depth})]
+        return _compose(L, self.n_ref, segs, ("attn", "mlp"))
+
+
+class MultiGroupSpace(Space):
+    """G rank groups (cumulative fractions), one depth per (op kind, group)."""
+
+    def __init__(self, num_layers: int, n_ref: int, *, groups=DEFAULT_GROUPS, kinds=DEFAULT_KINDS,
+                 min_tokens: int = 0, stride: int = 1, min_depth: int = 0):
+        L, md = num_layers, min_depth
+        _check_common(L, n_ref, min_tokens, stride, md)
+        groups = check_groups(groups)
+        kinds = check_kinds(kinds)
+        # the searched groups: those ending past the always-kept top-M tokens
+        ends = [int(math.floor(f * n_ref + _EPS)) for f in groups]
+        kept = [(f, e) for f, e in zip(groups, ends) if e > min_tokens]
+        if not kept:
+            raise SpaceError(f"no group holds tokens past --min-tokens {min_tokens} of {n_ref}")
+        self.fractions = [f for f, _ in kept]
+        self.ends = [e for _, e in kept]
+        self.kinds = kinds
+        params = [
+            Param(f"{k}[{g}]", L, list(range(md, L + 1)), _grid(md, L, stride), kind=k, group=g)
+            for k in kinds for g in range(len(kept))
+        ]
+        super().__init__("multigroup", L, n_ref, min_tokens, params, md)
+
+    def key(self) -> dict:
+        return {**super().key(), "groups": self.fractions, "kinds": list(self.kinds)}
+
+    def policy(self, assign: dict[str, int]) -> Policy:
+        L, M = self.num_layers, self.min_tokens
+        G = len(self.fractions)
+        depth = {k: [int(assign[f"{k}[{g}]"]) for g in range(G)] for k in self.kinds}
+        groups = list(self.fractions)
+        if M > 0:
+            groups = [M / self.n_ref] + groups
+            depth = {k: [L] + v for k, v in depth.items()}
+        return Policy(L, groups, depth)
+
+
+def _check_common(L: int, n_ref: int, min_tokens: int, stride: int, min_depth: int = 0) -> None:
+    if not (0 <= min_depth < L):
+        raise SpaceError(
+            f"the ranker re-ranks inside the LLM from layer {min_depth - 1}, which leaves no depth to search "
+            f"in a model of {L} layers"
+        )
+    if not isinstance(n_ref, int) or n_ref < 1:
+        raise SpaceError(f"the samples hold no visual tokens (n_ref={n_ref!r})")
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not (0 <= min_tokens < n_ref):
+        raise SpaceError(f"--min-tokens must be an integer in [0, {n_ref - 1}] (images hold {n_ref} visual tokens), got {min_tokens!r}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or not (1 <= stride <= L):
+        raise SpaceError(f"--stride must be an integer in [1, {L}] (the model has {L} decoder layers), got {stride!r}")
+
+
+def check_groups(groups) -> list[float]:
+    try:
+        fr = [float(x) for x in groups]
+    except (TypeError, ValueError):
+        raise SpaceError(f"--groups must be fractions such as 0.125,0.25,0.5,1, got {groups!r}") from None
+    if not fr or any(not (0 < f <= 1) for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])) or fr[-1] != 1.0:
+        raise SpaceError(
+            f"--groups must be strictly increasing fractions in (0, 1] ending with 1, got {groups!r}"
+        )
+    return fr
+
+
+def check_kinds(kinds) -> tuple[str, ...]:
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KEYS]
+    if not kinds or bad:
+        raise SpaceError(f"--kinds: unknown op kind(s) {bad or kinds!r}; use attn,mlp or attn_q,attn_kv,mlp")
+    if "attn" in kinds and ("attn_q" in kinds or "attn_kv" in kinds):
+        raise SpaceError("--kinds: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+    if len(set(kinds)) != len(kinds):
+        raise SpaceError(f"--kinds: repeated op kind in {kinds!r}")
+    return kinds
+
+
+def make_space(name: str, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,
+               stride: int = 1, nv_stride: int | None = None, min_depth: int = 0) -> Space:
+    """The named space; options that do not apply to it are an error."""
+    if name == "dop":
+        if groups is not None or kinds is not None:
+            raise SpaceError("--groups and --kinds apply to --space multigroup only (dop has n_v, D_attn, D_mlp)")
+        return DopSpace(num_layers, n_ref, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride,
+                        min_depth=min_depth)
+    if name == "multigroup":
+        if nv_stride is not None:
+            raise SpaceError("--nv-stride applies to --space dop only")
+        return MultiGroupSpace(num_layers, n_ref, groups=groups or DEFAULT_GROUPS, kinds=kinds or DEFAULT_KINDS,
+                               min_tokens=min_tokens, stride=stride, min_depth=min_depth)
+    raise SpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")

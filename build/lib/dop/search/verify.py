@@ -1,0 +1,144 @@
+"""Check the additive proxy against the truth (``--verify K``).
+
+- the true joint divergence (full pruned forwards) of the chosen policy;
+- the proxy and true divergence of K random feasible policies of the space, and the Spearman
+  rank correlation between them;
+- token pruning at the same budget with the same ranker (the most visual tokens kept at
+  layer 0 whose cost fits), and its true divergence;
+- the true divergence of the blind policy (no visual operation at any layer) and how many of
+  the random policies are at least that far from the unpruned model. Such policies have lost
+  what the image tells; their divergences bunch up near the blind one, so their order says
+  little and a low Spearman over a sample made mostly of them is expected.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..policy import Policy
+from .divergence import PreparedSample, true_divergence
+from .solver import Solution, Solver
+
+
+@dataclass
+class Verification:
+    chosen_true: float
+    chosen_proxy: float
+    random: list[dict] = field(default_factory=list)  # {"assign", "proxy", "true", "cost"}
+    spearman: float | None = None
+    spearman_p: float | None = None
+    token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
+    blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
+
+    def closer_than_blind(self) -> list[dict]:
+        """The random policies whose true divergence is below the blind policy's."""
+        if self.blind_true is None:
+            return []
+        return [r for r in self.random if r["true"] < self.blind_true * (1 - 1e-6)]
+
+    @property
+    def spearman_below_blind(self) -> float | None:
+        """Spearman proxy vs truth over the random policies closer than the blind one."""
+        return None if self.blind_true is None else _spearman(self.closer_than_blind())[0]
+
+    @property
+    def n_at_least_blind(self) -> int | None:
+        """Random policies whose true divergence is at least the blind policy's."""
+        return None if self.blind_true is None else len(self.random) - len(self.closer_than_blind())
+
+    def to_dict(self) -> dict:
+        return {
+            "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
+            "spearman": self.spearman, "spearman_p": self.spearman_p,
+            "random": self.random, "token_pruning": self.token_pruning,
+            "blind_true": self.blind_true, "n_at_least_blind": self.n_at_least_blind,
+            "spearman_below_blind": self.spearman_below_blind,
+        }
+
+
+def random_feasible(space, solver: Solver, limit: int, k: int, seed: int = 0, max_tries: int = 20000) -> list[dict]:
+    """Up to ``k`` distinct random assignments whose cost fits ``limit``: draw every parameter
+    uniformly, then lower randomly chosen parameters at random until the policy fits."""
+    rng = random.Random(seed)
+    cost = solver.cost
+    out, seen = [], set()
+    for _ in range(max_tries):
+        if len(out) >= k:
+            break
+        a = {p.name: rng.choice(p.values) for p in space.params}
+        c = cost.policy_cost(space.policy(a))
+        while c > limit:
+            lowerable = [p for p in space.params if a[p.name] > min(p.values)]
+            if not lowerable:
+                break
+            p = rng.choice(lowerable)
+            a[p.name] = rng.choice([v for v in p.values if v < a[p.name]])
+            c = cost.policy_cost(space.policy(a))
+        key = tuple(sorted(a.items()))
+        if c <= limit and key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int = 0) -> tuple[int, Policy] | None:
+    """The most tokens kept (the rest pruned from every op from layer ``depth`` on) whose cost
+    fits ``limit``."""
+    def pol(n):
+        return Policy.token_pruning(num_layers, n / n_ref, depth)
+
+    if cost.policy_cost(pol(0)) > limit:
+        return None
+    lo, hi = 0, n_ref  # cost is monotone in n: largest n with cost <= limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost.policy_cost(pol(mid)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, pol(lo)
+
+
+def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
+           k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
+    from tqdm.auto import tqdm
+
+    cost = solver.cost
+    assigns = random_feasible(space, solver, solution.limit, k, seed)
+    bar = tqdm(total=len(assigns) + 3, desc="verify", unit="policy", disable=not progress, file=sys.stderr, leave=False)
+    chosen_true, _ = true_divergence(model, prepared, refs, solution.policy, ranker)
+    bar.update(1)
+    rows = []
+    for a in assigns:
+        pol = space.policy(a)
+        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        rows.append({"assign": a, "proxy": solver.proxy_of(a), "true": t, "cost": cost.policy_cost(pol)})
+        bar.update(1)
+    rho, pval = _spearman(rows)
+    tp = None
+    found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
+    if found is not None:
+        n, pol = found
+        t, _ = true_divergence(model, prepared, refs, pol, ranker)
+        tp = {"n_keep": n, "policy": pol.to_dict(), "cost": cost.policy_cost(pol), "true": t}
+    bar.update(1)
+    blind_policy = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
+    blind, _ = true_divergence(model, prepared, refs, blind_policy, ranker)
+    bar.update(1)
+    bar.close()
+    return Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
+
+
+def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
+    """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
+    from scipy.stats import spearmanr
+
+    if len(rows) < 3:
+        return None, None
+    r = spearmanr([x["proxy"] for x in rows], [x["true"] for x in rows])
+    if r.statistic != r.statistic:  # NaN: constant inputs
+        return None, None
+    return float(r.statistic), float(r.pvalue)
