@@ -112,6 +112,9 @@ def test_junit_classification_and_comparison(tmp_path):
                                     "families": ["llava"], "keyword": None, "ranker": "identity",
                                     "seconds": {"plain": 1.0}})
     assert "| llava | 6 | 2 | 3 | 2 | 1 |" in md and "`LlavaModelTest::b`" in md
+    kv = "AssertionError: torch.Size([3, 4, 7, 8]) != (3, 4, 23, 8)"
+    assert runner.reason_for(f"{CLS}::test_past_key_values_format", kv) == runner.KV_SHORT
+    assert runner.reason_for(f"{CLS}::test_something_else", kv) == "unclassified"
     # the runner itself, summarising these files: --check fails on the no-op failures and crashes
     assert runner.main(["--from-junit", str(tmp_path), "--families", "llava", "--report", str(tmp_path / "r.md")]) == 0
     assert runner.main(["--from-junit", str(tmp_path), "--families", "llava", "--check",

@@ -50,16 +50,19 @@ MODES = ("plain", "noop", "prune")
 PASSED, SKIPPED, ASSERTION, CRASH, TIMEOUT = "passed", "skipped", "assertion", "crash", "timeout"
 _SEVERITY = {SKIPPED: 0, PASSED: 1, ASSERTION: 2, TIMEOUT: 3, CRASH: 4}
 
-# (test-name pattern, reason) for output differences under the pruning policy, first match wins
+# (pattern, reason) for output differences under the pruning policy: the pattern is searched
+# in "test name | failed assertion"; the first match wins
+KV_SHORT = ("pruning changes outputs: the KV cache stores only the keys computed (visual keys pruned at a "
+            "layer are not stored), so it is shorter than the sequence")
 REASONS: list[tuple[str, str]] = [
-    (r"past_key_values_format|dict_outputs_use_cache",
-     "pruning changes outputs: the KV cache stores only the keys computed (visual keys pruned at a "
-     "layer are not stored), so it is shorter than the sequence"),
-    (r"attention_outputs|hidden_states|retain_grad",
+    (r"(past_key_values|use_cache|assisted).*\| AssertionError: torch\.Size\(\[\d+, \d+, \d+, \d+\]\) != \(", KV_SHORT),
+    (r"(compilation_all_outputs|attention).*\| AssertionError: Lists differ: \[torch\.Size",
+     "attention weights come back over the stored keys only (the pruned keys' columns are not filled in)"),
+    (r"retain_grad", "defect: the attentions / hidden states returned under a policy do not retain gradients"),
+    (r"attention_outputs|hidden_states",
      "defect: attentions / hidden states not returned for every layer under a policy"),
     (r"padding_free", "not explained by pruning: a padded batch and the same rows packed padding-free "
-     "(position_ids restarting) differ under the policy (unverified guess: the pruned layers' own causal "
-     "mask spans the packed sequences)"),
+     "(position_ids restarting) differ under the policy (cause not investigated)"),
     (r"inputs_embeds", "inputs_embeds run vs input_ids run"),
     (r"tp_plan", "defect: parameter names changed, the tensor-parallel plan no longer matches"),
     (r"save|load|pretrained|state_dict", "save/load round trip"),
@@ -198,10 +201,10 @@ def short_id(tid: str) -> str:
     return f"{cls.rsplit('.', 1)[-1]}::{name}"
 
 
-def reason_for(tid: str) -> str:
-    name = tid.partition("::")[2]
+def reason_for(tid: str, message: str = "") -> str:
+    text = f"{tid.partition('::')[2]} | {message}"
     for pattern, reason in REASONS:
-        if re.search(pattern, name):
+        if re.search(pattern, text):
             return reason
     return "unclassified"
 
@@ -236,7 +239,7 @@ def compare(results: dict[str, dict[str, Result]], families: list[str]) -> dict:
                     row["prune_passed"] += 1
                 elif r.status == ASSERTION:
                     row["prune_differs"] += 1
-                    summary["prune_differences"].append(dict(entry, reason=reason_for(tid)))
+                    summary["prune_differences"].append(dict(entry, reason=reason_for(tid, r.message)))
                 else:
                     row["prune_crashed"] += 1
                     summary["prune_crashes"].append(entry)
