@@ -8,7 +8,8 @@ transformers installed; nothing is downloaded. Under 8 minutes on one GPU.
    prefill logits against the masked reference (tests/reference.py) computed in float64 on
    the same device. The tolerance of a dtype is derived from the unpruned model's own error in
    that dtype against float64 on the same inputs: 4x that error plus a floor of 1 ulp of the
-   largest logit; each policy must move the logits by more than twice that tolerance. Greedy tokens must equal the reference's in float32 (printed for bf16).
+   largest logit; each policy must move the logits by more than twice that tolerance. With
+   flash_attention_2 importable, bf16 is checked again with the models loaded for it. Greedy tokens must equal the reference's in float32 (printed for bf16).
 2. Prefill latency at LLaVA-1.5-7B decoder widths (32 layers, random weights, bf16), 576
    visual + 64 text tokens, batch 1 and 8, SDPA and flash_attention_2 when importable, timed
    with CUDA events: vanilla; the full policy (the wrapper's overhead); DOP policies at about
@@ -82,8 +83,9 @@ def tolerance(unpruned_error: float, scale: float, dtype) -> float:
 
 
 @torch.no_grad()
-def check_family(family: str, device: str, dtypes: list, new_tokens: int) -> list[dict]:
-    """Pruned logits (and greedy tokens) of ``family`` against the float64 masked reference."""
+def check_family(family: str, device: str, dtypes: list, new_tokens: int, backends=("sdpa",)) -> list[dict]:
+    """Pruned logits (and greedy tokens) of ``family`` against the float64 masked reference,
+    per attention backend and dtype (flash kernels: half precision only)."""
     base = tiny_models.build_model(family, attn="sdpa")
     inputs, counts = tiny_models.build_inputs(base, family, num_images=2)
     m64 = copy.deepcopy(base).double().to(device)
@@ -101,14 +103,23 @@ def check_family(family: str, device: str, dtypes: list, new_tokens: int) -> lis
                 m64, adapter64.decoder_layers(), adapter64.entry_module(), adapter64.image_token_id, pd, counts, perms):
             refs.append((pd, m64(**in64, use_cache=False).logits))
     rows = []
-    for dtype in dtypes:
-        model = copy.deepcopy(base).to(dtype).to(device)
-        ins = _to(inputs, device, dtype)
-        adapter = get_adapter(model)
-        unpruned_err = (model(**ins).logits.double() - vanilla64).abs().max().item()
+    for backend, dtype in [(b, d) for b in backends for d in dtypes]:
+        if backend.startswith("flash") and dtype not in (torch.float16, torch.bfloat16):
+            continue
+        where = {"family": family, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            model = tiny_models.build_model(family, attn=backend)
+            model.load_state_dict(base.state_dict())
+            model = model.to(dtype).to(device)
+            ins = _to(inputs, device, dtype)
+            adapter = get_adapter(model)
+            unpruned_err = (model(**ins).logits.double() - vanilla64).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            rows += [dict(where, policy=i, ok=False, error=f"unpruned model: {type(e).__name__}: {e}",
+                          traceback=traceback.format_exc()) for i in range(len(refs))]
+            continue
         for i, (pd, ref) in enumerate(refs):
-            row = {"family": family, "dtype": str(dtype).replace("torch.", ""), "policy": i,
-                   "unpruned_error": unpruned_err, "moved": (ref - vanilla64).abs().max().item()}
+            row = dict(where, policy=i, unpruned_error=unpruned_err, moved=(ref - vanilla64).abs().max().item())
             try:
                 if dtype == torch.float32:  # greedy tokens of the reference in the same dtype
                     with torch.device(device), reference.masked_reference(
@@ -134,14 +145,14 @@ def check_family(family: str, device: str, dtypes: list, new_tokens: int) -> lis
 def print_exactness(rows: list[dict]) -> None:
     print("exactness: pruned prefill logits vs the float64 masked reference (max |diff|), tolerance = "
           f"{UNPRUNED_ERROR_FACTOR:g} x unpruned error + {FLOOR_ULPS:g} ulp")
-    print(f"{'family':<12}{'dtype':<10}{'policy':>6}{'pruned err':>12}{'unpruned err':>14}{'tolerance':>11}"
+    print(f"{'family':<12}{'backend':<19}{'dtype':<10}{'policy':>6}{'pruned err':>12}{'unpruned err':>14}{'tolerance':>11}"
           f"{'policy moves':>14}{'tokens':>8}  result")
     for r in rows:
         if "error" in r:
-            print(f"{r['family']:<12}{r['dtype']:<10}{r['policy']:>6}  FAILED: {r['error'].splitlines()[0][:160]}")
+            print(f"{r['family']:<12}{r['backend']:<19}{r['dtype']:<10}{r['policy']:>6}  FAILED: {r['error'].splitlines()[0][:160]}")
             continue
         tok = {True: "equal", False: "DIFFER", None: "-"}[r["tokens_equal"]]
-        print(f"{r['family']:<12}{r['dtype']:<10}{r['policy']:>6}{r['pruned_error']:>12.3g}{r['unpruned_error']:>14.3g}"
+        print(f"{r['family']:<12}{r['backend']:<19}{r['dtype']:<10}{r['policy']:>6}{r['pruned_error']:>12.3g}{r['unpruned_error']:>14.3g}"
               f"{r['tolerance']:>11.3g}{r['moved']:>14.3g}{tok:>8}  {'ok' if r['ok'] else 'FAILED'}")
 
 
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
            "transformers": T.__version__, "smoke": args.smoke, "exactness": [], "latency": []}
     if not args.skip_exactness:
         for fam in args.families.split(","):
-            res["exactness"] += check_family(fam, args.device, dtypes, 3)
+            res["exactness"] += check_family(fam, args.device, dtypes, 3, backends)
         print_exactness(res["exactness"])
     if not args.skip_latency:
         res["latency"] = latency(widths, n_visual, n_text, lat_dtype, args.device, backends, batches,

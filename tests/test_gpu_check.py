@@ -35,7 +35,7 @@ def test_smoke_runs_every_part(gpu_check, tmp_path, capsys):
     assert {r["family"] for r in rows} == {"llava", "llava_next", "qwen2_5_vl", "internvl"}
     assert len(rows) == 4 * len(gpu_check.TINY_POLICIES)
     for r in rows:
-        assert r["dtype"] == "float32" and r["ok"] and r["tokens_equal"] is True
+        assert (r["backend"], r["dtype"]) == ("sdpa", "float32") and r["ok"] and r["tokens_equal"] is True
         assert r["pruned_error"] <= r["tolerance"] < r["moved"]
     assert [(r["backend"], r["batch"]) for r in res["latency"]] == [("sdpa", 1), ("sdpa", 8)]
     for lat in res["latency"]:
