@@ -168,7 +168,7 @@ def test_generate_until_honours_stop_strings(lmm):
     assert cut == "ye"
 
 
-def test_batch_size_above_one_runs_sequentially_and_says_so(lmm):
+def test_batched_generation_equals_batch_size_one(lmm):
     from loguru import logger
 
     from dop.evaluate.datasets import load_dataset
@@ -180,13 +180,15 @@ def test_batch_size_above_one_runs_sequentially_and_says_so(lmm):
         assert DopLMM._batch_size("3") == 3
     finally:
         logger.remove(sink)
-    assert any("batch_size=3: dop's runtime generates at batch size 1 for now" in x for x in lines)
+    assert any("batch_size=3: requests that share generation settings are padded" in x for x in lines)
     samples = load_dataset("shapes:test", limit=4)
     from lmms_eval.api.instance import Instance
 
     lmm.task_dict = {"t": {"test": dict(enumerate({"image": s.load_image()} for s in samples))}}
-    reqs = [Instance(request_type="generate_until", arguments=(s.question, {}, lambda d: [d["image"]], i, "t", "test"),
-                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, s in enumerate(samples)]
+    settings = [{}, {}, {"max_new_tokens": 3}, {}]  # two generation settings: two groups in a batch
+    reqs = [Instance(request_type="generate_until", arguments=(s.question, g, lambda d: [d["image"]], i, "t", "test"),
+                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+            for i, (s, g) in enumerate(zip(samples, settings))]
     one = lmm.generate_until(reqs)
     lmm.batch_size_per_gpu = 3
     try:

@@ -35,7 +35,7 @@ def collate(prompts: Sequence[dict], pad_id: int = 0, side: str = "left") -> dic
         return dict(prompts[0])
     width = max(int(p["input_ids"].shape[1]) for p in prompts)
     out: dict = {}
-    keys = [k for k in prompts[0] if isinstance(prompts[0][k], torch.Tensor)]
+    keys = list(dict.fromkeys(k for p in prompts for k, v in p.items() if isinstance(v, torch.Tensor)))
     for key in keys:
         parts = [p[key] for p in prompts if p.get(key) is not None]
         if key in TOKEN_KEYS:

@@ -42,7 +42,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config, _visual_counts
+from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config
 
 DEFAULT_LOG_DIR = "dop_lmms"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,8 +177,8 @@ class DopLMM(lmms):
         if n < 1:
             raise ValueError(f"dop: batch_size must be a positive integer, got {value!r}")
         if n > 1:
-            logger.info(f"dop: batch_size={n}: dop's runtime generates at batch size 1 for now; "
-                        f"the requests of each batch run one after the other")
+            logger.info(f"dop: batch_size={n}: requests that share generation settings are padded on the "
+                        f"left and generated together")
         return n
 
     def _searched_policy(self, budget: str, data: str, samples: int, space: str):
@@ -280,7 +280,8 @@ class DopLMM(lmms):
         from dop.models import get_adapter
 
         input_ids = inputs["input_ids"]
-        counts = _visual_counts(get_adapter(self._model), input_ids, inputs) if "pixel_values" in inputs else []
+        spans = get_adapter(self._model).image_spans(input_ids, inputs) if "pixel_values" in inputs else []
+        counts = [span.n for span in spans]
         n_text = int(input_ids.shape[1]) - sum(counts)
         return {"request": request, "task": task, "split": split, "doc_id": doc_id,
                 "visual_tokens": counts, "text_tokens": n_text,
@@ -302,18 +303,29 @@ class DopLMM(lmms):
         return out
 
     def _generate_batch(self, batch: list[Instance]) -> list[str]:
-        """Answers of one batch of requests. dop's runtime generates at batch size 1 for now,
-        so the requests run one after the other; a batched runtime replaces this loop."""
-        texts, rows = [], []
-        for req in batch:
+        """Answers of one batch of requests: the prompts that share generation settings are
+        padded on the left and generated together (the pruning runtime prunes each row on its
+        own, so the answers equal batch size 1's)."""
+        from dop.batching import collate, pad_token_id
+
+        texts: list[str | None] = [None] * len(batch)
+        rows: list[dict | None] = [None] * len(batch)
+        groups: dict[str, list[int]] = {}
+        prepared = []
+        for j, req in enumerate(batch):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             inputs = self._inputs(self._prompt(context, len(visuals)), visuals)
-            cfg, until = self._generation_config(gen_kwargs)
-            new = self._model.generate(**inputs, generation_config=cfg)[0, inputs["input_ids"].shape[1]:]
-            text = _cut_at_stops(self._tokenizer.decode(new, skip_special_tokens=True), until).strip()
-            texts.append(text)
-            rows.append(self._flops_row("generate_until", task, split, doc_id, inputs))
+            prepared.append(inputs)
+            rows[j] = self._flops_row("generate_until", task, split, doc_id, inputs)
+            groups.setdefault(json.dumps(gen_kwargs or {}, sort_keys=True, default=str), []).append(j)
+        for members in groups.values():
+            cfg, until = self._generation_config(batch[members[0]].args[1])
+            inputs = collate([prepared[j] for j in members], pad_token_id(self._model))
+            out = self._model.generate(**inputs, generation_config=cfg)
+            for row, j in enumerate(members):
+                new = out[row, inputs["input_ids"].shape[1]:]
+                texts[j] = _cut_at_stops(self._tokenizer.decode(new, skip_special_tokens=True), until).strip()
         self._log_flops(rows)
         return texts
 
