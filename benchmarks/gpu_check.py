@@ -110,6 +110,8 @@ def check_family(family: str, device: str, dtypes: list, new_tokens: int, backen
         try:
             model = tiny_models.build_model(family, attn=backend)
             model.load_state_dict(base.state_dict())
+            # the backend under test is the decoder's; the vision tower keeps the base model's
+            model.config.vision_config._attn_implementation = base.config.vision_config._attn_implementation
             model = model.to(dtype).to(device)
             ins = _to(inputs, device, dtype)
             adapter = get_adapter(model)
