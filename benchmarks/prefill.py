@@ -35,6 +35,8 @@ WIDTHS = {
                  num_key_value_heads=2),
     "llava-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),  # smoke tests only
 }
 
 
@@ -48,26 +50,30 @@ def build(widths: str, n_visual: int, dtype, device, attn: str):
     )
     cfg._attn_implementation = attn
     cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = "sdpa" if attn.startswith("flash") else attn
     with torch.device(device):
         model = T.LlavaForConditionalGeneration(cfg)
     return model.to(dtype).eval(), cfg, side
 
 
-def find_policy(model, n_visual: int, n_text: int, target: float) -> dop.Policy:
-    """A DOP-space policy (n_v, D_attn, D_mlp) whose decoder FLOPs are closest to ``target``."""
+def policy_table(model, n_visual: int, n_text: int) -> list[tuple[dop.Policy, float]]:
+    """DOP-space policies (n_v, D_attn, D_mlp) on a grid, with their decoder FLOPs fraction."""
     L = model.config.text_config.num_hidden_layers
-    best = None
-    for n_v in (64, 96, 128, 144, 192, 288):
-        f = n_v / n_visual
-        for da in range(0, L + 1, 2):
-            for dm in range(0, L + 1, 2):
-                p = dop.Policy.dop(L, f, da, dm)
+    step = 2 if L > 8 else 1
+    table = []
+    for n_v in sorted({max(1, round(n_visual * f)) for f in (1 / 9, 1 / 6, 2 / 9, 1 / 4, 1 / 3, 1 / 2)}):
+        for da in range(0, L + 1, step):
+            for dm in range(0, L + 1, step):
+                p = dop.Policy.dop(L, n_v / n_visual, da, dm)
                 frac = count_flops(model, p, num_visual_tokens=n_visual, num_text_tokens=n_text).decoder_fraction
-                score = abs(frac - target)
-                if best is None or score < best[0]:
-                    best = (score, p, frac)
-    return best[1]
+                table.append((p, frac))
+    return table
+
+
+def find_policy(model, n_visual: int, n_text: int, target: float, table=None) -> dop.Policy:
+    """A DOP-space policy (n_v, D_attn, D_mlp) whose decoder FLOPs are closest to ``target``."""
+    table = table if table is not None else policy_table(model, n_visual, n_text)
+    return min(table, key=lambda pf: abs(pf[1] - target))[0]
 
 
 def shortened_tokens(model, n_visual: int, n_text: int, flops: float) -> int:
@@ -75,6 +81,37 @@ def shortened_tokens(model, n_visual: int, n_text: int, flops: float) -> int:
     best = min(range(0, n_visual + 1),
                key=lambda n: abs(count_flops(model, None, num_visual_tokens=n, num_text_tokens=n_text).decoder - flops))
     return best
+
+
+def make_inputs(n_visual: int, n_text: int, side: int, device, dtype, batch: int = 1) -> dict:
+    """``batch`` copies of one prompt: text, ``n_visual`` image tokens, text (all the same length)."""
+    half = n_text // 2
+    ids = [1] + [5] * (half - 1) + [1000] * n_visual + [6] * (n_text - half)
+    pixels = torch.randn(1, 3, side * 2, side * 2, device=device, dtype=dtype)
+    return {
+        "input_ids": torch.tensor([ids] * batch, device=device),
+        "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device),
+        "pixel_values": pixels.repeat(batch, 1, 1, 1),
+    }
+
+
+def short_inputs(n_visual_kept: int, n_text: int, device, batch: int = 1) -> dict:
+    """The shortened sequence: as many tokens as ``n_visual_kept`` visual + ``n_text`` text, no image."""
+    n = n_text + n_visual_kept
+    return {"input_ids": torch.tensor([[1] + [5] * (n - 1)] * batch, device=device),
+            "attention_mask": torch.ones(batch, n, dtype=torch.long, device=device)}
+
+
+def measure(cases: dict, clock, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each case: one warm-up each, then ``repeats`` interleaved rounds."""
+    times = {k: [] for k in cases}
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for k, fn in cases.items():  # interleaved, so load drifts hit every case alike
+                times[k].append(clock(fn))
+    return times
 
 
 def timer(device):
@@ -101,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--text", type=int, default=64)
     ap.add_argument("--target", type=float, default=0.14, help="decoder FLOPs fraction of the pruned policy")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=1, help="identical prompts per forward")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -114,16 +152,11 @@ def main(argv=None):
     model, cfg, side = build(args.widths, args.visual, dtype, args.device, args.attn)
     L = cfg.text_config.num_hidden_layers
     n_text = args.text
-    half = n_text // 2
-    ids = [1] + [5] * (half - 1) + [1000] * args.visual + [6] * (n_text - half)
-    inputs = {
-        "input_ids": torch.tensor([ids], device=args.device),
-        "pixel_values": torch.randn(1, 3, side * 2, side * 2, device=args.device, dtype=dtype),
-    }
+    inputs = make_inputs(args.visual, n_text, side, args.device, dtype, args.batch_size)
     policy = find_policy(model, args.visual, n_text, args.target)
     pf = count_flops(model, policy, num_visual_tokens=args.visual, num_text_tokens=n_text)
     n_short = shortened_tokens(model, args.visual, n_text, pf.decoder)
-    short_ids = {"input_ids": torch.tensor([[1] + [5] * (n_text + n_short - 1)], device=args.device)}
+    short_ids = short_inputs(n_short, n_text, args.device, args.batch_size)
     full = dop.Policy(L, [0.25, 1.0], {"attn_q": [L, L], "attn_kv": [L, L], "mlp": [L, L]})
 
     def fwd(x):
@@ -137,14 +170,7 @@ def main(argv=None):
 
     cases = {"vanilla": fwd(inputs), "full": with_policy(full), "pruned": with_policy(policy),
              "shortened": fwd(short_ids)}
-    clock = timer(args.device)
-    times = {k: [] for k in cases}
-    with torch.inference_mode():
-        for fn in cases.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for k, fn in cases.items():  # interleaved, so load drifts hit every case alike
-                times[k].append(clock(fn))
+    times = measure(cases, timer(args.device), args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     # ratios of runs taken side by side (one round of the interleaved loop) cancel slow drifts
@@ -154,7 +180,7 @@ def main(argv=None):
     res = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {args.device}",
         "torch": torch.__version__, "transformers": T.__version__,
-        "widths": args.widths, "dtype": args.dtype, "visual": args.visual, "text": n_text,
+        "widths": args.widths, "dtype": args.dtype, "batch_size": args.batch_size, "visual": args.visual, "text": n_text,
         "policy": policy.to_dict(), "policy_decoder_flops_fraction": pf.decoder_fraction,
         "shortened_visual_tokens": n_short, "shortened_decoder_flops_fraction": short_fraction,
         "median_s": med, "min_s": best, "runs_s": times,
@@ -169,7 +195,7 @@ def main(argv=None):
     }
     res["pruned_vs_shortened"] = res["speedup_pruned"] / res["speedup_shortened"]
     res["min_pruned_vs_shortened"] = res["min_speedup_pruned"] / res["min_speedup_shortened"]
-    print(f"decoder {args.widths} ({L} layers), {args.visual} visual + {n_text} text tokens, {args.dtype} on {res['machine']}")
+    print(f"decoder {args.widths} ({L} layers), batch {args.batch_size}, {args.visual} visual + {n_text} text tokens, {args.dtype} on {res['machine']}")
     print(f"policy: n_v={policy.group_bounds(args.visual)[0][1]} D_attn={policy.depth['attn'][0]} "
           f"D_mlp={policy.depth['mlp'][0]}  decoder FLOPs {pf.decoder_fraction:.3f} of unpruned; "
           f"shortened sequence: {n_short} visual tokens ({short_fraction:.3f})")
