@@ -371,3 +371,25 @@ def test_image_token_count_mismatch_is_the_models_own_error():
         with pytest.raises(ValueError) as pruned:
             model(**bad)
     assert str(pruned.value) == str(vanilla.value)
+
+
+@pytest.mark.parametrize("fam", ["llava", "internvl"])
+@torch.no_grad()
+def test_assisted_decoding_and_a_hand_written_decoding_loop(fam):
+    """Prompt-lookup (assisted) decoding crops the cache; a hand-written loop lets the model
+    derive positions from the cache's length. Both equal greedy decoding under the policy
+    (found by the conformance run)."""
+    model = build_model(fam).double()
+    inputs, _ = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    with dop.apply_policy(model, _pol(L), ranker="spatial"):
+        greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
+        out = model(**inputs, use_cache=True)
+        cache, tokens = out.cache if hasattr(out, "cache") else out.past_key_values, [int(out.logits[0, -1].argmax())]
+        for _ in range(5):
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            tokens.append(int(step.logits[0, -1].argmax()))
+    assert torch.equal(assisted, greedy)
+    assert tokens == greedy[0, -6:].tolist()

@@ -40,9 +40,9 @@ class PolicyHandle:
         try:
             self.ranker.install(self.model, self.adapter)
             self._ranker_installed = True
-            self._hook = self.adapter.entry_module().register_forward_pre_hook(
-                self.session.pre_forward, with_kwargs=True
-            )
+            entry = self.adapter.entry_module()
+            self._hook = entry.register_forward_pre_hook(self.session.pre_forward, with_kwargs=True)
+            self._post = entry.register_forward_hook(self.session.post_forward)
             for i, layer in enumerate(self._layers):
                 patch_layer(layer, i, self.session)
         except Exception:
@@ -54,9 +54,11 @@ class PolicyHandle:
         """Restore the model exactly: the layers' own forward, no hooks, the ranker uninstalled."""
         for layer in self._layers:
             unpatch_layer(layer)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for name in ("_hook", "_post"):
+            hook = getattr(self, name, None)
+            if hook is not None:
+                hook.remove()
+                setattr(self, name, None)
         if self._ranker_installed:
             self.ranker.uninstall()
             self._ranker_installed = False

@@ -268,7 +268,7 @@ def _store(cache, st: ForwardState, l: int, k, v, kv_pos, rkv: RowSet):
     pos = kv_pos if prev is None else torch.cat([prev.to(kv_pos.device), kv_pos], dim=1)
     if record is not None:
         record.kv_pos[l] = pos
-        if pos.shape[1] < record.seen or bool((pos < 0).any()):
+        if pos.shape[1] < st.past + st.n_new or bool((pos < 0).any()):
             record.pruned = True
     return keys, values, pos, prev is None or prev.shape[1] == 0
 

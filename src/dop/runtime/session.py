@@ -173,8 +173,15 @@ class PruneSession:
         segments = _packed_segments(kwargs.get("position_ids"), batch, n_new) if past == 0 else None
         self.current = ForwardState(past=past, batch=batch, n_new=n_new, spans=spans, inputs=dict(kwargs),
                                     record=record, present=present, device=device, segments=segments)
-        if record is not None:
-            record.seen = past + n_new
+        return None
+
+    def post_forward(self, module, args, output):
+        """The forward is done: the cache now holds its columns. Until then ``seen`` (and so
+        the cache's logical length) is the length before it, as transformers expects while it
+        builds positions and masks."""
+        st = self.current
+        if st is not None and st.record is not None and not st.compiled:
+            st.record.seen = st.past + st.n_new
         return None
 
     def _pre_compiled(self, cache, kwargs, batch, n_new, device):
@@ -393,14 +400,43 @@ def _patch_cache(cache, record: CacheRecord) -> None:
             return original_len(layer_idx, *args, **kwargs)
 
         patches["get_seq_length"] = get_seq_length
-    original_reorder = getattr(cache, "reorder_cache", None)
-    if original_reorder is not None:
-        def reorder_cache(beam_idx, *args, **kwargs):
-            for l, pos in list(record.kv_pos.items()):
-                record.kv_pos[l] = pos.index_select(0, beam_idx.to(pos.device))
-            return original_reorder(beam_idx, *args, **kwargs)
+        original_sizes = cache.get_mask_sizes
 
-        patches["reorder_cache"] = reorder_cache
+        def get_mask_sizes(query_length, layer_idx=0, *args, **kwargs):
+            if record.pruned:  # the model's own mask is sized to the logical sequence (dop ignores it)
+                return record.seen + int(query_length), 0
+            return original_sizes(query_length, layer_idx, *args, **kwargs)
+
+        patches["get_mask_sizes"] = get_mask_sizes
+
+    def rows(fn):  # the record's per-row entry columns follow the cache's batch rows
+        def apply(*args, **kwargs):
+            for l, pos in list(record.kv_pos.items()):
+                record.kv_pos[l] = fn(pos, *args, **kwargs)
+
+        return apply
+
+    def crop(pos, n):  # n < 0: the last -n tokens go (generated tokens: stored at every layer)
+        return pos[:, :n] if n < 0 else pos
+
+    follow = {
+        "reorder_cache": rows(lambda pos, idx: pos.index_select(0, idx.to(pos.device))),
+        "batch_select_indices": rows(lambda pos, idx: pos[idx.to(pos.device)]),
+        "batch_repeat_interleave": rows(lambda pos, n: pos.repeat_interleave(n, dim=0)),
+        "crop": rows(crop),
+    }
+    for name, update in follow.items():
+        original = getattr(cache, name, None)
+        if original is None:
+            continue
+
+        def patched(*args, _original=original, _update=update, _name=name, **kwargs):
+            if _name == "crop" and args and int(args[0]) < 0:
+                record.seen += int(args[0])
+            _update(*args, **kwargs)
+            return _original(*args, **kwargs)
+
+        patches[name] = patched
     for name, fn in patches.items():
         try:
             setattr(cache, name, fn)
