@@ -303,6 +303,29 @@ def test_attentions_for_every_layer(fam):
     assert int((cols == 0).sum()) == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_kv skipped from layer 1
 
 
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+def test_attention_maps_carry_the_computation(fam):
+    """With output_attentions the pruned layers compute their output from the reported maps:
+    the logits are those of the kernel path, and gradients reach the maps (transformers'
+    retain-grad test)."""
+    model = build_model(fam, attn="eager").double()
+    inputs, _ = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    pol = dop.Policy(L, [0.5, 1.0], {"attn_q": [L, 2], "attn_kv": [L, 1], "mlp": [L, 1]})
+    with dop.apply_policy(model, pol, ranker="random"):
+        with torch.no_grad():
+            plain = model(**inputs).logits
+        out = model(**inputs, output_attentions=True)
+        assert (out.logits - plain).abs().max().item() < 1e-10
+        maps = out.attentions
+        for m in maps:
+            m.retain_grad()
+        out.logits[0, -1].sum().backward()
+    assert all(m.grad is not None for m in maps[1:])
+
+
 @pytest.mark.parametrize("fam", ["llava", "llava_next", "internvl"])  # transformers has no flex path for Qwen2.5-VL
 @pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")  # transformers' own call
 @torch.no_grad()

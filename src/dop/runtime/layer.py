@@ -95,10 +95,11 @@ class PrunedForward:
             if st.segments is not None and fresh:  # packed sequences: keys of the query's own only
                 seg = st.segments.to(h.device)
                 segments = (_gather(seg, rq), _gather(seg, rkv))
-            out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
-                                     counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments)
             if _attentions_requested(attn):
-                _report_attentions(attn, h, q, k, q_pos, kv_pos, rq, st.past + S)
+                out, meaningful = _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq, st.past + S, segments)
+            else:
+                out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
+                                         counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments)
             h = _add_rows(h, rq, out, meaningful, attn.o_proj)
 
         # -- MLP on its rows
@@ -145,25 +146,33 @@ def _attentions_requested(attn) -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _report_attentions(attn, h, q, k, q_pos, kv_pos, rq: RowSet, columns: int) -> None:
-    """Hand the attention module's forward hooks the weights of the pruned layer, laid out as
-    the unpruned model's (B, heads, new tokens, columns): a kept query's row holds its
+def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, segments):
+    """Attention computed through the map the model reports (``output_attentions=True``), laid
+    out as the unpruned model's (B, heads, new tokens, columns): a kept query's row holds its
     softmax over the keys it may see; rows of skipped queries and columns of keys the layer
-    does not hold are zero (docs/design.md, "Hidden states and attentions")."""
+    does not hold are zero (docs/design.md, "Hidden states and attentions"). The output is
+    computed from that very map, so gradients reach it as they reach an eager model's."""
     from .attention import visible
 
-    B, H, Mq, _ = q.shape
-    kk = k.repeat_interleave(H // k.shape[1], dim=1)
-    allowed = visible(q_pos, kv_pos, getattr(attn, "sliding_window", None))[:, None]
+    B, H, Mq, hd = q.shape
+    rep = H // k.shape[1]
+    kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    allowed = visible(q_pos, kv_pos, getattr(attn, "sliding_window", None))
+    if segments is not None:
+        allowed &= segments[0][:, :, None] == segments[1][:, None, :]
+    seen = allowed.any(-1)
     scores = (q @ kk.transpose(-1, -2)) * attn.scaling
-    probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype) * allowed
-    per_query = probs.new_zeros((B, H, Mq, columns))
-    per_query.scatter_add_(3, kv_pos.clamp(min=0)[:, None, None, :].expand(-1, H, Mq, -1), probs)
-    weights = probs.new_zeros((B, H, h.shape[1], columns))
-    weights.scatter_(2, rq.index[:, None, :, None].expand(-1, H, -1, columns), per_query)
+    probs = torch.softmax(scores.float().masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)
+    column = kv_pos.clamp(min=0)[:, None, None, :].expand(-1, H, Mq, -1)
+    per_query = probs.new_zeros((B, H, Mq, columns)).scatter_add(3, column, probs * allowed[:, None])
+    row = rq.index[:, None, :, None].expand(-1, H, -1, columns)
+    weights = probs.new_zeros((B, H, h.shape[1], columns)).scatter(2, row, per_query)
     for hook in list(attn._forward_hooks.values()):
         hook(attn, (h,), (None, weights))
+    back = weights.gather(2, row).gather(3, column) * allowed[:, None]  # the map, read back per key slot
+    out = (back @ vv).transpose(1, 2).reshape(B, Mq, H * hd)
+    return out, (q_pos >= 0) & seen
 
 
 def _on(rows: RowSet, device) -> RowSet:
