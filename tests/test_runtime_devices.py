@@ -365,7 +365,9 @@ def test_a_layer_that_holds_no_key_at_all():
         ref = model(**inputs, use_cache=False).logits
     with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model(**inputs).logits
+        maps = model(**inputs, output_attentions=True).attentions
     assert (out - ref).abs().max().item() < 1e-6
+    assert len(maps) == L and all(float(m.abs().sum()) == 0 for m in maps[1:])  # no key: an all-zero map
 
 
 @torch.no_grad()

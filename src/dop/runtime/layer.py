@@ -84,7 +84,11 @@ class PrunedForward:
         if cache is not None:
             k, v, kv_pos, fresh = _store(cache, st, l, k, v, kv_pos, rkv)
 
+        # maps reported for output_attentions span every column, or a static cache's every slot
+        columns = k.shape[2] if cache is not None and _is_static(cache, l) else st.past + S
         # -- queries of the rows that keep attn_q (no key at all in this layer: no query sees one)
+        if (not rq.count or not k.shape[2]) and _attentions_requested(attn):
+            _report_map(attn, h, h.new_zeros((B, attn.config.num_attention_heads, S, columns)))
         if rq.count and k.shape[2]:
             same = fresh and st.segments is None and _same(rq, rkv)
             hn_q = hn_kv if same else layer.input_layernorm(_rows(h, rq))
@@ -96,7 +100,7 @@ class PrunedForward:
                 seg = st.segments.to(h.device)
                 segments = (_gather(seg, rq), _gather(seg, rkv))
             if _attentions_requested(attn):
-                out, meaningful = _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq, st.past + S, segments)
+                out, meaningful = _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq, columns, segments)
             else:
                 out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
                                          counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments)
@@ -146,6 +150,12 @@ def _attentions_requested(attn) -> bool:
     return collected is not None and "attentions" in collected
 
 
+def _report_map(attn, h, weights) -> None:
+    """Hand an attention map to the hooks transformers records attentions with."""
+    for hook in list(attn._forward_hooks.values()):
+        hook(attn, (h,), (None, weights))
+
+
 def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, segments):
     """Attention computed through the map the model reports (``output_attentions=True``), laid
     out as the unpruned model's (B, heads, new tokens, columns): a kept query's row holds its
@@ -168,8 +178,7 @@ def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, 
     per_query = probs.new_zeros((B, H, Mq, columns)).scatter_add(3, column, probs * allowed[:, None])
     row = rq.index[:, None, :, None].expand(-1, H, -1, columns)
     weights = probs.new_zeros((B, H, h.shape[1], columns)).scatter(2, row, per_query)
-    for hook in list(attn._forward_hooks.values()):
-        hook(attn, (h,), (None, weights))
+    _report_map(attn, h, weights)
     back = weights.gather(2, row).gather(3, column) * allowed[:, None]  # the map, read back per key slot
     out = (back @ vv).transpose(1, 2).reshape(B, Mq, H * hd)
     return out, (q_pos >= 0) & seen
