@@ -56,6 +56,14 @@ def _double(inputs):
     return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
 
 
+def _reference(model, inputs, pd, counts, perms):
+    """Logits of the slow masked reference (tests/reference.py) of policy dict ``pd``."""
+    adapter = get_adapter(model)
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        return model(**inputs, use_cache=False).logits
+
+
 def _perms(counts, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randperm(n, generator=g).tolist() for n in counts]
@@ -80,9 +88,7 @@ def test_bfloat16_pruned_equals_masked_reference(fam):
     pd = {"format": "dop-policy/1", "num_layers": L, "groups": [0.25, 0.5, 1.0],
           "depth": {"attn_q": [L, 2, 1], "attn_kv": [L, 1, 0], "mlp": [L, 3, 0]}}
     perms = _perms(counts, 0)
-    with masked_reference(model64, adapter.decoder_layers(), adapter.entry_module(),
-                          adapter.image_token_id, pd, counts, perms):
-        ref = model64(**inputs64, use_cache=False).logits
+    ref = _reference(model64, inputs64, pd, counts, perms)
     with dop.apply_policy(model16, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model16(**inputs16).logits
     assert out.dtype == torch.bfloat16
@@ -139,9 +145,7 @@ def test_variable_length_kernel_plumbing(fam):
               "depth": {"attn": [L, 2], "mlp": [L, 1]}}
         perms = _perms(counts, 1)
         inputs = _double(a)
-        with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
-                              adapter.image_token_id, pd, counts, perms):
-            ref = model(**inputs, use_cache=False).logits
+        ref = _reference(model, inputs, pd, counts, perms)
         calls.clear()
         with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
             out = model(**inputs).logits
@@ -338,9 +342,7 @@ def test_flex_attention_model_runs_pruned_and_exact(fam):
     L = adapter.num_layers
     pd = {"format": "dop-policy/1", "num_layers": L, "groups": [0.5, 1.0], "depth": {"attn": [L, 2], "mlp": [L, 1]}}
     perms = _perms(counts, 0)
-    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
-                          adapter.image_token_id, pd, counts, perms):
-        ref = model(**inputs, use_cache=False).logits
+    ref = _reference(model, inputs, pd, counts, perms)
     with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model(**inputs).logits
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -360,9 +362,7 @@ def test_a_layer_that_holds_no_key_at_all():
     L = adapter.num_layers
     pd = {"format": "dop-policy/1", "num_layers": L, "groups": [1.0], "depth": {"attn_q": [L], "attn_kv": [1], "mlp": [L]}}
     perms = [list(range(n))]
-    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
-                          adapter.image_token_id, pd, counts, perms):
-        ref = model(**inputs, use_cache=False).logits
+    ref = _reference(model, inputs, pd, counts, perms)
     with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model(**inputs).logits
         maps = model(**inputs, output_attentions=True).attentions
