@@ -15,6 +15,7 @@ Every tensor made here follows the device of the inputs it describes.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,9 @@ class PruneSession:
         self.current: ForwardState | None = None
         self.bypass = False
         self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
+        # every depth a token can have, per kind (padding 0, text num_layers): the rows of
+        # layers l and l' are the same set unless some such depth d has l < d <= l'
+        self._bands = {k: sorted({0, self.num_layers, *v}) for k, v in self._kind_depths.items()}
         self.unpruned = policy.is_unpruned()
         self.rerank_layers = tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
         if self.rerank_layers and not self.unpruned:
@@ -310,8 +314,12 @@ class PruneSession:
 
     # ------------------------------------------------------------------ rows per layer
     def rows(self, st: ForwardState, kind: str, layer_idx: int) -> RowSet:
-        """The rows op ``kind`` processes at ``layer_idx``."""
-        key = (kind, layer_idx)
+        """The rows op ``kind`` processes at ``layer_idx``, built once per band of layers that
+        process the same rows (a handful per forward, not one per layer: fewer host syncs)."""
+        if st.depths is None:
+            key = (kind, None)
+        else:
+            key = (kind, bisect.bisect_right(self._bands[kind], layer_idx))
         if key not in st.rows_cache:
             keep = st.present if st.depths is None else st.depths[kind] > layer_idx
             st.rows_cache[key] = RowSet.from_keep(keep)
