@@ -393,7 +393,7 @@ def test_pdrop_default_stage_layers_are_one_rule_everywhere():
     assert [default_stage_layers(L) for L in (32, 40, 8, 4)] == [(8, 16, 24), (10, 20, 30), (2, 4, 6), (1, 2, 3)]
     assert resolve_for_model("pdrop", 8).layers == (2, 4, 6)
     assert resolve_for_model("pdrop:layers=1-3", 8).layers == (1, 3)
-    assert pdrop_policy(8).depth["attn"] == [8, 6, 4, 2]
+    assert pdrop_policy(8).depth["attn"] == (8, 6, 4, 2)
     assert B.pdrop("demo", ratio=0.5)[0].meta["stage_layers"] == [2, 4, 6]
     with pytest.raises(ValueError, match="quarter points"):
         resolve_ranker("pdrop").layers  # unbound: never silently no stages

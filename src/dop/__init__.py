@@ -7,13 +7,15 @@ Public API::
 
 from __future__ import annotations
 
-from .policy import Policy, PolicyError
+from .policy import ModelMismatchWarning, Policy, PolicyError, save_policy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Policy",
     "PolicyError",
+    "ModelMismatchWarning",
+    "save_policy",
     "apply_policy",
     "count_flops",
     "rank_visual_tokens",

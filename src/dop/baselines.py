@@ -80,13 +80,11 @@ def _solve_count(make: Callable[[int], Policy], arch, n, budget, convention, tex
 
 
 def _finish(policy: Policy, spec: str, method: str, arch: Arch, n: int, text_tokens: int, extra: dict) -> tuple[Policy, str]:
-    policy.ranker = spec
     meta = {"method": method, "model": arch.hub_id or arch.name, "visual_tokens": n}
     meta.update(extra)
     meta["flops_fraction"] = {c: round(flops_fraction(arch, policy, n, c, text_tokens), 6) for c in ("paper", "dop")}
     meta["flops_text_tokens"] = text_tokens
-    policy.meta = meta
-    return policy, spec
+    return policy.replace(ranker=spec, meta=meta), spec
 
 
 def _visual(arch: Arch, visual_tokens: int | None) -> int:

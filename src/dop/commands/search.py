@@ -198,7 +198,7 @@ def format_summary(result, args, outputs, wall: float) -> str:
             "",
             f"budget {r.budget.spec} ({r.solution.convention} convention) -> {out}",
             f"  parameters: {sp.describe(r.solution.assign)}",
-            f"  policy: groups {r.policy.groups}  depth {r.policy.depth}",
+            f"  policy: groups {list(r.policy.groups)}  depth {r.policy.to_dict()['depth']}",
             f"  decoder FLOPs (dop):   {_fl(f['dop']['before'])} -> {_fl(f['dop']['after'])} ({f['dop']['fraction']:.1%})",
             f"  decoder MACs (paper):  {_fl(f['paper']['before'], True)} -> {_fl(f['paper']['after'], True)} "
             f"({f['paper']['fraction']:.1%})",

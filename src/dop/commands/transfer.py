@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     with output_lock([args.output]):
         text = out.to_json(args.output)
     if args.output:
-        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.depth}; wrote {args.output}",
+        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.to_dict()['depth']}; wrote {args.output}",
               file=sys.stderr)
     else:
         sys.stdout.write(text)

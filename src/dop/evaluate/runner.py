@@ -258,18 +258,11 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
 
     if policy is not None:
         from dop import apply_policy
-        from dop.models import get_adapter
-        from dop.rankers import resolve_for_model
 
-        ctx = apply_policy(model, policy, ranker=resolve_for_model(
-            ranker if ranker is not None else policy.ranker, get_adapter(model).num_layers))
+        spec = policy.ranker_or(ranker)  # the one rule (docs/design.md, "Policies")
+        ctx = apply_policy(model, policy, ranker=spec)
         # the name as given (keeps options such as "random:seed=3"), else the one resolved
-        if isinstance(ranker, str):
-            ranker_name = ranker
-        elif ranker is None and policy.ranker:
-            ranker_name = policy.ranker
-        else:
-            ranker_name = getattr(ctx.ranker, "name", None)
+        ranker_name = spec if isinstance(spec, str) else getattr(ctx.ranker, "name", None)
     else:
         ctx, ranker_name = nullcontext(), None
 

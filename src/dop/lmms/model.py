@@ -158,7 +158,7 @@ class DopLMM(lmms):
         self.flops_path = self.log_dir / f"flops.rank{self.rank}.jsonl"
         self.flops_path.write_text("")
         what = "unpruned" if self.policy is None else (
-            f"policy groups {self.policy.groups} depth {self.policy.depth}, ranker "
+            f"policy groups {list(self.policy.groups)} depth {self.policy.to_dict()['depth']}, ranker "
             f"{self.ranker or self.policy.ranker or 'default'}")
         logger.info(f"dop: {self.pretrained} on {self._device} (rank {self.rank} of {self.world_size}), {what}; "
                     f"per-request FLOPs in {self.flops_path}")

@@ -11,9 +11,11 @@ Leaving the block (or ``handle.remove()``) puts the original decoder layers back
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from ..models import get_adapter
-from ..policy import Policy
+from ..names import loaded_model_name, same_model
+from ..policy import ModelMismatchWarning, Policy
 from ..rankers import resolve_for_model
 from .layer import is_patched, patch_layer, unpatch_layer
 from .session import PruneSession
@@ -96,7 +98,10 @@ def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = F
 
     ``ranker`` is a registered name, a :class:`dop.rankers.Ranker`, or a callable
     ``fn(ctx) -> list[permutation]``; it defaults to the policy's own ``ranker`` field,
-    else ``identity``. A policy for another depth is an error unless ``transfer=True``.
+    else ``identity`` (:meth:`Policy.ranker_or`). A policy for another depth is an error
+    unless ``transfer=True``; a policy recorded for another model
+    (``policy.meta["model"]`` against ``config._name_or_path``) warns
+    (:class:`dop.policy.ModelMismatchWarning`).
     """
     if isinstance(policy, str):
         policy = Policy.from_json(policy)
@@ -104,8 +109,19 @@ def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = F
         raise ValueError(f"policy must be a dop.Policy or a path to a policy file, got {type(policy).__name__}")
     adapter = get_adapter(model)
     policy = policy.check_layers(adapter.num_layers, transfer=transfer)
-    r = resolve_for_model(ranker if ranker is not None else policy.ranker, adapter.num_layers)
+    _warn_other_model(policy, model)
+    r = resolve_for_model(policy.ranker_or(ranker), adapter.num_layers)
     return PolicyHandle(model, adapter, policy, r)
+
+
+def _warn_other_model(policy: Policy, model) -> None:
+    """Warn when the policy records the model it was searched on and the model says where it
+    was loaded from, and the two differ (a policy is searched for one model)."""
+    searched, loaded = policy.meta.get("model"), loaded_model_name(model)
+    if isinstance(searched, str) and searched.strip() and loaded and not same_model(searched, loaded):
+        warnings.warn(ModelMismatchWarning(
+            f"the policy was searched on {searched!r} but is applied to {loaded!r}; its depths "
+            "may not suit this model"), stacklevel=3)
 
 
 __all__ = ["PolicyHandle", "apply_policy"]

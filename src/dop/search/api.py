@@ -177,15 +177,14 @@ def search(
                     "convention); nothing is pruned")
         else:
             sol = solvers[conv].solve(limit, b.spec)
-        policy = sol.policy
-        policy.ranker = ranker if isinstance(ranker, str) else None
-        policy.meta = {
+        info = {
             "model": key["model"], "ranker": _ranker_key(ranker), "budget": b.spec,
             "budget_convention": conv, "samples": len(prepared), "seed": seed, "space": sp.name,
             "params": dict(sol.assign), "predicted_divergence": sol.predicted, **(meta or {}),
         }
         if note:
-            policy.meta["note"] = note
+            info["note"] = note
+        policy = sol.policy.replace(ranker=ranker if isinstance(ranker, str) else None, meta=info)
         flops = {}
         for c, cm in costs.items():
             before, after = cm.unpruned, cm.policy_cost(policy)
@@ -200,7 +199,7 @@ def search(
                 with torch.inference_mode():
                     refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
             res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, rk, seed, progress)
-            policy.meta["true_divergence"] = res.verification.chosen_true
+            res.policy = policy = policy.with_meta(true_divergence=res.verification.chosen_true)
             t_verify += time.perf_counter() - tv
         results.append(res)
     shape = {"visual_tokens": counts, "text_tokens": text}
