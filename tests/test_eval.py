@@ -347,6 +347,25 @@ def test_retrained_demo_folder_gets_the_demo_prompt(tmp_path):
     assert prompt_builder_for(str(dop.demo.DEMO_DIR)) is dop.demo.build_prompt
 
 
+def test_a_folder_declares_its_prompt(tmp_path):
+    """Issue 15: the demo prompt follows dop_prompt.json (scripts/train_demo.py's export
+    writes it), not a text search in training.json, which only old exports rely on."""
+    import dop.demo
+    from dop.evaluate.loading import chat_prompt, prompt_builder_for, write_prompt_marker
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "training.json").write_text('{"command": "python my_train.py"}')
+    write_prompt_marker(folder)
+    assert json.loads((folder / "dop_prompt.json").read_text()) == {"format": "dop-prompt/1", "prompt": "demo"}
+    assert prompt_builder_for(str(folder)) is dop.demo.build_prompt
+    write_prompt_marker(folder, "chat")  # the declaration wins over an old export's training.json
+    (folder / "training.json").write_text('{"command": "python scripts/train_demo.py"}')
+    assert prompt_builder_for(str(folder)) is chat_prompt
+    (folder / "dop_prompt.json").write_text("{not json")
+    assert prompt_builder_for(str(folder)) is dop.demo.build_prompt  # unreadable: as if absent
+
+
 def test_cli_eval_llava_next_checkpoint(tmp_path, data, capsys):
     # another family through the same path: model_type picks the class, AutoProcessor the processor
     from transformers import LlavaNextForConditionalGeneration

@@ -18,7 +18,10 @@ from typing import Callable
 
 import torch
 
-DEMO = "demo"
+from ..names import DEMO
+
+PROMPT_MARKER = "dop_prompt.json"  # a checkpoint folder's declared prompt format (write_prompt_marker)
+PROMPT_FORMAT = "dop-prompt/1"
 # "owner/name" as the hub spells repository ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # LLaVA-1.5's short-answer instruction, appended for real checkpoints unless already there
@@ -125,24 +128,52 @@ def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_IN
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def write_prompt_marker(folder, prompt: str = DEMO) -> None:
+    """Mark a checkpoint folder as trained on ``prompt``'s format (``demo``: the demo's own,
+    without the short-answer instruction): ``dop_prompt.json``, written by
+    ``scripts/train_demo.py``'s export and read by :func:`prompt_format_of`."""
+    from ..jsonio import write_json_atomic
+
+    write_json_atomic(Path(str(folder)) / PROMPT_MARKER, {"format": PROMPT_FORMAT, "prompt": prompt})
+
+
+def prompt_format_of(path) -> str | None:
+    """The prompt format a checkpoint folder declares (``demo``), or None (the chat template).
+
+    The declaration is ``dop_prompt.json`` (:func:`write_prompt_marker`). Exports made before
+    it existed are recognised by their ``training.json``, whose ``command`` names
+    ``scripts/train_demo.py``; nothing else is read from that file."""
+    folder = Path(str(path))
+    marker = _read_json(folder / PROMPT_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == PROMPT_FORMAT:
+        prompt = marker.get("prompt")
+        return prompt if prompt == DEMO else None
+    legacy = _read_json(folder / "training.json")  # exports from before the marker
+    command = legacy.get("command", "") if isinstance(legacy, dict) else ""
+    return DEMO if isinstance(command, str) and "train_demo.py" in command else None
+
+
+def _read_json(path: Path, limit: int = 1 << 20):
+    """A small JSON file's content, or None when it is missing, too big or not JSON."""
+    try:
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def is_demo_export(path) -> bool:
     """Whether ``path`` is a folder exported by ``scripts/train_demo.py`` (a retrained demo
     model): such a model was trained on the demo's prompt, without the short-answer
     instruction real checkpoints get, and answers garbage with the other."""
-    meta = Path(str(path)) / "training.json"
-    if not meta.is_file():
-        return False
-    try:
-        command = json.loads(meta.read_text()).get("command", "")
-    except (ValueError, AttributeError):
-        return False
-    return isinstance(command, str) and "train_demo.py" in command
+    return prompt_format_of(path) == DEMO
 
 
 def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     """The prompt builder to use with the model loaded from ``name_or_path``: the demo's
-    own format for ``demo`` and for a folder exported by ``scripts/train_demo.py`` (it holds
-    that script's ``training.json``), :func:`chat_prompt` otherwise."""
+    own format for ``demo`` and for a folder that declares it (``dop_prompt.json``, written by
+    ``scripts/train_demo.py``'s export), :func:`chat_prompt` otherwise."""
     if str(name_or_path) == DEMO or is_demo_export(name_or_path):
         from dop.demo import build_prompt
 
