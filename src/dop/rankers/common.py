@@ -4,10 +4,10 @@ vision-tower hooks, greedy DPP MAP inference, and reordering among the active to
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
+from ..models.base import softmax_attention, vision_layer_index  # noqa: F401  (re-exported)
 from .base import LayerState, RankContext
 
 
@@ -136,7 +136,7 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     active = [torch.ones(s.n, dtype=torch.bool, device=dev) for s in ctx.spans]
     for idx in wanted:
         base = layers[idx]
-        rotary = sys.modules[type(base.self_attn).__module__].apply_rotary_pos_emb
+        rotary = ctx.adapter.rotary_function(base.self_attn)
         hidden, pe = captured[idx]
         state = LayerState(idx, hidden, base, pe, rotary, active, ranks)
         with torch.no_grad():
@@ -173,22 +173,6 @@ def greedy_dpp(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> list[int]:
 
 
 # ---------------------------------------------------------------------- vision towers
-def vision_layer_index(num_layers: int, feature_layer: int) -> int:
-    """The encoder layer whose output is ``hidden_states[feature_layer]`` (transformers counts
-    the embeddings as hidden_states[0]); its attention map is ``attentions[feature_layer]``
-    for negative indices."""
-    if feature_layer < 0:
-        return num_layers + feature_layer
-    if feature_layer == 0:
-        raise ValueError("vision_feature_layer 0 is the embedding output: no attention map to rank by")
-    return feature_layer - 1
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, S, S) attention probabilities, no mask, in float64."""
-    return torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
-
-
 __all__ = [
     "check_layers_exist", "decoder_keys", "decoder_qk", "greedy_dpp", "last_token_attention", "order_desc", "present_keys",
     "rank_by_hooks", "reorder_active", "softmax_attention", "vision_layer_index", "visual_mask",

@@ -71,14 +71,14 @@ def visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None
     return ok
 
 
-def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn,
+def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn, impl: str,
            segments=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries ``q`` (B, H, Mq, hd) over keys/values (B, Hkv, T, hd).
 
     Returns the per-slot output (B, Mq, H * hd) and a (B, Mq) bool of the slots whose output
     is meaningful (a real query that sees at least one key). ``segments``: (query, key) packed
-    sequence ids; a query sees only keys of its own sequence."""
-    impl = attn.config._attn_implementation
+    sequence ids; a query sees only keys of its own sequence. ``impl``: the attention backend
+    (the adapter's ``attention_implementation``)."""
     window = getattr(attn, "sliding_window", None)
     B, _, Mq, _ = q.shape
     q_real = q_pos >= 0
