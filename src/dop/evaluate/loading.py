@@ -1,7 +1,7 @@
 """Load a model and its processor by name, and build the prompt for one image + question.
 
 ``demo`` is the bundled demo model (``dop.demo.load_demo``). Anything else is a local folder
-holding a saved checkpoint or a hub id (``owner/name``): the config's ``model_type`` picks
+holding a saved checkpoint or a hub id (``owner/name``): the config's model type picks
 the family's class through ``dop.models.model_class_for`` and the processor comes from
 ``AutoProcessor``. Weights load from safetensors only; ``trust_remote_code`` stays off
 unless asked for.

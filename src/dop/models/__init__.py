@@ -34,6 +34,12 @@ def _adapter_class(model_type: str) -> type[Adapter]:
         ) from None
 
 
+def adapter_class_for_config(config) -> type[Adapter]:
+    """The family's adapter class for a config; the base :class:`Adapter` (generic readings)
+    for a model type without one."""
+    return _ADAPTERS.get(getattr(config, "model_type", None), Adapter)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for a loaded model (a `*ForConditionalGeneration` or its inner model)."""
     config = getattr(model, "config", None)
@@ -52,4 +58,4 @@ def model_class_for(config) -> type:
 
 from . import internvl, llava, llava_next, qwen2_5_vl  # noqa: E402,F401  (registration)
 
-__all__ = ["Adapter", "ImageSpan", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]
+__all__ = ["Adapter", "ImageSpan", "adapter_class_for_config", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]

@@ -137,6 +137,34 @@ class Adapter:
         towers the [CLS] token's attention, heads averaged."""
         return cls_attention_rows(self.config, layer, hidden).reshape(-1)
 
+    # -- the architecture numbers the FLOPs count needs ------------------------------------
+    @classmethod
+    def family_name(cls, config) -> str | None:
+        return getattr(config, "model_type", None)
+
+    @classmethod
+    def flops_layout(cls, config, text_hidden: int) -> dict | None:
+        """What ``dop.flops`` needs beyond the decoder, read from ``config``: ``vision`` (the
+        fields of :class:`dop.flops.VisionArch`), ``projector_dims``, ``default_visual_tokens``,
+        ``tokens_per_tile`` and ``max_tiles``; None when the config has no usable vision tower.
+        The default reads a CLIP-like tower (fixed tiles) and LLaVA's projector."""
+        vc = getattr(config, "vision_config", None)
+        vision = vit_flops_fields(vc)
+        if vision is None:
+            return None
+        layers = getattr(config, "vision_feature_layer", -2)
+        n_feat = 1 if isinstance(layers, int) else len(layers)
+        per_tile = (vision["image_size"] // vision["patch_size"]) ** 2
+        per_tile += 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+        tiles = cls.max_tiles(config, vision["image_size"])
+        return dict(vision=vision, projector_dims=(vision["hidden_size"] * n_feat, text_hidden, text_hidden),
+                    default_visual_tokens=per_tile * tiles, tokens_per_tile=per_tile, max_tiles=tiles)
+
+    @classmethod
+    def max_tiles(cls, config, image_size: int) -> int:
+        """The most vision tiles one image can take (1: a single fixed tile)."""
+        return 1
+
     def input_embeddings(self) -> nn.Module:
         """The token embedding table of the language model."""
         return self.model.get_input_embeddings()
@@ -232,6 +260,31 @@ def cls_attention_rows(config, layer: nn.Module, hidden: torch.Tensor) -> torch.
     if getattr(config, "vision_feature_select_strategy", "default") == "default":
         rows = rows[:, 1:]
     return rows
+
+
+def _side(x) -> int:
+    if isinstance(x, (list, tuple)):
+        if len(set(x)) != 1:
+            raise ValueError(f"non-square image or patch size {x!r} is not supported")
+        return int(x[0])
+    return int(x)
+
+
+CLS_TOWERS = ("clip_vision_model", "internvl_vision")  # vision towers that prepend a [CLS] token
+
+
+def vit_flops_fields(vc) -> dict | None:
+    """The :class:`dop.flops.VisionArch` fields of a fixed-tile ViT config (CLIP, SigLIP,
+    InternViT); None when ``vc`` is not one."""
+    if vc is None or not hasattr(vc, "num_hidden_layers") or not hasattr(vc, "image_size"):
+        return None
+    vtype = getattr(vc, "model_type", "") or ""
+    return dict(
+        type="vit", num_layers=int(vc.num_hidden_layers), hidden_size=int(vc.hidden_size),
+        intermediate_size=int(vc.intermediate_size), num_heads=int(vc.num_attention_heads),
+        patch_size=_side(vc.patch_size), image_size=_side(vc.image_size),
+        in_channels=int(getattr(vc, "num_channels", 3)), cls_token=vtype in CLS_TOWERS, mlp_matrices=2, name=vtype,
+    )
 
 
 def _runs(pos: torch.Tensor) -> list[int]:

@@ -21,6 +21,12 @@ class LlavaNextAdapter(Adapter):
     def image_grids(self, inputs, counts):
         return [None] * len(counts)
 
+    @classmethod
+    def max_tiles(cls, config, image_size):
+        """The base tile and the most high-resolution tiles of any grid pinpoint."""
+        pins = getattr(config, "image_grid_pinpoints", None) or [[image_size, image_size]]
+        return 1 + max((h // image_size) * (w // image_size) for h, w in pins)
+
     def record_image_inputs(self, record):
         # generate() may encode the images before the forward that ranks, without image_sizes
         entry = self.entry_module()

@@ -35,6 +35,23 @@ class Qwen25VLAdapter(Adapter):
         m = self._merge()
         return [(int(h) // m, int(w) // m) if int(t) == 1 else None for t, h, w in thw.tolist()]
 
+    @classmethod
+    def flops_layout(cls, config, text_hidden):
+        """Native-resolution ViT (windowed attention but in ``fullatt_block_indexes``), a 2x2
+        merger into ``out_hidden_size``; 1024 tokens by default."""
+        vc = config.vision_config
+        merge = int(vc.spatial_merge_size)
+        width = int(vc.hidden_size) * merge * merge
+        vision = dict(
+            type="qwen2_5_vl", num_layers=int(vc.depth), hidden_size=int(vc.hidden_size),
+            intermediate_size=int(vc.intermediate_size), num_heads=int(vc.num_heads), patch_size=int(vc.patch_size),
+            in_channels=int(getattr(vc, "in_channels", 3)), mlp_matrices=3, temporal_patch_size=int(vc.temporal_patch_size),
+            spatial_merge_size=merge, window_size=int(vc.window_size),
+            fullatt_layers=tuple(int(i) for i in vc.fullatt_block_indexes), name=getattr(vc, "model_type", "") or "",
+        )
+        return dict(vision=vision, projector_dims=(width, width, int(vc.out_hidden_size)), default_visual_tokens=1024,
+                    tokens_per_tile=None, max_tiles=1)
+
     def vision_attention_layer(self):
         return self.vision_module().blocks[-1]  # the final block attends over whole images
 

@@ -31,7 +31,7 @@ _VARLEN: dict[str, Callable[[], Callable | None]] = {}
 
 def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Callable | None = None) -> None:
     """Use ``fn`` (or what ``loader()`` returns) as the variable-length causal kernel of models
-    whose ``config._attn_implementation`` is ``impl``. Passing neither removes the entry."""
+    whose attention implementation (``Adapter.attention_implementation``) is ``impl``. Passing neither removes the entry."""
     if fn is None and loader is None:
         _VARLEN.pop(impl, None)
         return
