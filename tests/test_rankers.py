@@ -7,12 +7,13 @@ import torch
 
 import dop
 from dop.models import get_adapter
-from dop.rankers import RankContext, rank_visual_tokens, resolve_ranker
+from dop.rankers import RankContext, resolve_ranker
+from dop.runtime import rank_visual_tokens
 from dop.rankers.cdpruner import cdpruner_order, conditional_kernel, relevance
 from dop.rankers.common import greedy_dpp
 from dop.rankers.pdrop import pdrop_policy
 from dop.rankers.vispruner import token_scores
-from dop.runtime.session import capture_decoder_input
+from dop.models.prefix import decoder_input
 from tiny_models import FAMILIES, IMAGE_TOKEN, build_inputs, build_model
 
 RANKERS = ("vispruner", "cdpruner", "fastv", "pdrop:layers=1-2-3", "dart", "identity", "spatial", "random:seed=3")
@@ -73,7 +74,7 @@ def test_set_rankers_honour_n_keep_inside_the_runtime(tiny, spec):
 def _ctx(model, inputs, n_keep=None):
     adapter = get_adapter(model)
     spans = adapter.image_spans(inputs["input_ids"], inputs)
-    emb = capture_decoder_input(model, adapter, inputs)
+    emb = decoder_input(model, inputs, adapter)
     return RankContext(model, adapter, dict(inputs), spans, emb, n_keep or [s.n for s in spans])
 
 
@@ -91,7 +92,7 @@ def _vispruner_scores(model, inputs, counts):
     ctx = _ctx(model, inputs)
     r.install(model, ctx.adapter)
     try:
-        capture_decoder_input(model, ctx.adapter, inputs)
+        decoder_input(model, inputs, ctx.adapter)
         scores = token_scores(ctx, r._captured)
     finally:
         r.uninstall()

@@ -33,7 +33,7 @@ def __getattr__(name: str):  # lazy: keep `import dop` light (no torch until nee
 
         return count_flops
     if name == "rank_visual_tokens":
-        from .rankers import rank_visual_tokens
+        from .runtime import rank_visual_tokens
 
         return rank_visual_tokens
     raise AttributeError(f"module 'dop' has no attribute {name!r}")

@@ -31,7 +31,7 @@ import io
 import os
 from typing import Any, Mapping, Sequence
 
-from .datasets import DEFAULT_TASK, DatasetError, Sample, _check_known
+from .samples import DEFAULT_TASK, DatasetError, Sample, _check_known
 
 HF_PREFIX = "hf:"
 ROLES = ("image", "question", "answers", "task", "hint", "options")

@@ -79,6 +79,11 @@ class Ranker:
     def rerank(self, ctx: RankContext, state: LayerState) -> list[torch.Tensor] | None:
         return None
 
+    def standalone_policy(self, num_layers: int):
+        """A policy whose pruned forward yields this ranker's ranks when it ranks on its own
+        (outside :func:`dop.apply_policy`), or None: :meth:`rank` gives them."""
+        return None
+
     def install(self, model, adapter) -> None:
         """Called once by apply_policy (e.g. to hook the vision tower)."""
 

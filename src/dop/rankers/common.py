@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..models.base import softmax_attention, vision_layer_index  # noqa: F401  (re-exported)
+from ..models.prefix import run_to_layers
 from .base import LayerState, RankContext
 
 
@@ -98,11 +99,6 @@ def check_layers_exist(ranker, adapter) -> None:
         raise ValueError(f"ranker {ranker.name!r} ranks at layer(s) {bad}, but the decoder has {L} layers (0..{L - 1})")
 
 
-
-class _Stop(Exception):
-    pass
-
-
 def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     """Rank with an in-LLM ranker outside of a pruned forward: run the model unpruned up to
     the input of its last re-ranking layer, then call ``rerank`` layer by layer with every
@@ -110,27 +106,9 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     re-ranking layer (FastV, DART); PyramidDrop's later stages need the pruned forward."""
     layers = ctx.adapter.decoder_layers()
     wanted = sorted(set(ranker.layers))
-    captured: dict[int, tuple] = {}
-    hooks = []
-
-    def make(idx):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            captured[idx] = (hidden, kwargs.get("position_embeddings"))
-            if idx == wanted[-1]:
-                raise _Stop()
-        return hook
-
-    for idx in wanted:
-        hooks.append(layers[idx].register_forward_pre_hook(make(idx), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            ctx.model(**ctx.inputs, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad():
+        seen, _ = run_to_layers(ctx.model, ctx.inputs, wanted, adapter=ctx.adapter)
+    captured = {i: (x.hidden, x.kwargs.get("position_embeddings")) for i, x in seen.items()}
     dev = ctx.embeddings.device if ctx.embeddings is not None else "cpu"
     ranks = [torch.arange(s.n, device=dev) for s in ctx.spans]
     active = [torch.ones(s.n, dtype=torch.bool, device=dev) for s in ctx.spans]

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from . import register_ranker
+from ..models.prefix import decoder_input
+from .registry import register_ranker
 from .base import RankContext, Ranker
 from .common import order_desc
 
@@ -117,9 +118,7 @@ class VisPrunerRanker(Ranker):
         if captured is None:  # not inside apply_policy: run the tower once with the hook
             self.install(ctx.model, ctx.adapter)
             try:
-                from ..runtime.session import capture_decoder_input
-
-                capture_decoder_input(ctx.model, ctx.adapter, ctx.inputs)
+                decoder_input(ctx.model, ctx.inputs, ctx.adapter)
                 captured = self._captured
             finally:
                 self.uninstall()

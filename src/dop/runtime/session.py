@@ -114,11 +114,6 @@ class ForwardState:
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "image_embeds", "mm_encoder_outputs")
 
 
-class _StopForward(Exception):
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
 class PruneSession:
     def __init__(self, model, adapter, policy: Policy, ranker: Ranker):
         self.model = model
@@ -442,39 +437,3 @@ def _patch_cache(cache, record: CacheRecord) -> None:
             setattr(cache, name, fn)
         except (AttributeError, TypeError):  # a cache class with slots: leave it
             pass
-
-
-def capture_decoder_input(model, adapter, inputs: dict) -> torch.Tensor:
-    """Run the model up to its first decoder layer and return that layer's input."""
-    layer0 = adapter.decoder_layers()[0]
-
-    def stop(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        raise _StopForward(hidden)
-
-    h = layer0.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    except _StopForward as s:
-        return s.hidden
-    finally:
-        h.remove()
-    raise RuntimeError("the model finished without reaching its first decoder layer")
-
-
-def rank_prompt(model, adapter, ranker: Ranker, inputs: dict, n_keep=None) -> list[torch.Tensor]:
-    """Rank the visual tokens of one prompt outside of a pruned forward."""
-    input_ids = inputs["input_ids"]
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"rank_visual_tokens takes one prompt (batch size 1), got {input_ids.shape[0]}")
-    spans = adapter.image_spans(input_ids, inputs)
-    if n_keep is None:
-        keeps = [s.n for s in spans]
-    elif isinstance(n_keep, int):
-        keeps = [min(n_keep, s.n) for s in spans]
-    else:
-        keeps = list(n_keep)
-    hidden = capture_decoder_input(model, adapter, inputs)
-    ctx = RankContext(model, adapter, dict(inputs), spans, hidden, keeps)
-    return run_ranker(ranker, ctx)
