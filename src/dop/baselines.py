@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .flops import Arch, budget_from_tokens, count_flops, resolve_arch
+from .flops import Arch, arch_from_config, budget_from_tokens, count_flops, resolve_arch
 from .policy import Policy
 from .rankers.pdrop import default_stage_layers, parse_layers, pdrop_policy
-from .search.cost import DEFAULT_CONVENTION
+from .search.cost import DEFAULT_CONVENTION, parse_budget
 
 METHODS = ("vispruner", "cdpruner", "random", "spatial", "fastv", "pdrop", "dart")
 
@@ -34,8 +34,6 @@ def _arch(model: Any) -> Arch:
             return resolve_arch(model)
         except ValueError:  # a hub id: read its config only
             from transformers import AutoConfig
-
-            from .flops import arch_from_config
 
             return arch_from_config(AutoConfig.from_pretrained(model), name=model)
     return resolve_arch(model)
@@ -104,7 +102,6 @@ def resolve_budget(budget, model, visual_tokens: int | None = None, text_tokens:
     """``(fraction of the unpruned decoder, its convention, tokens or None)`` for a budget in
     ``dop search``'s grammar: a fraction (``0.14``, ``"14%"``) or ``"2.5T"`` in ``convention``,
     ``"tokens:64"`` / ``"tokens:1/9"`` in the paper convention."""
-    from .search.cost import parse_budget
 
     if convention not in ("dop", "paper"):
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")

@@ -38,6 +38,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
+from .demo import DEMO_DIR
 from .policy import OP_KINDS, Policy
 
 CONVENTIONS = ("dop", "paper")
@@ -207,8 +208,6 @@ def resolve_arch(model: Any) -> Arch:
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
         if text == "demo":  # the bundled demo model, as every command's --model accepts it
-            from .demo import DEMO_DIR
-
             if not (DEMO_DIR / "config.json").is_file():
                 raise ValueError(f"the demo model's config is missing ({DEMO_DIR / 'config.json'})")
             return arch_from_config_folder(str(DEMO_DIR), name="demo")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .demo import DEMO_DIR
+
 DEMO = "demo"  # the bundled demo model, as every command's --model accepts it
 
 
@@ -20,8 +22,6 @@ def canonical_model_name(name: str | os.PathLike) -> str:
     (the hub matches repository names without regard to case)."""
     text = os.fspath(name).strip()
     if text == DEMO:
-        from .demo import DEMO_DIR  # dop.demo is light (pathlib only) until its loader runs
-
         return os.path.realpath(DEMO_DIR)
     if os.path.isdir(text):
         return os.path.realpath(text)

@@ -16,6 +16,22 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed as dd
+from .evaluate.datasets import load_dataset
+from .evaluate.hf import is_hf_spec
+from .evaluate.loading import load_model, prompt_builder_for
+from .evaluate.metrics import TaskScore
+from .evaluate.runner import EvalResult, SampleResult, evaluate
+from .flops import count_flops, resolve_arch
+from .models import get_adapter
+from .outputs import check_output_dir, output_lock
+from .policy import Policy
+from .rankers import resolve_ranker
+from .rankers.pdrop import default_stage_layers
+from .report import markdown
+from .report.plots import divergence_curves, pareto_plot, policy_map
+from .report.stages import Stages, write_json_atomic
+
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
 DEFAULT_SPACES = ("dop", "multigroup")
@@ -56,8 +72,6 @@ def _machine() -> str:
 def validate_options(opts: RunOptions) -> None:
     """Every option that can be checked without the model, before any work (issue 16)."""
     from .baselines import METHODS
-    from .outputs import check_output_dir
-    from .rankers import resolve_ranker
     from .search.cost import parse_budget
 
     for name in ("samples", "test_samples", "max_new_tokens"):
@@ -88,8 +102,6 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     """Under several ranks (dop/distributed.py) the search and the evaluations share their
     samples; rank 0 alone logs, locks the output folder and writes files (the others return
     the same figures)."""
-    from . import distributed as dd
-    from .outputs import output_lock
 
     validate_options(opts)
     out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
@@ -101,13 +113,6 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
 
 
 def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    from . import distributed as dd
-    from .evaluate.datasets import load_dataset
-    from .evaluate.loading import load_model, prompt_builder_for
-    from .evaluate.runner import evaluate
-    from .models import get_adapter
-    from .report.stages import Stages, write_json_atomic
-
     (out / "policies").mkdir(exist_ok=True)
     # search stages, the unpruned evaluation, one evaluation per (budget, method); revised
     # once the baselines that cannot meet a budget are known
@@ -119,7 +124,6 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     log(f"[load] model {opts.model!r}, validation {opts.data!r} ({opts.samples}), test {opts.test_data!r} ({opts.test_samples})")
     t0 = time.perf_counter()
     load_before = _load_average()
-    from .evaluate.hf import is_hf_spec
 
     def columns(spec):  # --columns names the columns of whichever of the two is a Hugging Face data set
         return opts.columns if is_hf_spec(spec) else None
@@ -177,8 +181,6 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
             return res.to_dict(with_samples=True)
         return fn
 
-    from .policy import Policy
-
     log(f"[eval] unpruned on {len(test)} test samples")
     unpruned_d = stages.run("eval-unpruned", eval_stage("unpruned"), key=dict(common, test=opts.test_data, n=len(test)))
     unpruned_obj = _result_from_dict(unpruned_d)
@@ -217,8 +219,6 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
                     budgets=results_budgets)
 
     # -- report
-    from .report.markdown import write_report
-    from .report.plots import divergence_curves, pareto_plot, policy_map
 
     tasks = sorted(unpruned_d["tasks"])
     unpruned_row = _row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual)
@@ -267,7 +267,7 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     results["stage_times"] = dict(stages.times)
     results["reused"] = list(stages.reused)
     write_json_atomic(out / "results.json", results)
-    write_report(results, out / "report.md")
+    markdown.write_report(results, out / "report.md")
     results["out"] = str(out)
     return results
 
@@ -291,7 +291,6 @@ def _load_model(opts: RunOptions, load_model):
 def _map_title(m: dict, b: dict, n_visual: int) -> str:
     """The policy map's title says what its cells show: the tokens the chosen policy processes
     at layer 0, beside the budget (a cost: the FLOPs of keeping N tokens, not N kept)."""
-    from .policy import Policy
 
     keep = Policy.from_dict(m["policy"]).n_keep(n_visual)
     return f"{m['method']}, budget {_budget_words(b)}: processes {keep} of {n_visual} visual tokens at layer 0"
@@ -388,8 +387,6 @@ def _policy_summary(policy, n_visual: int) -> str:
 
 def _result_from_dict(d: dict):
     """An EvalResult-like object that evaluate() accepts as a baseline (tasks + samples)."""
-    from .evaluate.metrics import TaskScore
-    from .evaluate.runner import EvalResult, SampleResult
 
     samples = [SampleResult(**{k: v for k, v in s.items() if k in SampleResult.__dataclass_fields__})
                for s in d.get("samples", [])]
@@ -418,7 +415,6 @@ def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
     The grammar and conventions are `dop search`'s (:func:`dop.baselines.resolve_budget`):
     ``tokens:N`` / ``tokens:a/b`` in the paper convention, fractions and TFLOPs in dop's."""
     from .baselines import resolve_budget, token_policy
-    from .flops import count_flops
     from .search.cost import DEFAULT_CONVENTION
 
     frac, conv, n = resolve_budget(spec, model, n_visual, n_text, DEFAULT_CONVENTION)
@@ -434,8 +430,6 @@ def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
 
 
 def _num_layers(model) -> int:
-    from .flops import resolve_arch
-
     return resolve_arch(model).decoder.num_layers
 
 
@@ -466,8 +460,6 @@ def _baseline(model, method: str, b: dict, n_visual: int, n_text: int, L: int):
 
     kw = dict(budget=b["fraction"], convention=b["convention"], visual_tokens=n_visual, text_tokens=n_text)
     if method == "pdrop":
-        from .rankers.pdrop import default_stage_layers
-
         tries = [default_stage_layers(L), (1, 2, 3)]
         call = lambda layers: bl.pdrop(model, layers=layers, **kw)  # noqa: E731
     elif method in ("fastv", "dart"):

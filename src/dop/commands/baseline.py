@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..outputs import check_output_file, output_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..baselines import METHODS
@@ -49,7 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..baselines import baseline
-    from ..outputs import check_output_file, output_lock
 
     if args.ratio is not None and args.method != "pdrop":
         raise ValueError("--ratio applies to pdrop only; give --tokens or --budget")

@@ -17,6 +17,8 @@ import datetime as _dt
 import os
 import sys
 
+from ..evaluate.datasets import load_dataset
+from ..policy import Policy
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
 from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit  # noqa: E402
@@ -78,15 +80,11 @@ def run(args: argparse.Namespace) -> int:
     apply_image_limit(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
-    from dop.policy import Policy
-
     policy = Policy.from_json(args.policy) if args.policy else None
     if policy is not None:
         from dop.rankers import resolve_ranker
 
         resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
-
-    from dop.evaluate.datasets import load_dataset
 
     samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
 

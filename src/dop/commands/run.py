@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 
+from ..report.markdown import comparison_line, timing_note
+from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
+
 
 def register(subparsers) -> None:
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
     from ..search.cost import BUDGET_HELP
-    from .options import COLUMNS_HELP, add_image_limit_option
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -51,7 +53,6 @@ def _split(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     from ..pipeline import RunOptions, run_main_job
-    from .options import apply_image_limit
 
     apply_image_limit(args)
 
@@ -108,7 +109,6 @@ def headline(res: dict) -> str:
                 f"{b['label']:<30} {m['method']:<22} {ff_s:>10} {100 * m['average']:6.1f} {ra_s:>19} "
                 f"{m['prefill_ms'] or 0:11.1f}"
             )
-    from ..report.markdown import comparison_line, timing_note
 
     for b in res["budgets"]:
         line = comparison_line(b)

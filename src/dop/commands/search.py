@@ -17,6 +17,8 @@ import sys
 import time
 
 
+from ..commands.eval import _load_quietly, write_json_atomic
+from ..evaluate.datasets import load_dataset
 from ..outputs import check_output_file, output_lock, write_or_rescue
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
 
@@ -117,7 +119,6 @@ def run(args: argparse.Namespace) -> int:
     from dop.rankers import resolve_ranker
 
     resolve_ranker(args.ranker)
-    from dop.evaluate.datasets import load_dataset
 
     samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
     if args.table and os.path.exists(args.table):
@@ -141,7 +142,6 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
     import torch
 
     from dop import distributed
-    from dop.commands.eval import _load_quietly, write_json_atomic
     from dop.evaluate.loading import prompt_builder_for
     from dop.search import search
 

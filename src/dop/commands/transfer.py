@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from ..outputs import check_output_file, output_lock
+from ..policy import Policy, TransferWarning
 
 
 def register(subparsers) -> None:
@@ -31,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dop.policy import Policy, TransferWarning
-
     if args.num_layers < 1:
         raise ValueError(f"--num-layers must be a positive integer, got {args.num_layers}")
     if args.output:

@@ -37,6 +37,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dop.outputs import user_dir_mode
+
 TASKS: tuple[str, ...] = ("exist", "color", "count", "position", "read")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_SEEDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -314,8 +316,6 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        from dop.outputs import user_dir_mode
-
         os.chmod(tmp, user_dir_mode())  # mkdtemp makes 0700; the export follows the umask like mkdir
         (tmp / "images").mkdir()
         width = max(5, len(str(max(n - 1, 0))))

@@ -18,6 +18,9 @@ from typing import Callable
 
 import torch
 
+from .. import demo
+from ..jsonio import write_json_atomic
+from ..models import get_adapter, model_class_for
 from ..names import DEMO
 
 PROMPT_MARKER = "dop_prompt.json"  # a checkpoint folder's declared prompt format (write_prompt_marker)
@@ -51,10 +54,8 @@ def load_model(
     model is in eval mode. Unknown names raise :class:`ModelLoadError` listing what works."""
     name = str(name_or_path)
     if name == DEMO:
-        from dop.demo import load_demo
-
         with _weights_errors(name):
-            model, processor = load_demo(attn_implementation=attn_implementation)
+            model, processor = demo.load_demo(attn_implementation=attn_implementation)
         if dtype is not None and dtype != torch.float32:
             model = model.to(dtype)
         return model.eval(), processor
@@ -69,8 +70,6 @@ def load_model(
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 
     from transformers import AutoConfig, AutoProcessor
-
-    from dop.models import model_class_for
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -132,7 +131,6 @@ def write_prompt_marker(folder, prompt: str = DEMO) -> None:
     """Mark a checkpoint folder as trained on ``prompt``'s format (``demo``: the demo's own,
     without the short-answer instruction): ``dop_prompt.json``, written by
     ``scripts/train_demo.py``'s export and read by :func:`prompt_format_of`."""
-    from ..jsonio import write_json_atomic
 
     write_json_atomic(Path(str(folder)) / PROMPT_MARKER, {"format": PROMPT_FORMAT, "prompt": prompt})
 
@@ -175,9 +173,7 @@ def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     own format for ``demo`` and for a folder that declares it (``dop_prompt.json``, written by
     ``scripts/train_demo.py``'s export), :func:`chat_prompt` otherwise."""
     if str(name_or_path) == DEMO or is_demo_export(name_or_path):
-        from dop.demo import build_prompt
-
-        return build_prompt
+        return demo.build_prompt
     return chat_prompt
 
 
@@ -185,16 +181,14 @@ def prompt_builder_for_model(model) -> PromptBuilder:
     """The prompt builder for a loaded model: the demo's own format when the model was loaded
     from the bundled demo folder or a ``scripts/train_demo.py`` export, the chat template
     otherwise (what :func:`prompt_builder_for` picks from the name)."""
-    from dop.demo import DEMO_DIR
 
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if source and (os.path.abspath(source) == os.path.abspath(DEMO_DIR) or is_demo_export(source)):
+    if source and (os.path.abspath(source) == os.path.abspath(demo.DEMO_DIR) or is_demo_export(source)):
         return prompt_builder_for(DEMO)
     return chat_prompt
 
 
 def num_decoder_layers(model) -> int:
     """Decoder layer count of a loaded model, through its family's adapter."""
-    from dop.models import get_adapter
 
     return int(get_adapter(model).num_layers)

@@ -31,7 +31,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..models import get_adapter
+from ..policy import Policy
 from .datasets import Sample, as_sample
+from .loading import num_decoder_layers, prompt_builder_for_model
 from .metrics import TaskScore, average, rel_avg, score_tasks, vqa_accuracy
 
 DEFAULT_MAX_NEW_TOKENS = 10
@@ -96,8 +99,6 @@ class EvalResult:
 
 
 def _decoder_layers(model) -> int:
-    from .loading import num_decoder_layers
-
     return num_decoder_layers(model)
 
 
@@ -210,8 +211,6 @@ def evaluate(
         raise ValueError("evaluate: no samples")
     if policy is not None:
         if not hasattr(policy, "check_layers"):  # a path to a policy file
-            from dop.policy import Policy
-
             policy = Policy.from_json(policy)
         policy = policy.check_layers(_decoder_layers(model))
     elif ranker is not None:
@@ -221,8 +220,6 @@ def evaluate(
             f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
         )
     if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
-        from .loading import prompt_builder_for_model
-
         build_prompt = prompt_builder_for_model(model)
     build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
 
@@ -245,7 +242,6 @@ def evaluate(
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
     from dop import distributed as dd
-    from dop.models import get_adapter
 
     adapter = get_adapter(model)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -42,7 +42,13 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 
+from dop.batching import collate, pad_token_id
+from dop.evaluate.datasets import load_dataset
+from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
 from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config
+from dop.models import get_adapter
+from dop.policy import Policy
+from dop.rankers import resolve_ranker
 
 DEFAULT_LOG_DIR = "dop_lmms"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,8 +118,6 @@ class DopLMM(lmms):
 
         from accelerate import Accelerator
 
-        from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
-
         accelerator = Accelerator()
         self.accelerator = accelerator
         # the launcher's variables: on CPU, accelerate's state stays single-process while
@@ -147,12 +151,8 @@ class DopLMM(lmms):
         if budget:
             self.policy = self._searched_policy(str(budget), str(search_data), int(search_samples), str(space))
         elif policy:
-            from dop.policy import Policy
-
             self.policy = Policy.from_json(policy).check_layers(num_decoder_layers(self._model))
         if self.policy is not None:
-            from dop.rankers import resolve_ranker
-
             resolve_ranker(self.ranker or self.policy.ranker)  # unknown names fail now
         self._flops_of = _FlopsCache(self._model, self.policy)
         self.flops_path = self.log_dir / f"flops.rank{self.rank}.jsonl"
@@ -183,7 +183,6 @@ class DopLMM(lmms):
 
     def _searched_policy(self, budget: str, data: str, samples: int, space: str):
         """Search a policy on ``data`` under ``budget`` (cached in ``log_dir``)."""
-        from dop.policy import Policy
 
         ranker = self.ranker or "vispruner"
         key = {"model": self.pretrained, "budget": budget, "data": data, "samples": samples,
@@ -194,7 +193,6 @@ class DopLMM(lmms):
             if path.is_file():
                 logger.info(f"dop: using the cached policy {path} (budget {budget}, search data {data})")
                 return Policy.from_json(str(path))
-            from dop.evaluate.datasets import load_dataset
             from dop.search import search
 
             result = search(
@@ -245,7 +243,6 @@ class DopLMM(lmms):
             if num_images != 1:
                 raise ValueError(f"dop: the demo model takes one image per question, got {num_images}")
             return self._build_prompt(self.processor, context)
-        from dop.evaluate.loading import chat_prompt
 
         return chat_prompt(self.processor, context, instruction=None, num_images=num_images)
 
@@ -277,8 +274,6 @@ class DopLMM(lmms):
                 fh.write(json.dumps(r) + "\n")
 
     def _flops_row(self, request: str, task, split, doc_id, inputs: dict) -> dict:
-        from dop.models import get_adapter
-
         input_ids = inputs["input_ids"]
         spans = get_adapter(self._model).image_spans(input_ids, inputs) if "pixel_values" in inputs else []
         counts = [span.n for span in spans]
@@ -306,7 +301,6 @@ class DopLMM(lmms):
         """Answers of one batch of requests: the prompts that share generation settings are
         padded on the left and generated together (the pruning runtime prunes each row on its
         own, so the answers equal batch size 1's)."""
-        from dop.batching import collate, pad_token_id
 
         texts: list[str | None] = [None] * len(batch)
         rows: list[dict | None] = [None] * len(batch)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attend
+from .attention import attend, visible
 from .session import ForwardState, PruneSession, RowSet
 
 
@@ -106,7 +106,6 @@ class PrunedForward:
             h = _scatter_add(h, rm.flat, update, rm.every)
         return h
 
-
     def _compute_compiled(self, st: ForwardState, h, position_embeddings, cache):
         """A decoding step traced by torch.compile (docs/design.md, "Compile"): every new token is
         text, so every row is computed; the static cache's holes stay hidden by the mask. Only
@@ -151,7 +150,6 @@ def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, 
     softmax over the keys it may see; rows of skipped queries and columns of keys the layer
     does not hold are zero (docs/design.md, "Hidden states and attentions"). The output is
     computed from that very map, so gradients reach it as they reach an eager model's."""
-    from .attention import visible
 
     B, H, Mq, hd = q.shape
     rep = H // k.shape[1]

@@ -16,7 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed as dd
+from ..models import get_adapter
 from ..policy import Policy
+from ..rankers import resolve_for_model
+from ..runtime.replay import last_logits
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .solver import Solution, Solver
@@ -117,9 +121,6 @@ def search(
     ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
-    from .. import distributed as dd
-    from ..models import get_adapter
-    from ..rankers import resolve_for_model
 
     t0 = time.perf_counter()
     specs = ([] if budget is None else [budget]) + list(budgets or [])
@@ -193,8 +194,6 @@ def search(
         if verify_k:
             tv = time.perf_counter()
             if refs is None:
-                from ..runtime.replay import last_logits
-
                 mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
                 with torch.inference_mode():
                     refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]

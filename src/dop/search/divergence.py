@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate.datasets import Sample, as_sample
+from ..evaluate.loading import prompt_builder_for_model
+from ..models import get_adapter
+from ..runtime import apply_policy
 from ..runtime.replay import last_logits
 
 
@@ -36,11 +39,8 @@ def prepare_samples(model, processor, samples: Sequence[Sample | dict],
     """Prompt (``build_prompt(processor, question)``, default
     :func:`dop.evaluate.loading.prompt_builder_for_model`: the demo's own format for the demo
     model, the chat template otherwise) and processor inputs of every sample."""
-    from ..models import get_adapter
 
     if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
-        from ..evaluate.loading import prompt_builder_for_model
-
         build_prompt = prompt_builder_for_model(model)
     adapter = get_adapter(model)
     param = next(model.parameters())
@@ -77,7 +77,6 @@ def true_divergence(model, prepared: Sequence[PreparedSample], refs: Sequence[to
                     policy, ranker) -> tuple[float, list[float]]:
     """Mean (and per-sample) KL of the full pruned forward under ``policy`` against ``refs``
     (the unpruned last-position logits)."""
-    from ..runtime import apply_policy
 
     per = []
     with apply_policy(model, policy, ranker=ranker):
