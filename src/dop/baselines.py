@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .flops import Arch, arch_from_config, budget_from_tokens, count_flops, resolve_arch
+from .names import is_hub_id
 from .policy import Policy
 from .rankers.pdrop import default_stage_layers, parse_layers, pdrop_policy
 from .search.cost import DEFAULT_CONVENTION, parse_budget
@@ -29,7 +30,7 @@ METHODS = ("vispruner", "cdpruner", "random", "spatial", "fastv", "pdrop", "dart
 
 
 def _arch(model: Any) -> Arch:
-    if isinstance(model, str) and model.count("/") == 1 and not model.startswith((".", "/")):
+    if isinstance(model, str) and is_hub_id(model):
         try:
             return resolve_arch(model)
         except ValueError:  # a hub id: read its config only

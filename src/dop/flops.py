@@ -39,6 +39,7 @@ from importlib import resources
 from typing import Any, Sequence
 
 from .demo import DEMO_DIR
+from .names import DEMO, looks_like_path
 from .policy import OP_KINDS, Policy
 
 CONVENTIONS = ("dop", "paper")
@@ -207,16 +208,16 @@ def resolve_arch(model: Any) -> Arch:
         return model
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
-        if text == "demo":  # the bundled demo model, as every command's --model accepts it
+        if text == DEMO:
             if not (DEMO_DIR / "config.json").is_file():
                 raise ValueError(f"the demo model's config is missing ({DEMO_DIR / 'config.json'})")
-            return arch_from_config_folder(str(DEMO_DIR), name="demo")
+            return arch_from_config_folder(str(DEMO_DIR), name=DEMO)
         if _preset_key(text) is not None:
             return preset_arch(text)
         if os.path.isdir(text) or (os.path.isfile(text) and text.endswith(".json")):
             folder = text if os.path.isdir(text) else os.path.dirname(text) or "."
             return arch_from_config_folder(folder, name=text)
-        what = "no such checkpoint folder" if os.sep in text or text.startswith(".") else "not a preset"
+        what = "no such checkpoint folder" if looks_like_path(text) else "not a preset"
         raise ValueError(f"unknown model {text!r} ({what}); known presets: {', '.join(presets())}")
     config = getattr(model, "config", None)
     if config is not None and not hasattr(model, "to_dict"):

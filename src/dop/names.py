@@ -4,11 +4,28 @@ model's ``config._name_or_path`` refers to, compared one way everywhere."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from .demo import DEMO_DIR
 
 DEMO = "demo"  # the bundled demo model, as every command's --model accepts it
+# "owner/name" as the hub spells repository ids
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is spelled as a hub repository id (``owner/name``) and names no local
+    file or folder."""
+    text = os.fspath(name)
+    return bool(HUB_ID.match(text)) and not os.path.exists(text)
+
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` was meant as a local path (absolute, relative with ``.`` or ``~``, or
+    with more parts than a hub id), so that a missing one is reported as a missing folder."""
+    text = os.fspath(name)
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
 
 
 def loaded_model_name(model: Any) -> str | None:

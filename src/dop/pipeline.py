@@ -17,8 +17,9 @@ from typing import Any, Callable
 import torch
 
 from . import distributed as dd
-from .evaluate.datasets import load_dataset
+from .evaluate.datasets import as_sample, load_dataset
 from .evaluate.hf import is_hf_spec
+from .evaluate.inputs import prompt_shape, sample_inputs
 from .evaluate.loading import load_model, prompt_builder_for
 from .evaluate.metrics import TaskScore
 from .evaluate.runner import EvalResult, SampleResult, evaluate
@@ -399,13 +400,10 @@ def _result_from_dict(d: dict):
 
 def _prompt_shape(processor, adapter, build_prompt, sample) -> tuple[int, int]:
     """(visual tokens of the first image, text tokens) of one prompt."""
-    image = sample.load_image() if hasattr(sample, "load_image") else sample["image"]
-    prompt = build_prompt(processor, sample.question if hasattr(sample, "question") else sample["question"])
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    spans = adapter.image_spans(inputs["input_ids"], dict(inputs))
-    if not spans:
+    counts, text = prompt_shape(adapter, sample_inputs(processor, build_prompt, [as_sample(sample)])[0])
+    if not counts:
         raise ValueError("the processor produced no image tokens for the first test sample")
-    return spans[0].n, int(inputs["input_ids"].shape[1]) - sum(sp.n for sp in spans)
+    return counts[0], text
 
 
 def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:

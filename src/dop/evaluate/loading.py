@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +20,10 @@ import torch
 from .. import demo
 from ..jsonio import write_json_atomic
 from ..models import get_adapter, model_class_for
-from ..names import DEMO
+from ..names import DEMO, is_hub_id, looks_like_path
 
 PROMPT_MARKER = "dop_prompt.json"  # a checkpoint folder's declared prompt format (write_prompt_marker)
 PROMPT_FORMAT = "dop-prompt/1"
-# "owner/name" as the hub spells repository ids
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # LLaVA-1.5's short-answer instruction, appended for real checkpoints unless already there
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
@@ -64,8 +61,8 @@ def load_model(
             raise ModelLoadError(f"model folder {name!r} holds no config.json; expected {_known_names()}")
     elif os.path.exists(name):
         raise ModelLoadError(f"model {name!r} is a file, not a folder; expected {_known_names()}")
-    elif not _HUB_ID.match(name):
-        if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name:
+    elif not is_hub_id(name):
+        if looks_like_path(name):
             raise ModelLoadError(f"model folder {name!r} not found; expected {_known_names()}")
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 

@@ -31,14 +31,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..flops import CONVENTIONS, count_flops
 from ..models import get_adapter
 from ..policy import Policy
 from .datasets import Sample, as_sample
+from .inputs import sample_inputs
 from .loading import num_decoder_layers, prompt_builder_for_model
 from .metrics import TaskScore, average, rel_avg, score_tasks, vqa_accuracy
 
 DEFAULT_MAX_NEW_TOKENS = 10
-CONVENTIONS = ("dop", "paper")
 
 
 @dataclass
@@ -102,29 +103,6 @@ def _decoder_layers(model) -> int:
     return num_decoder_layers(model)
 
 
-def _batch_inputs(processor, build_prompt, chunk, param) -> tuple[dict, list[str]]:
-    """Processor inputs of a list of samples, on the model's device and dtype. A batch of more
-    than one prompt is padded on the left, as generation wants (docs/design.md, "Batches")."""
-    images = [s.load_image() for s in chunk]
-    prompts = [build_prompt(processor, s.question) for s in chunk]
-    if len(chunk) == 1:
-        inputs = processor(images=images, text=prompts, return_tensors="pt")
-    else:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        side = getattr(tokenizer, "padding_side", "left")
-        tokenizer.padding_side = "left"
-        try:
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-    inputs = {
-        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-        if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-    }
-    return inputs, prompts
-
-
 def _row_counts(adapter, inputs: dict, rows: int) -> list[list[int]]:
     """Per batch row, the visual tokens of each of its images."""
     out: list[list[int]] = [[] for _ in range(rows)]
@@ -156,8 +134,6 @@ def _sync(device: torch.device) -> None:
 
 class _FlopsCache:
     def __init__(self, model, policy):
-        from dop import count_flops
-
         self._count, self._model, self._policy, self._memo = count_flops, model, policy, {}
 
     def __call__(self, counts: tuple[int, ...], n_text: int) -> dict[str, dict[str, float]]:
@@ -272,7 +248,7 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         for first in range(0, len(mine), batch_size):
             ids = list(mine[first:first + batch_size])
             chunk = [samples[i] for i in ids]
-            inputs, prompts = _batch_inputs(processor, build_prompt, chunk, param)
+            inputs, prompts = sample_inputs(processor, build_prompt, chunk, param)
             input_ids = inputs["input_ids"]
             counts = _row_counts(adapter, inputs, len(chunk))
             for s, c, prompt in zip(chunk, counts, prompts):

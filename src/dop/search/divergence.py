@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate.datasets import Sample, as_sample
+from ..evaluate.inputs import prompt_shape, sample_inputs
 from ..evaluate.loading import prompt_builder_for_model
 from ..models import get_adapter
 from ..runtime import apply_policy
@@ -47,18 +48,11 @@ def prepare_samples(model, processor, samples: Sequence[Sample | dict],
     out = []
     for i, s in enumerate(samples):
         s = as_sample(s, i)
-        prompt = build_prompt(processor, s.question)
-        inputs = processor(images=[s.load_image()], text=[prompt], return_tensors="pt")
-        inputs = {
-            k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-            if isinstance(v, torch.Tensor) else v
-            for k, v in inputs.items()
-        }
-        ids = inputs["input_ids"]
-        counts = [sp.n for sp in adapter.image_spans(ids, inputs)]
+        inputs, (prompt,) = sample_inputs(processor, build_prompt, [s], param)
+        counts, text = prompt_shape(adapter, inputs)
         if not counts:
             raise ValueError(f"{s.where or f'sample #{i}'}: the prompt holds no visual tokens (prompt {prompt!r})")
-        out.append(PreparedSample(inputs, counts, int(ids.shape[1]) - sum(counts), s.where))
+        out.append(PreparedSample(inputs, counts, text, s.where))
     return out
 
 
