@@ -29,6 +29,7 @@ import torch
 from ..models import get_adapter
 from ..models.prefix import run_to_layers
 from ..policy import Policy
+from ..rankers.base import ranks_settled_at
 from . import apply_policy
 from .layer import is_patched
 from .session import ForwardState
@@ -91,7 +92,7 @@ def capture_ranks(model, inputs: dict, ranker, groups: list[float] | None = None
     probe = Policy(L, groups, {"mlp": [L - 1] * len(groups)})
     out: dict[int, list[torch.Tensor]] = {}
     with apply_policy(model, probe, ranker=ranker) as handle:
-        last = min(max([0, *handle.session.rerank_layers]) + 1, L - 1)
+        last = ranks_settled_at(handle.ranker, L)
 
         def record(i, _):
             st = handle.session.current

@@ -22,6 +22,7 @@ import torch
 from ..models import ImageSpan
 from ..policy import OP_KINDS, Policy
 from ..rankers import LayerState, RankContext, Ranker, check_permutation, run_ranker
+from ..rankers.base import rerank_layers
 
 
 @dataclass
@@ -125,7 +126,7 @@ class PruneSession:
         self.bypass = False
         self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
         self.unpruned = policy.is_unpruned()
-        self.rerank_layers = tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
+        self.rerank_layers = rerank_layers(ranker)
         if self.rerank_layers and not self.unpruned:
             first = self.rerank_layers[0]
             low = min(min(v) for v in policy_depths(policy).values())

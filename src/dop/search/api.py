@@ -20,6 +20,7 @@ from .. import distributed as dd
 from ..models import get_adapter
 from ..policy import Policy
 from ..rankers import resolve_for_model
+from ..rankers.base import rerank_layers
 from ..runtime.replay import last_logits
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
@@ -129,7 +130,7 @@ def search(
     parsed = [parse_budget(b) for b in specs]
     L = get_adapter(model).num_layers
     rk = resolve_for_model(ranker, L)  # unknown names fail before any work
-    rerank = sorted(int(l) for l in (getattr(rk, "layers", ()) or ()))
+    rerank = rerank_layers(rk)
     min_depth = rerank[0] + 1 if rerank else 0
     if not isinstance(verify_k, int) or verify_k < 0:
         raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")

@@ -31,6 +31,7 @@ from ..batching import collate, pad_token_id
 from ..jsonio import write_json_atomic
 from ..models import get_adapter
 from ..rankers import resolve_ranker
+from ..rankers.base import ranks_settled_at
 from ..runtime import apply_policy
 from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
 from .divergence import PreparedSample, kl_divergence
@@ -258,8 +259,7 @@ def layer_evals_per_sample(space: Space, ranker=None) -> tuple[int, int]:
 
 def _probe_layers(L: int, ranker) -> int:
     """Layers run once per sample to capture the ranking (up to the ranker's last re-ranking layer)."""
-    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
-    return min(max([0, *ranker_layers]) + 1, L - 1)
+    return ranks_settled_at(_resolved(ranker), L)
 
 
 def rank_path(path: str, rank: int) -> str:
