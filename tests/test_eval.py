@@ -398,3 +398,20 @@ def test_batched_evaluation_equals_batch_size_one():
         assert [s.num_text_tokens for s in a.samples] == [s.num_text_tokens for s in b.samples]
         assert a.flops == b.flops
     assert one.flops != one.baseline.flops  # the policy was applied
+
+
+def test_eval_result_reads_back_from_its_dict():
+    """Issue 15: a stored evaluation (the main job's stage file) becomes an EvalResult again
+    through explicit from_dict methods, field by field."""
+    from dop.evaluate.metrics import TaskScore
+    from dop.evaluate.runner import EvalResult, SampleResult
+
+    samples = [SampleResult(0, "exist", "q?", ["yes"], "yes", 1.0, 16, 9, 2.5),
+               SampleResult(1, "count", "how many?", ["2"], "3", 0.0, 16, 11, None)]
+    tasks = {"exist": TaskScore("exist", 1, 1.0, True, 1.0, 1.0, 1.0, 1.0), "count": TaskScore("count", 1, 0.0)}
+    res = EvalResult(samples, tasks, 0.5, 2.5, {"dop": {"decoder": 10.0, "total": 12.0}}, 16, 10, ranker="random",
+                     wall_s=1.5, rel_avg=0.9)
+    d = res.to_dict(with_samples=True)
+    back = EvalResult.from_dict(d)
+    assert back.to_dict(with_samples=True) == d
+    assert back.samples == samples and back.tasks == tasks

@@ -60,6 +60,13 @@ class SampleResult:
         out.pop("visual_counts")
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SampleResult":
+        """The inverse of :meth:`to_dict` (``visual_counts`` is not stored)."""
+        return cls(index=d["index"], task=d["task"], question=d["question"], answers=list(d["answers"]),
+                   prediction=d["prediction"], score=d["score"], num_visual_tokens=d["num_visual_tokens"],
+                   num_text_tokens=d["num_text_tokens"], prefill_ms=d.get("prefill_ms"))
+
 
 @dataclass
 class EvalResult:
@@ -79,6 +86,18 @@ class EvalResult:
     baseline: "EvalResult | None" = None
     rel_avg: float | None = None
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        """A stored evaluation (``to_dict(with_samples=True)``) read back: scores, samples and
+        costs, enough to serve as another evaluation's ``baseline``."""
+        return cls(
+            samples=[SampleResult.from_dict(s) for s in d.get("samples", [])],
+            tasks={t: TaskScore.from_dict(t, s) for t, s in d["tasks"].items()},
+            average=d["average"], prefill_ms=d.get("prefill_ms"), flops=d.get("flops"),
+            num_visual_tokens=d.get("num_visual_tokens", 0), num_text_tokens=d.get("num_text_tokens", 0),
+            ranker=d.get("ranker"), wall_s=d.get("wall_s", 0.0), rel_avg=d.get("rel_avg"),
+        )
 
     def to_dict(self, with_samples: bool = True) -> dict:
         out = {
