@@ -31,9 +31,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import distributed as dd
 from ..flops import CONVENTIONS, count_flops
 from ..models import get_adapter
 from ..policy import Policy
+from ..runtime import apply_policy
 from .datasets import Sample, as_sample
 from .inputs import sample_inputs
 from .loading import num_decoder_layers, prompt_builder_for_model
@@ -236,69 +238,23 @@ def evaluate(
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
-    from dop import distributed as dd
-
-    adapter = get_adapter(model)
     tokenizer = getattr(processor, "tokenizer", processor)
-    gen_cfg = _greedy_config(model, max_new_tokens, tokenizer)
-    flops_of = _FlopsCache(model, policy)
-    param = next(model.parameters())
-    accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    step = _BatchStep(model, processor, tokenizer, _greedy_config(model, max_new_tokens, tokenizer), build_prompt,
+                      time_prefill)
     if seed is not None:
         torch.manual_seed(seed)
-
-    if policy is not None:
-        from dop import apply_policy
-
-        spec = policy.ranker_or(ranker)  # the one rule (docs/design.md, "Policies")
-        ctx = apply_policy(model, policy, ranker=spec)
-        # the name as given (keeps options such as "random:seed=3"), else the one resolved
-        ranker_name = spec if isinstance(spec, str) else getattr(ctx.ranker, "name", None)
-    else:
-        ctx, ranker_name = nullcontext(), None
-
+    ctx, ranker_name = _policy_context(model, policy, ranker)
     mine = dd.shard(len(samples))  # this rank's samples (all of them in one process)
     results: list[SampleResult] = []
     t_start = time.perf_counter()
     bar = dd.JobProgress(len(samples), desc=desc, unit="sample", disable=not progress)
-    correct = 0.0
-    extra = {"logits_to_keep": 1} if accepts_keep else {}
     with ctx, torch.inference_mode():
         for first in range(0, len(mine), batch_size):
             ids = list(mine[first:first + batch_size])
-            chunk = [samples[i] for i in ids]
-            inputs, prompts = sample_inputs(processor, build_prompt, chunk, param)
-            input_ids = inputs["input_ids"]
-            counts = _row_counts(adapter, inputs, len(chunk))
-            for s, c, prompt in zip(chunk, counts, prompts):
-                if not c:
-                    raise ValueError(
-                        f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
-                        f"the image (got {prompt!r})"
-                    )
-            prefill_ms = None
-            if time_prefill:
-                _sync(param.device)
-                t0 = time.perf_counter()
-                model(**inputs, use_cache=True, **extra)
-                _sync(param.device)
-                prefill_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)  # per sample of the batch
-            out = model.generate(**inputs, generation_config=gen_cfg)
-            mask = inputs.get("attention_mask")
-            for row, (i, s, c) in enumerate(zip(ids, chunk, counts)):
-                new = out[row, input_ids.shape[1]:]
-                prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
-                score = vqa_accuracy(prediction, s.answers)
-                correct += score
-                length = int(mask[row].sum()) if mask is not None else int(input_ids.shape[1])
-                results.append(SampleResult(
-                    index=i, task=s.task, question=s.question, answers=list(s.answers),
-                    prediction=prediction, score=score, num_visual_tokens=c[0],
-                    num_text_tokens=length - sum(c), prefill_ms=prefill_ms, visual_counts=tuple(c),
-                ))
-            bar.update(len(chunk))
+            results.extend(step(ids, [samples[i] for i in ids]))
+            bar.update(len(ids))
             if progress:
-                bar.set_postfix(acc=f"{correct / len(results):.3f}")
+                bar.set_postfix(acc=f"{sum(r.score for r in results) / len(results):.3f}")
     bar.wait(len(samples))
     bar.close()
     times = [r.prefill_ms for r in results if r.prefill_ms is not None]
@@ -306,17 +262,68 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         times = times[1:]  # the first sample (of each rank) warms up caches and kernels
     times = [t for part in dd.all_gather(times) for t in part]
     results = dd.gather_ordered({r.index: r for r in results}, len(samples))
-    wall = time.perf_counter() - t_start
+    return _summary(results, times, _FlopsCache(model, policy), policy, ranker_name, time.perf_counter() - t_start)
 
+
+def _policy_context(model, policy, ranker):
+    """The policy applied for the pass (a null context without one) and the ranker's name as
+    reported: as given (keeps options such as "random:seed=3"), else the one resolved."""
+    if policy is None:
+        return nullcontext(), None
+    spec = policy.ranker_or(ranker)  # the one rule (docs/design.md, "Policies")
+    ctx = apply_policy(model, policy, ranker=spec)
+    return ctx, spec if isinstance(spec, str) else getattr(ctx.ranker, "name", None)
+
+
+class _BatchStep:
+    """Prompts of one batch of samples -> greedy answers, scores and token counts (and the
+    prefill time per sample when asked)."""
+
+    def __init__(self, model, processor, tokenizer, gen_cfg, build_prompt, time_prefill: bool):
+        self.model, self.processor, self.tokenizer, self.gen_cfg = model, processor, tokenizer, gen_cfg
+        self.build_prompt, self.time_prefill = build_prompt, time_prefill
+        self.adapter = get_adapter(model)
+        self.param = next(model.parameters())
+        accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if accepts_keep else {}
+
+    def __call__(self, ids: list[int], chunk: list) -> list[SampleResult]:
+        inputs, prompts = sample_inputs(self.processor, self.build_prompt, chunk, self.param)
+        input_ids = inputs["input_ids"]
+        counts = _row_counts(self.adapter, inputs, len(chunk))
+        for s, c, prompt in zip(chunk, counts, prompts):
+            if not c:
+                raise ValueError(f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
+                                 f"the image (got {prompt!r})")
+        prefill_ms = self._prefill_ms(inputs, len(chunk)) if self.time_prefill else None
+        out = self.model.generate(**inputs, generation_config=self.gen_cfg)
+        mask = inputs.get("attention_mask")
+        results = []
+        for row, (i, s, c) in enumerate(zip(ids, chunk, counts)):
+            prediction = self.tokenizer.decode(out[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+            length = int(mask[row].sum()) if mask is not None else int(input_ids.shape[1])
+            results.append(SampleResult(
+                index=i, task=s.task, question=s.question, answers=list(s.answers),
+                prediction=prediction, score=vqa_accuracy(prediction, s.answers), num_visual_tokens=c[0],
+                num_text_tokens=length - sum(c), prefill_ms=prefill_ms, visual_counts=tuple(c),
+            ))
+        return results
+
+    def _prefill_ms(self, inputs: dict, rows: int) -> float:
+        """One prefill of the batch, timed, per sample of the batch."""
+        _sync(self.param.device)
+        t0 = time.perf_counter()
+        self.model(**inputs, use_cache=True, **self.extra)
+        _sync(self.param.device)
+        return (time.perf_counter() - t0) * 1000.0 / rows
+
+
+def _summary(results: list[SampleResult], times: list[float], flops_of, policy, ranker_name, wall: float) -> EvalResult:
+    """Scores per task, mean FLOPs per sample in both conventions, mean token counts."""
     tasks = score_tasks(r.to_dict() for r in results)
     per_sample = [flops_of(r.visual_counts, r.num_text_tokens) for r in results]
-    flops = {
-        conv: {
-            part: sum(f[conv][part] for f in per_sample) / len(per_sample)
-            for part in ("decoder", "total")
-        }
-        for conv in CONVENTIONS
-    }
+    flops = {conv: {part: sum(f[conv][part] for f in per_sample) / len(per_sample) for part in ("decoder", "total")}
+             for conv in CONVENTIONS}
     n = len(results)
     return EvalResult(
         samples=results,
