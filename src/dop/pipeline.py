@@ -16,12 +16,13 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed as dd
+from . import baselines as bl, distributed as dd
+from .baselines import METHODS, resolve_budget, token_policy
+from .evaluate.bootstrap import Bootstrap
 from .evaluate.datasets import as_sample, load_dataset
 from .evaluate.hf import is_hf_spec
 from .evaluate.inputs import prompt_shape, sample_inputs
 from .evaluate.loading import load_model, prompt_builder_for
-from .evaluate.bootstrap import Bootstrap
 from .evaluate.runner import EvalResult, evaluate
 from .flops import count_flops, resolve_arch
 from .models import get_adapter
@@ -32,6 +33,8 @@ from .rankers.pdrop import default_stage_layers
 from .report import markdown
 from .report.plots import divergence_curves, pareto_plot, policy_map
 from .report.stages import Stages, write_json_atomic
+from .search import search
+from .search.cost import DEFAULT_CONVENTION, parse_budget
 
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
@@ -72,8 +75,6 @@ def _machine() -> str:
 
 def validate_options(opts: RunOptions) -> None:
     """Every option that can be checked without the model, before any work (issue 16)."""
-    from .baselines import METHODS
-    from .search.cost import parse_budget
 
     for name in ("samples", "test_samples", "max_new_tokens"):
         v = getattr(opts, name)
@@ -471,8 +472,6 @@ def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> Budget
 
     The grammar and conventions are `dop search`'s (:func:`dop.baselines.resolve_budget`):
     ``tokens:N`` / ``tokens:a/b`` in the paper convention, fractions and TFLOPs in dop's."""
-    from .baselines import resolve_budget, token_policy
-    from .search.cost import DEFAULT_CONVENTION
 
     frac, conv, n = resolve_budget(spec, model, n_visual, n_text, DEFAULT_CONVENTION)
     if n is not None:
@@ -491,8 +490,6 @@ def _num_layers(model) -> int:
 
 
 def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
-    from .search import search
-
     res = search(model, processor, val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
                  table=str(out / "tables" / f"table-{space}.json"), seed=opts.seed,
                  build_prompt=build_prompt, progress=opts.progress, meta={"model": opts.model})
@@ -513,7 +510,6 @@ def _baseline(model, method: str, b: BudgetPlan, n_visual: int, n_text: int, L: 
     scaled to the model's depth: FastV/DART prune after layer 2, PDrop at L/4, L/2, 3L/4.
     Where that costs more than the budget even with no token kept, the earliest layers are
     tried (K=1; PDrop at layers 1-2-3) before the method is reported as infeasible."""
-    from . import baselines as bl
 
     kw = dict(budget=b.fraction, convention=b.convention, visual_tokens=n_visual, text_tokens=n_text)
     if method == "pdrop":

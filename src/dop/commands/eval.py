@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import platform
 import sys
 
 from ..evaluate.datasets import load_dataset
-from ..policy import Policy
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
 from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
+from ..policy import Policy
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit  # noqa: E402
 
 FORMAT = "dop-eval/1"
@@ -262,7 +263,6 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
 def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, limit, tasks,
                      device, dtype) -> dict:
     """The ``--json`` document (schema ``dop-eval/1``, see docs/eval.md)."""
-    import platform
 
     import torch
     import transformers

@@ -9,7 +9,9 @@ results.json, every policy file). Rerun with the same --out to reuse finished st
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
+import sys
 
 from ..report.markdown import comparison_line, timing_note
 from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
@@ -62,8 +64,6 @@ def run(args) -> int:
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
     )
-    import datetime as _dt
-    import sys
 
     if opts.out is None:
         opts.out = f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"

@@ -3,6 +3,8 @@ and the shapes benchmark, :mod:`.hf` for Hugging Face data sets)."""
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +36,6 @@ def set_max_image_pixels(n: int | None) -> None:
 def _open_image(path: str, where: str):
     """``Image.open`` (lazy: reads the header only) with the pixel count checked against
     :func:`max_image_pixels` before any pixel is decoded."""
-    import warnings
 
     from PIL import Image
 
@@ -77,8 +78,6 @@ class Sample:
         """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use; the
         pixel count is checked before decoding)."""
         if self.image is None and self.image_bytes is not None:
-            import io
-
             from PIL import UnidentifiedImageError
 
             try:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -260,8 +260,6 @@ class DopLMM(lmms):
         return visuals
 
     def _policy_context(self):
-        from contextlib import nullcontext
-
         if self.policy is None:
             return nullcontext()
         from dop import apply_policy

@@ -4,6 +4,7 @@ set's divergence is the mean over its samples."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -59,7 +60,6 @@ def prepare_samples(model, processor, samples: Sequence[Sample | dict],
 def reference_shape(prepared: Sequence[PreparedSample]) -> tuple[list[int], int]:
     """The prompt shape the search prices policies at: the most common per-image visual
     counts and the mean text length (rounded)."""
-    from collections import Counter
 
     counts = Counter(tuple(p.visual_counts) for p in prepared).most_common(1)[0][0]
     text = int(round(sum(p.text_tokens for p in prepared) / len(prepared)))
