@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from . import distributed
+    from . import distributed  # lazy: spares torch until used
 
     try:
         if args.command in DISTRIBUTED:

@@ -193,7 +193,7 @@ def arch_from_config(config: Any, name: str | None = None) -> Arch:
 def arch_from_config_folder(folder: str, name: str) -> Arch:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"checkpoint folder {name!r} has no config.json")
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: spares transformers until used
 
     try:
         cfg = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -349,7 +349,7 @@ def _quiet(_msg: str) -> None:
 
 def _load_model(opts: RunOptions, load_model):
     """load_model, without transformers' weight-loading bar when progress is off."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: only to silence a bar
 
     quiet = not opts.progress and hf_logging.is_progress_bar_enabled()
     if quiet:

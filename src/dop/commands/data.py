@@ -23,7 +23,7 @@ TEMPLATE = "_default_template_shapes_yaml"
 def _export(args) -> int:
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown data set {args.dataset!r}; known data sets: {', '.join(DATASETS)}")
-    from dop.demo import shapes
+    from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     if args.split not in shapes.SPLITS:
         raise ValueError(f"unknown split {args.split!r}; known splits: {', '.join(shapes.SPLITS)}")
@@ -49,7 +49,7 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
     folder ``dop/lmms/tasks/shapes_test`` (whose YAML reads ``shapes_test.parquet`` beside it).
     Written to a temporary folder and renamed into place; ``out_dir`` must not exist or be
     empty. Returns ``(out_dir, parquet path)``."""
-    from dop.demo import shapes
+    from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     _require_datasets()  # a clear line before any work when `datasets` is missing
     out = Path(out_dir)

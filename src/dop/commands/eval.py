@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    from dop.distributed import is_main
+    from dop.distributed import is_main  # lazy: spares torch until used
 
     if args.json and is_main():  # under torchrun rank 0 alone writes it
         check_output_file("--json", args.json)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = Policy.from_json(args.policy) if args.policy else None
     if policy is not None:
-        from dop.rankers import resolve_ranker
+        from dop.rankers import resolve_ranker  # lazy: spares torch until used
 
         resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
 
@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loaded(args, policy, samples, tasks) -> int:
-    import torch
+    import torch  # lazy: spares torch until used
 
-    from dop import distributed
-    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
-    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for  # lazy: spares torch until used
+    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate  # lazy: spares torch, transformers until used
 
     dtype = getattr(torch, args.dtype)
     device = distributed.device_for(args.device)
@@ -140,10 +140,10 @@ def _run_loaded(args, policy, samples, tasks) -> int:
 def _load_quietly(args, dtype):
     """load_model, without transformers' weight-loading bar under --no-progress (or on
     ranks other than 0)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: spares transformers until used
 
-    from dop import distributed
-    from dop.evaluate.loading import load_model
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import load_model  # lazy: spares torch until used
 
     quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
     if quiet:
@@ -181,7 +181,7 @@ def rel_avg_interval(result) -> list[float] | None:
     (``dop.evaluate.bootstrap``); None without an unpruned pass or a Rel. Avg."""
     if result.baseline is None or result.rel_avg is None:
         return None
-    from dop.evaluate.bootstrap import Bootstrap
+    from dop.evaluate.bootstrap import Bootstrap  # lazy: spares numpy until used
 
     try:
         boot = Bootstrap.from_unpruned([s.to_dict() for s in result.baseline.samples])
@@ -264,10 +264,10 @@ def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, 
                      device, dtype) -> dict:
     """The ``--json`` document (schema ``dop-eval/1``, see docs/eval.md)."""
 
-    import torch
-    import transformers
+    import torch  # lazy: spares torch until used
+    import transformers  # lazy: spares transformers until used
 
-    import dop
+    import dop  # the package version for the report (dop.__init__ is light)
 
     doc = {
         "format": FORMAT,

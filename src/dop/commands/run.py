@@ -18,8 +18,9 @@ from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
 
 def register(subparsers) -> None:
+    # lazy: spares numpy, torch, transformers until used
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
-    from ..search.cost import BUDGET_HELP
+    from ..search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -54,7 +55,7 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..pipeline import RunOptions, run_main_job
+    from ..pipeline import RunOptions, run_main_job  # lazy: spares numpy, torch, transformers until used
 
     apply_image_limit(args)
 
@@ -78,7 +79,7 @@ def run(args) -> int:
         if not os.path.isdir(os.path.join(opts.out, "stages")):
             raise
         raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
-    from ..distributed import is_main
+    from ..distributed import is_main  # lazy: spares torch until used
 
     if not is_main():
         return 0  # rank 0 prints the headline

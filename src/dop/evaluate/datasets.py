@@ -114,7 +114,7 @@ def load_dataset(spec: str, limit: int | None = None, tasks: Sequence[str] | Non
 
 
 def _load_shapes(rest: str, limit: int | None, tasks: Sequence[str] | None) -> list[Sample]:
-    from dop.demo import shapes
+    from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     parts = rest.split(":")
     split = parts[0]
@@ -230,7 +230,7 @@ def _row_to_sample(row: Any, root: Path, where: str) -> Sample:
 
 def _check_image_header(path: str, where: str) -> None:
     """Open the header only: the format is readable and the pixel count within the limit."""
-    from PIL import UnidentifiedImageError
+    from PIL import UnidentifiedImageError  # lazy: spares PIL until used
 
     try:
         _open_image(path, where).close()

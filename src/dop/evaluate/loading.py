@@ -66,7 +66,7 @@ def load_model(
             raise ModelLoadError(f"model folder {name!r} not found; expected {_known_names()}")
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor  # lazy: spares transformers until used
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -95,7 +95,7 @@ def load_model(
 def _weights_errors(name: str):
     """A damaged weights file (truncated, not safetensors) as one :class:`ModelLoadError`
     line naming the model, instead of the safetensors library's own exception."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # spares safetensors until weights fail to load
 
     try:
         yield

@@ -21,7 +21,7 @@ _max_pixels: int | None = None  # None: PIL's Image.MAX_IMAGE_PIXELS
 def max_image_pixels() -> int:
     """The largest image (width x height) a data set may hold: PIL's decompression-bomb
     limit unless :func:`set_max_image_pixels` (CLI ``--max-image-pixels``) raised it."""
-    from PIL import Image
+    from PIL import Image  # lazy: spares PIL until used
 
     return _max_pixels or int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
 
@@ -37,7 +37,7 @@ def _open_image(path: str, where: str):
     """``Image.open`` (lazy: reads the header only) with the pixel count checked against
     :func:`max_image_pixels` before any pixel is decoded."""
 
-    from PIL import Image
+    from PIL import Image  # lazy: spares PIL until used
 
     limit = max_image_pixels()
     before = Image.MAX_IMAGE_PIXELS
@@ -78,7 +78,7 @@ class Sample:
         """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use; the
         pixel count is checked before decoding)."""
         if self.image is None and self.image_bytes is not None:
-            from PIL import UnidentifiedImageError
+            from PIL import UnidentifiedImageError  # lazy: spares PIL until used
 
             try:
                 with _open_image(io.BytesIO(self.image_bytes), f"{self.where}, column {self.image_column!r}") as im:
@@ -86,7 +86,7 @@ class Sample:
             except (UnidentifiedImageError, OSError) as e:
                 raise DatasetError(f"{self.where}, column {self.image_column!r}: not an image ({e})") from None
         elif self.image is None:
-            from PIL import UnidentifiedImageError
+            from PIL import UnidentifiedImageError  # lazy: spares PIL until used
 
             try:
                 with _open_image(self.image_path, self.where) as im:

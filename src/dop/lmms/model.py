@@ -49,6 +49,7 @@ from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_con
 from dop.models import get_adapter
 from dop.policy import Policy
 from dop.rankers import resolve_ranker
+from dop.runtime import apply_policy
 
 DEFAULT_LOG_DIR = "dop_lmms"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -116,7 +117,7 @@ class DopLMM(lmms):
         if str(dtype) not in DTYPES:
             raise ValueError(f"dop: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # optional: only under lmms-eval
 
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -193,7 +194,7 @@ class DopLMM(lmms):
             if path.is_file():
                 logger.info(f"dop: using the cached policy {path} (budget {budget}, search data {data})")
                 return Policy.from_json(str(path))
-            from dop.search import search
+            from dop.search import search  # lazy: spares numpy until used
 
             result = search(
                 self._model, self.processor, load_dataset(data, limit=samples), budget=budget, space=space,
@@ -209,7 +210,7 @@ class DopLMM(lmms):
     @contextmanager
     def _rank_zero_first(self):
         """Rank 0 runs the block first, the other ranks after it (a barrier on each side)."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch.distributed only when ranks are asked about
 
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             if self.rank != 0:
@@ -262,8 +263,6 @@ class DopLMM(lmms):
     def _policy_context(self):
         if self.policy is None:
             return nullcontext()
-        from dop import apply_policy
-
         return apply_policy(self._model, self.policy, ranker=self.ranker)
 
     def _log_flops(self, rows: list[dict]) -> None:
@@ -281,7 +280,7 @@ class DopLMM(lmms):
                 "flops": self._flops_of(tuple(counts), n_text)}
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from tqdm import tqdm
+        from tqdm import tqdm  # spares tqdm until a bar is shown
 
         out: list[str] = []
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="dop generate")
@@ -338,7 +337,7 @@ class DopLMM(lmms):
         return cfg, until
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from tqdm import tqdm
+        from tqdm import tqdm  # spares tqdm until a bar is shown
 
         res, rows = [], []
         torch.manual_seed(self.seed)

@@ -50,7 +50,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def model_class_for(config) -> type:
     """The transformers class that loads a checkpoint of this config's family."""
-    import transformers
+    import transformers  # lazy: spares transformers until used
 
     cls = _adapter_class(getattr(config, "model_type", None))
     return getattr(transformers, cls.model_class_name)

@@ -43,6 +43,7 @@ class LlavaNextAdapter(Adapter):
     def vision_token_scores(self, layer, hidden, kwargs, input_of):
         """Per tile [CLS] attention, mapped through the model's own unpad/pack step; the
         row-newline tokens have no attention and score lowest."""
+        # lazy: spares transformers until used
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.config

@@ -65,7 +65,7 @@ class Qwen25VLAdapter(Adapter):
         """The mean attention each patch receives within its image (final block, heads
         averaged), averaged over the 2x2 patches merged into one LLM token, in token order
         (the tower runs in window order)."""
-        from transformers.vision_utils import get_vision_window_index
+        from transformers.vision_utils import get_vision_window_index  # lazy: spares transformers until used
 
         tower = self.vision_module()
         rot = self._modeling(block.attn).apply_rotary_pos_emb_vision

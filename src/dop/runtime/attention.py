@@ -40,7 +40,7 @@ def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Cal
 
 def _flash_attn_2():
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # optional kernel package
     except Exception:  # noqa: BLE001 - not installed or no GPU build: fall back to SDPA
         return None
     return flash_attn_varlen_func
@@ -48,7 +48,7 @@ def _flash_attn_2():
 
 def _flash_attn_3():
     try:
-        from flash_attn_interface import flash_attn_varlen_func
+        from flash_attn_interface import flash_attn_varlen_func  # optional kernel package
     except Exception:  # noqa: BLE001
         return None
     return flash_attn_varlen_func

@@ -137,7 +137,7 @@ def _attentions_requested(attn) -> bool:
     if not attn._forward_hooks:
         return False
     try:
-        from transformers.utils.output_capturing import _active_collector
+        from transformers.utils.output_capturing import _active_collector  # lazy: only when attentions are requested
     except ImportError:  # another transformers layout: report whenever someone listens
         return True
     collected = _active_collector.get()

@@ -118,7 +118,7 @@ def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, pol
 
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
            k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
     cost = solver.cost
     assigns = random_feasible(space, solver, solution.limit, k, seed)
@@ -149,7 +149,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # spares scipy until verification reports
 
     if len(rows) < 3:
         return None, None
