@@ -1,7 +1,10 @@
 """Adapter registry: one file per MLLM family, keyed by `config.model_type`.
 
-Adding a family is one new file that subclasses :class:`Adapter` and decorates it with
-:func:`register_adapter`, plus its import below.
+The adapter is dop's one seam to transformers' internals (docs/design.md, "Model
+families"). Adding a family is one new file that subclasses :class:`Adapter`, overrides what
+differs from the defaults (image counts and grids, the vision tower's attention layer and
+token scores, the FLOPs layout) and decorates it with :func:`register_adapter`, plus its
+import below and its tests (tests/tiny_models.py builds each family from a config).
 """
 
 from __future__ import annotations
