@@ -192,15 +192,27 @@ def rel_avg_interval(result) -> list[float] | None:
 
 def format_report(result, *, model: str, data: str, policy_file: str | None = None) -> str:
     """The table ``dop eval`` prints."""
-    base = result.baseline
-    pruned = result.policy is not None
-    ci = rel_avg_interval(result)
     lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
-    if pruned:
+    if result.policy is not None:
         ranker = result.ranker or result.policy.ranker or "default"
         shown = "(inline JSON)" if policy_file and policy_file.lstrip().startswith("{") else policy_file
         lines.append(f"policy {shown or '(given)'}   ranker {ranker}")
     lines.append("")
+    lines += _score_table(result)
+    lines.append("")
+    lines += _cost_table(result)
+    return "\n".join(lines)
+
+
+def _aligned(row: list[str], widths: list[int]) -> str:
+    """A table row: the first column left-aligned, the others right-aligned."""
+    return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+
+def _score_table(result) -> list[str]:
+    """Accuracy (and F1) per task and on average, beside the unpruned run's when there is one,
+    with Rel. Avg. and its interval."""
+    base, ci = result.baseline, rel_avg_interval(result)
     cols = ["task", "n", "accuracy", "F1"]
     if base is not None:
         cols += ["unpruned", "unpr. F1", "ratio"]
@@ -221,20 +233,16 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
         if ci is not None:
             rows.append(["  95% CI", "", f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%", "", "", "", ""])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-
-    def fmt(r):
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-
-    lines.append(fmt(cols))
-    lines.append("  ".join("-" * w for w in widths))
     n_foot = 1 + (base is not None) + (ci is not None)
-    lines += [fmt(r) for r in rows[:-n_foot]]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [fmt(r) for r in rows[len(result.tasks):]]
-    lines.append("")
+    rule = "  ".join("-" * w for w in widths)
+    return ([_aligned(cols, widths), rule] + [_aligned(r, widths) for r in rows[:-n_foot]] + [rule]
+            + [_aligned(r, widths) for r in rows[len(result.tasks):]])
 
-    # costs: pruned vs unpruned side by side when both exist
-    heads = ["cost", "pruned" if pruned else "model"] + (["unpruned", "ratio"] if base is not None else [])
+
+def _cost_table(result) -> list[str]:
+    """Costs: pruned vs unpruned side by side when both exist."""
+    base = result.baseline
+    heads = ["cost", "pruned" if result.policy is not None else "model"] + (["unpruned", "ratio"] if base is not None else [])
     cost_rows = []
 
     def add(name, a, b, f):
@@ -253,11 +261,7 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
     add("visual tokens / image", result.num_visual_tokens, base.num_visual_tokens if base is not None else None,
         lambda x: "-" if x is None else f"{x:.1f}")
     cw = [max(len(h), *(len(r[i]) for r in cost_rows)) for i, h in enumerate(heads)]
-    lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(heads, cw))))
-    lines.append("  ".join("-" * w for w in cw))
-    for r in cost_rows:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, cw))))
-    return "\n".join(lines)
+    return [_aligned(heads, cw), "  ".join("-" * w for w in cw)] + [_aligned(r, cw) for r in cost_rows]
 
 
 def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, limit, tasks,
