@@ -44,6 +44,7 @@ from loguru import logger
 
 from dop.batching import collate, pad_token_id
 from dop.evaluate.datasets import load_dataset
+from dop.evaluate.inputs import on_model
 from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
 from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config
 from dop.models import get_adapter
@@ -59,20 +60,31 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def _to_device(inputs: dict, param: torch.Tensor) -> dict:
-    """Processor outputs on the model's device; floating tensors in its dtype."""
-    return {
-        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-        if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-    }
-
-
 def _cut_at_stops(text: str, until) -> str:
     for stop in until or ():
         if stop:
             text = text.split(stop)[0]
     return text
+
+
+def _check_arguments(kwargs: dict, *, policy, budget, search_data, ranker, dtype) -> None:
+    """The model arguments lmms-eval passed make sense together (one-line errors)."""
+    if kwargs:
+        raise ValueError(
+            f"dop: unknown model argument(s) {', '.join(sorted(kwargs))}; known: pretrained, policy, ranker, "
+            f"budget, search_data, search_samples, space, device, dtype, attn_implementation, "
+            f"trust_remote_code, batch_size, log_dir, seed"
+        )
+    if policy and budget:
+        raise ValueError("dop: give policy= or budget= (with search_data=), not both")
+    if budget and not search_data:
+        raise ValueError("dop: budget= needs search_data= (the validation data the search runs on)")
+    if search_data and not budget:
+        raise ValueError("dop: search_data= applies only together with budget=")
+    if ranker and not (policy or budget):
+        raise ValueError("dop: ranker= applies only together with policy= or budget=")
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dop: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 class DopLMM(lmms):
@@ -100,36 +112,8 @@ class DopLMM(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        if kwargs:
-            raise ValueError(
-                f"dop: unknown model argument(s) {', '.join(sorted(kwargs))}; known: pretrained, policy, ranker, "
-                f"budget, search_data, search_samples, space, device, dtype, attn_implementation, "
-                f"trust_remote_code, batch_size, log_dir, seed"
-            )
-        if policy and budget:
-            raise ValueError("dop: give policy= or budget= (with search_data=), not both")
-        if budget and not search_data:
-            raise ValueError("dop: budget= needs search_data= (the validation data the search runs on)")
-        if search_data and not budget:
-            raise ValueError("dop: search_data= applies only together with budget=")
-        if ranker and not (policy or budget):
-            raise ValueError("dop: ranker= applies only together with policy= or budget=")
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"dop: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-        from accelerate import Accelerator  # optional: only under lmms-eval
-
-        accelerator = Accelerator()
-        self.accelerator = accelerator
-        # the launcher's variables: on CPU, accelerate's state stays single-process while
-        # torchrun (accelerate launch --multi_gpu) still starts several processes
-        world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
-        if world > 1:
-            local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
-            self._rank, self._world_size = int(os.environ.get("RANK", accelerator.process_index)), world
-            self._device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_arguments(kwargs, policy=policy, budget=budget, search_data=search_data, ranker=ranker, dtype=dtype)
+        self._place(device)
         self.pretrained = str(pretrained)
         self.seed = int(seed)
         self.batch_size_per_gpu = self._batch_size(batch_size)
@@ -165,6 +149,22 @@ class DopLMM(lmms):
                     f"per-request FLOPs in {self.flops_path}")
 
     # ------------------------------------------------------------------ set-up helpers
+    def _place(self, device: str | None) -> None:
+        """This process's rank, the world size and the device, from the launcher's variables:
+        on CPU, accelerate's state stays single-process while torchrun (accelerate launch
+        --multi_gpu) still starts several processes."""
+        from accelerate import Accelerator  # optional: only under lmms-eval
+
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+        if world > 1:
+            local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+            self._rank, self._world_size = int(os.environ.get("RANK", accelerator.process_index)), world
+            self._device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     @staticmethod
     def _batch_size(value) -> int:
         text = str(value).strip().lower()
@@ -250,7 +250,7 @@ class DopLMM(lmms):
     def _inputs(self, text: str, visuals: list) -> dict:
         images = [v.convert("RGB") for v in visuals]
         inputs = self.processor(images=images or None, text=[text], return_tensors="pt")
-        return _to_device(dict(inputs), next(self._model.parameters()))
+        return on_model(dict(inputs), next(self._model.parameters()))
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
