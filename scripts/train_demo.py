@@ -41,6 +41,7 @@ from eval_demo_quick import evaluate, fmt  # noqa: E402
 
 from dop.demo import DEMO_DIR, shapes  # noqa: E402
 from dop.demo.model import IMAGE_TOKEN, Sizes, build_model, build_processor, build_prompt  # noqa: E402
+from dop.evaluate.loading import write_prompt_marker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N_KIND = 1 + len(shapes.SHAPES) + len(shapes.LETTERS)  # none, shapes, letters
@@ -303,6 +304,7 @@ def export(model, processor, out: Path, meta: dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_prompt_marker(tmp, "demo")  # the library reads this, not training.json, to pick the demo prompt
     if out.exists():
         import shutil
 

@@ -59,17 +59,17 @@ def test_baseline_forward_equals_masked_reference(tiny64, method):
 def test_shapes_of_the_policies():
     L = 32
     p, spec = B.vispruner("llava-1.5-7b", tokens=64)
-    assert (p.groups, p.depth, spec) == ([64 / 576, 1.0], {"attn": [L, 0], "mlp": [L, 0]}, "vispruner")
+    assert (p.groups, p.depth, spec) == ((64 / 576, 1.0), {"attn": (L, 0), "mlp": (L, 0)}, "vispruner")
     assert p.n_keep(576) == 64 and p.meta["kept_tokens"] == 64
     p, spec = B.fastv("llava-1.5-7b", tokens=288, K=3)
-    assert p.depth == {"attn": [L, 3], "mlp": [L, 3]} and spec == "fastv:K=3"
+    assert p.depth == {"attn": (L, 3), "mlp": (L, 3)} and spec == "fastv:K=3"
     assert p.tokens_processed("mlp", 2, 576) == 576 and p.tokens_processed("mlp", 3, 576) == 288
     p, spec = B.pdrop("llava-1.5-7b", ratio=0.5)
-    assert p.groups == [0.125, 0.25, 0.5, 1.0] and p.depth["attn"] == [L, 24, 16, 8]
+    assert p.groups == (0.125, 0.25, 0.5, 1.0) and p.depth["attn"] == (L, 24, 16, 8)
     assert [p.tokens_processed("attn_q", l, 576) for l in (7, 8, 16, 24)] == [576, 288, 144, 72]
     assert spec == "pdrop:layers=8-16-24,ratio=0.5"
     p, spec = B.dart("llava-1.5-7b", tokens=128)
-    assert spec == "dart:K=2" and p.depth["attn"] == [L, 2]
+    assert spec == "dart:K=2" and p.depth["attn"] == (L, 2)
     for k in (0, 1, 575, 576):
         assert B.token_policy(L, 576, k).n_keep(576) == k
 

@@ -58,7 +58,7 @@ def test_plugin_applies_one_policy_per_outer_model(fam, installed):
 
 def test_policies():
     noop, prune = plugin.make_policy("noop", 6), plugin.make_policy("prune", 6)
-    assert noop.is_unpruned() and noop.groups == [0.5, 1.0]
+    assert noop.is_unpruned() and noop.groups == (0.5, 1.0)
     assert prune.kind_depths("attn_q") == prune.kind_depths("attn_kv") == prune.kind_depths("mlp") == [3]
     with pytest.raises(ValueError, match="noop"):
         plugin.install("/no/such/policy.json")

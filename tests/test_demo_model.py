@@ -52,3 +52,17 @@ def test_missing_weights_error(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_pkg, "DEMO_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="train_demo.py"):
         demo_pkg.load_demo()
+
+
+@needs_weights
+@pytest.mark.parametrize("ranker", ["pdrop", "fastv", "dart"])
+def test_in_llm_rankers_on_the_demo(demo, ranker):
+    """Issue 15: PyramidDrop's default stages are a share of the depth, so `pdrop` ranks the
+    8-layer demo's tokens (it asked for stage layer 24 before); FastV / DART alike."""
+    import dop
+
+    model, processor = demo
+    sample = shapes.make_samples("test", 1, seed=7)[0]
+    enc = processor(images=[sample["image"]], text=[build_prompt(processor, sample["question"])], return_tensors="pt")
+    (perm,) = dop.rank_visual_tokens(model, dict(enc), ranker, 36)
+    assert sorted(perm) == list(range(144))

@@ -347,6 +347,25 @@ def test_retrained_demo_folder_gets_the_demo_prompt(tmp_path):
     assert prompt_builder_for(str(dop.demo.DEMO_DIR)) is dop.demo.build_prompt
 
 
+def test_a_folder_declares_its_prompt(tmp_path):
+    """Issue 15: the demo prompt follows dop_prompt.json (scripts/train_demo.py's export
+    writes it), not a text search in training.json, which only old exports rely on."""
+    import dop.demo
+    from dop.evaluate.loading import chat_prompt, prompt_builder_for, write_prompt_marker
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "training.json").write_text('{"command": "python my_train.py"}')
+    write_prompt_marker(folder)
+    assert json.loads((folder / "dop_prompt.json").read_text()) == {"format": "dop-prompt/1", "prompt": "demo"}
+    assert prompt_builder_for(str(folder)) is dop.demo.build_prompt
+    write_prompt_marker(folder, "chat")  # the declaration wins over an old export's training.json
+    (folder / "training.json").write_text('{"command": "python scripts/train_demo.py"}')
+    assert prompt_builder_for(str(folder)) is chat_prompt
+    (folder / "dop_prompt.json").write_text("{not json")
+    assert prompt_builder_for(str(folder)) is dop.demo.build_prompt  # unreadable: as if absent
+
+
 def test_cli_eval_llava_next_checkpoint(tmp_path, data, capsys):
     # another family through the same path: model_type picks the class, AutoProcessor the processor
     from transformers import LlavaNextForConditionalGeneration
@@ -379,3 +398,20 @@ def test_batched_evaluation_equals_batch_size_one():
         assert [s.num_text_tokens for s in a.samples] == [s.num_text_tokens for s in b.samples]
         assert a.flops == b.flops
     assert one.flops != one.baseline.flops  # the policy was applied
+
+
+def test_eval_result_reads_back_from_its_dict():
+    """Issue 15: a stored evaluation (the main job's stage file) becomes an EvalResult again
+    through explicit from_dict methods, field by field."""
+    from dop.evaluate.metrics import TaskScore
+    from dop.evaluate.runner import EvalResult, SampleResult
+
+    samples = [SampleResult(0, "exist", "q?", ["yes"], "yes", 1.0, 16, 9, 2.5),
+               SampleResult(1, "count", "how many?", ["2"], "3", 0.0, 16, 11, None)]
+    tasks = {"exist": TaskScore("exist", 1, 1.0, True, 1.0, 1.0, 1.0, 1.0), "count": TaskScore("count", 1, 0.0)}
+    res = EvalResult(samples, tasks, 0.5, 2.5, {"dop": {"decoder": 10.0, "total": 12.0}}, 16, 10, ranker="random",
+                     wall_s=1.5, rel_avg=0.9)
+    d = res.to_dict(with_samples=True)
+    back = EvalResult.from_dict(d)
+    assert back.to_dict(with_samples=True) == d
+    assert back.samples == samples and back.tasks == tasks

@@ -108,17 +108,17 @@ def test_transfer():
     p = Policy.from_dict(GOOD)
     t = p.transfer(40)
     assert t.num_layers == 40
-    assert t.depth == {"attn": [40, 30, 15, 3], "mlp": [40, 20, 8, 0]}  # 2 * 40/32 = 2.5 rounds up
+    assert t.depth == {"attn": (40, 30, 15, 3), "mlp": (40, 20, 8, 0)}  # 2 * 40/32 = 2.5 rounds up
     assert t.meta["transferred_from_layers"] == 32
     with pytest.raises(PolicyError, match="pass transfer=True"):
         p.check_layers(28)
-    assert p.check_layers(28, transfer=True).depth["attn"] == [28, 21, 11, 2]  # 12 * 28/32 = 10.5 rounds up
+    assert p.check_layers(28, transfer=True).depth["attn"] == (28, 21, 11, 2)  # 12 * 28/32 = 10.5 rounds up
 
 
 def test_constructors():
     assert Policy.unpruned(8).is_unpruned()
     d = Policy.dop(32, 0.25, 20, 10)
-    assert d.groups == [0.25, 1.0] and d.depth == {"attn": [20, 0], "mlp": [10, 0]}
+    assert d.groups == (0.25, 1.0) and d.depth == {"attn": (20, 0), "mlp": (10, 0)}
     assert not d.is_unpruned()
 
 
@@ -135,7 +135,7 @@ def test_transfer_rule_keeps_every_kept_operation(old, new, depth, expected):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = p.transfer(new)
-    assert t.depth["attn"] == expected and t.depth["mlp"] == [0, 0, 0, 0]
+    assert list(t.depth["attn"]) == expected and t.depth["mlp"] == (0, 0, 0, 0)
     collapsed = len(set(expected)) < len(set(depth))
     assert [type(w.message).__name__ for w in caught] == (["TransferWarning"] if collapsed else [])
 
@@ -159,4 +159,83 @@ def test_transfer_cli_warns_on_collapse(tmp_path, capsys):
     Policy(32, [0.5, 1.0], {"attn": [20, 12]}).to_json(src)
     assert main(["transfer", str(src), "--num-layers", "2", "-o", str(tmp_path / "q.json")]) == 0
     assert "distinct depths collapse (12 and 20 -> 1)" in capsys.readouterr().err
-    assert Policy.from_json(tmp_path / "q.json").depth == {"attn": [1, 1]}
+    assert Policy.from_json(tmp_path / "q.json").depth == {"attn": (1, 1)}
+
+
+# ---------------------------------------------------------------------- immutability (issue 15)
+def test_a_built_policy_cannot_be_made_invalid():
+    import dataclasses
+    import operator
+
+    p = Policy.from_dict(GOOD)
+    for mutate in (
+        lambda: operator.setitem(p.depth, "attn", [99, 0, 0, 0]),
+        lambda: operator.setitem(p.depth["attn"], 0, 99),
+        lambda: operator.setitem(p.groups, 0, 0.9),
+        lambda: operator.setitem(p.meta, "model", "other"),
+    ):
+        with pytest.raises(TypeError):
+            mutate()
+    for name, value in (("num_layers", 3), ("depth", {"attn": [99] * 4}), ("ranker", 5)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(p, name, value)
+    assert p == Policy.from_dict(GOOD) and p.to_dict() == GOOD
+
+
+def test_with_depth_and_replace_return_validated_new_policies():
+    p = Policy.from_dict(GOOD)
+    q = p.with_depth(mlp=[32, 32, 8, 1])
+    assert q.depth == {"attn": (32, 24, 12, 2), "mlp": (32, 32, 8, 1)} and p.to_dict() == GOOD
+    assert p.with_depth({"attn_q": [1, 1, 1, 1]}).depth == {"attn_q": (1, 1, 1, 1)}  # a whole new mapping
+    with pytest.raises(PolicyError, match=r"depth.attn\[0\]: must lie in \[0, num_layers=32\], got 99"):
+        p.with_depth(attn=[99, 0, 0, 0])
+    with pytest.raises(PolicyError, match="'attn' may not be combined"):
+        p.with_depth(attn_q=[1, 1, 1, 1])
+    with pytest.raises(PolicyError, match="num_layers"):
+        p.replace(num_layers=8)  # depths of 32 do not fit 8 layers
+    r = p.replace(ranker="random", meta={"note": "x"})
+    assert (r.ranker, dict(r.meta), r.depth) == ("random", {"note": "x"}, p.depth)
+    assert p.with_meta(seed=3).meta == {**GOOD["meta"], "seed": 3}
+
+
+def test_one_ranker_rule():
+    p = Policy.from_dict(GOOD)
+    assert p.ranker_or() == "vispruner" and p.ranker_or("random") == "random"
+    assert p.replace(ranker=None).ranker_or() == "identity"
+    fn = object()
+    assert p.ranker_or(fn) is fn
+
+
+def test_value_semantics_pickle_and_hash():
+    import copy
+    import pickle
+
+    p = Policy.from_dict(GOOD)
+    assert pickle.loads(pickle.dumps(p)) == p and copy.deepcopy(p) == p
+    assert hash(p) == hash(Policy.from_dict(GOOD)) and len({p, Policy.from_dict(GOOD)}) == 1
+
+
+def test_to_json_is_the_jsonio_writer(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    Policy.from_dict(GOOD).to_json(tmp_path / "p.json")
+    assert synced and json.loads((tmp_path / "p.json").read_text()) == GOOD
+    assert [f.name for f in tmp_path.iterdir()] == ["p.json"]  # no temporary file left
+    with pytest.raises(FileNotFoundError):
+        Policy.from_dict(GOOD).to_json(tmp_path / "missing" / "p.json")  # a folder is not made up
+
+
+def test_policy_travels_with_a_checkpoint(tmp_path):
+    p = Policy.from_dict(GOOD)
+    path = p.save_pretrained(tmp_path)
+    assert path == str(tmp_path / "dop_policy.json") and Policy.from_pretrained(tmp_path) == p
+    from dop import save_policy
+
+    assert save_policy(p.with_meta(x=1), tmp_path) == path and Policy.from_pretrained(tmp_path).meta["x"] == 1
+    with pytest.raises(PolicyError, match="no dop_policy.json"):
+        Policy.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(PolicyError, match="no such folder"):
+        p.save_pretrained(tmp_path / "nothing")

@@ -7,12 +7,13 @@ import torch
 
 import dop
 from dop.models import get_adapter
-from dop.rankers import RankContext, rank_visual_tokens, resolve_ranker
+from dop.rankers import RankContext, resolve_ranker
+from dop.runtime import rank_visual_tokens
 from dop.rankers.cdpruner import cdpruner_order, conditional_kernel, relevance
 from dop.rankers.common import greedy_dpp
 from dop.rankers.pdrop import pdrop_policy
 from dop.rankers.vispruner import token_scores
-from dop.runtime.session import capture_decoder_input
+from dop.models.prefix import decoder_input
 from tiny_models import FAMILIES, IMAGE_TOKEN, build_inputs, build_model
 
 RANKERS = ("vispruner", "cdpruner", "fastv", "pdrop:layers=1-2-3", "dart", "identity", "spatial", "random:seed=3")
@@ -73,7 +74,7 @@ def test_set_rankers_honour_n_keep_inside_the_runtime(tiny, spec):
 def _ctx(model, inputs, n_keep=None):
     adapter = get_adapter(model)
     spans = adapter.image_spans(inputs["input_ids"], inputs)
-    emb = capture_decoder_input(model, adapter, inputs)
+    emb = decoder_input(model, inputs, adapter)
     return RankContext(model, adapter, dict(inputs), spans, emb, n_keep or [s.n for s in spans])
 
 
@@ -91,7 +92,7 @@ def _vispruner_scores(model, inputs, counts):
     ctx = _ctx(model, inputs)
     r.install(model, ctx.adapter)
     try:
-        capture_decoder_input(model, ctx.adapter, inputs)
+        decoder_input(model, inputs, ctx.adapter)
         scores = token_scores(ctx, r._captured)
     finally:
         r.uninstall()
@@ -393,7 +394,7 @@ def test_pdrop_default_stage_layers_are_one_rule_everywhere():
     assert [default_stage_layers(L) for L in (32, 40, 8, 4)] == [(8, 16, 24), (10, 20, 30), (2, 4, 6), (1, 2, 3)]
     assert resolve_for_model("pdrop", 8).layers == (2, 4, 6)
     assert resolve_for_model("pdrop:layers=1-3", 8).layers == (1, 3)
-    assert pdrop_policy(8).depth["attn"] == [8, 6, 4, 2]
+    assert pdrop_policy(8).depth["attn"] == (8, 6, 4, 2)
     assert B.pdrop("demo", ratio=0.5)[0].meta["stage_layers"] == [2, 4, 6]
     with pytest.raises(ValueError, match="quarter points"):
         resolve_ranker("pdrop").layers  # unbound: never silently no stages

@@ -175,7 +175,7 @@ def test_errors_on_apply():
             dop.apply_policy(model, dop.Policy.token_pruning(4, 0.5))
     # transfer on request
     with dop.apply_policy(model, dop.Policy.token_pruning(8, 0.5, depth=4), transfer=True) as h:
-        assert h.policy.num_layers == 4 and h.policy.depth["attn"] == [4, 2]
+        assert h.policy.num_layers == 4 and h.policy.depth["attn"] == (4, 2)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -415,7 +415,7 @@ def test_min_tokens_group_is_never_skipped():
     assert all(pol.tokens_processed(k, 3, 16) == 3 for k in ("attn_q", "attn_kv", "mlp"))
     assert [p.name for p in sp.params][:3] == ["attn[0]", "attn[1]", "attn[2]"]  # 0.125*16 = 2 <= 3 dropped
     d = make_space("dop", 4, 16, min_tokens=3).policy({"n_v": 8, "D_attn": 0, "D_mlp": 0})
-    assert d.groups == [3 / 16, 0.5, 1.0] and d.depth == {"attn": [4, 0, 0], "mlp": [4, 0, 0]}
+    assert d.groups == (3 / 16, 0.5, 1.0) and d.depth == {"attn": (4, 0, 0), "mlp": (4, 0, 0)}
 
 
 def test_search_is_deterministic_for_a_seed():

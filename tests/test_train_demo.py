@@ -89,6 +89,12 @@ def test_tiny_run_checkpoints_resumes_and_exports(td, tmp_path):
     assert "final stage B step 2" in log
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "w")
     assert model.config.text_config.num_hidden_layers == 2
+    # the export declares its prompt (dop_prompt.json); training.json is not what says so
+    from dop.demo import build_prompt
+    from dop.evaluate.loading import prompt_builder_for
+
+    (tmp_path / "w" / "training.json").unlink()
+    assert prompt_builder_for(str(tmp_path / "w")) is build_prompt
     first = {k: v.clone() for k, v in model.state_dict().items()}
     # a longer schedule resumes from the checkpoint instead of starting again
     assert td.main([*args[: args.index("--steps") + 1], "3", *args[args.index("--steps") + 2:]]) == 0

@@ -20,22 +20,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .flops import Arch, budget_from_tokens, count_flops, resolve_arch
+from .flops import Arch, arch_from_config, budget_from_tokens, count_flops, resolve_arch
+from .names import is_hub_id
 from .policy import Policy
 from .rankers.pdrop import default_stage_layers, parse_layers, pdrop_policy
-from .search.cost import DEFAULT_CONVENTION
+from .search.cost import DEFAULT_CONVENTION, parse_budget
 
 METHODS = ("vispruner", "cdpruner", "random", "spatial", "fastv", "pdrop", "dart")
 
 
 def _arch(model: Any) -> Arch:
-    if isinstance(model, str) and model.count("/") == 1 and not model.startswith((".", "/")):
+    if isinstance(model, str) and is_hub_id(model):
         try:
             return resolve_arch(model)
         except ValueError:  # a hub id: read its config only
-            from transformers import AutoConfig
-
-            from .flops import arch_from_config
+            from transformers import AutoConfig  # lazy: only for a hub id that is no preset
 
             return arch_from_config(AutoConfig.from_pretrained(model), name=model)
     return resolve_arch(model)
@@ -80,13 +79,11 @@ def _solve_count(make: Callable[[int], Policy], arch, n, budget, convention, tex
 
 
 def _finish(policy: Policy, spec: str, method: str, arch: Arch, n: int, text_tokens: int, extra: dict) -> tuple[Policy, str]:
-    policy.ranker = spec
     meta = {"method": method, "model": arch.hub_id or arch.name, "visual_tokens": n}
     meta.update(extra)
     meta["flops_fraction"] = {c: round(flops_fraction(arch, policy, n, c, text_tokens), 6) for c in ("paper", "dop")}
     meta["flops_text_tokens"] = text_tokens
-    policy.meta = meta
-    return policy, spec
+    return policy.replace(ranker=spec, meta=meta), spec
 
 
 def _visual(arch: Arch, visual_tokens: int | None) -> int:
@@ -106,7 +103,6 @@ def resolve_budget(budget, model, visual_tokens: int | None = None, text_tokens:
     """``(fraction of the unpruned decoder, its convention, tokens or None)`` for a budget in
     ``dop search``'s grammar: a fraction (``0.14``, ``"14%"``) or ``"2.5T"`` in ``convention``,
     ``"tokens:64"`` / ``"tokens:1/9"`` in the paper convention."""
-    from .search.cost import parse_budget
 
     if convention not in ("dop", "paper"):
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")

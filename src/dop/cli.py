@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from dop.outputs import OutputLockedError
+
 # order shown in `dop --help`; a module that is absent is simply not offered
 COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")  # modules in dop/commands/
 # commands that share their samples among the processes of `torchrun ... -m dop` (dop/distributed.py)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from . import distributed
+    from . import distributed  # lazy: spares torch until used
 
     try:
         if args.command in DISTRIBUTED:
@@ -72,7 +74,6 @@ def error_line(e: BaseException) -> tuple[int, str]:
         return 1, "out of memory"
     if isinstance(e, OSError):
         return 1, text
-    from dop.outputs import OutputLockedError
 
     if isinstance(e, OutputLockedError):
         return 1, text

@@ -40,7 +40,7 @@ _active = False  # init_from_env joined a job of several ranks: the library shar
 
 
 def _dist():
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch.distributed only when ranks are asked about
 
     return dist
 
@@ -171,7 +171,7 @@ class JobProgress:
     _made = 0  # bars made in this process; every rank makes the same bars in the same order
 
     def __init__(self, total: int, initial: int = 0, *, desc: str, unit: str, disable: bool = False):
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
         JobProgress._made += 1
         self.initial = initial
@@ -212,6 +212,6 @@ class JobProgress:
 
 def _store():
     """The process group's key-value store (the rendezvous store under torchrun)."""
-    from torch.distributed import distributed_c10d
+    from torch.distributed import distributed_c10d  # lazy: torch.distributed only under torchrun
 
     return distributed_c10d._get_default_store()  # no public accessor as of torch 2.13

@@ -38,6 +38,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
+from .demo import DEMO_DIR
+from .names import DEMO, looks_like_path
 from .policy import OP_KINDS, Policy
 
 CONVENTIONS = ("dop", "paper")
@@ -152,14 +154,6 @@ def preset_arch(name: str) -> Arch:
 
 
 # ---------------------------------------------------------------------- from transformers
-def _pair(x: Any) -> int:
-    if isinstance(x, (list, tuple)):
-        if len(set(x)) != 1:
-            raise ValueError(f"non-square image or patch size {x!r} is not supported")
-        return int(x[0])
-    return int(x)
-
-
 def _decoder_from_config(tc: Any) -> DecoderArch:
     for req in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
         if getattr(tc, req, None) is None:
@@ -179,73 +173,27 @@ def _decoder_from_config(tc: Any) -> DecoderArch:
 
 
 def arch_from_config(config: Any, name: str | None = None) -> Arch:
-    """Read an :class:`Arch` from a ``transformers`` config (multimodal or text-only)."""
+    """Read an :class:`Arch` from a ``transformers`` config (multimodal or text-only); the
+    family's numbers beyond the decoder come from its adapter (``Adapter.flops_layout``)."""
+    from .models import adapter_class_for_config  # spares `dop flops PRESET` the torch import
+
     tc = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     dec = _decoder_from_config(tc)
+    family = adapter_class_for_config(config)
+    fname = family.family_name(config)
+    name = name or getattr(config, "_name_or_path", None) or fname or type(config).__name__
     vc = getattr(config, "vision_config", None)
-    model_type = getattr(config, "model_type", None)
-    name = name or getattr(config, "_name_or_path", None) or model_type or type(config).__name__
-    if vc is None or vc is tc:
-        return Arch(name=name, decoder=dec, family=model_type)
-    vtype = getattr(vc, "model_type", "") or ""
-    d_text = dec.hidden_size
-    if vtype.startswith("qwen2_5_vl"):
-        merge = int(vc.spatial_merge_size)
-        width = int(vc.hidden_size) * merge * merge
-        vis = VisionArch(
-            type="qwen2_5_vl",
-            num_layers=int(vc.depth),
-            hidden_size=int(vc.hidden_size),
-            intermediate_size=int(vc.intermediate_size),
-            num_heads=int(vc.num_heads),
-            patch_size=int(vc.patch_size),
-            in_channels=int(getattr(vc, "in_channels", 3)),
-            mlp_matrices=3,
-            temporal_patch_size=int(vc.temporal_patch_size),
-            spatial_merge_size=merge,
-            window_size=int(vc.window_size),
-            fullatt_layers=tuple(int(i) for i in vc.fullatt_block_indexes),
-            name=vtype,
-        )
-        return Arch(name, dec, vis, (width, width, int(vc.out_hidden_size)), 1024, family=model_type)
-    if not hasattr(vc, "num_hidden_layers") or not hasattr(vc, "image_size"):
-        return Arch(name=name, decoder=dec, family=model_type)  # unknown tower: decoder only
-    image, patch = _pair(vc.image_size), _pair(vc.patch_size)
-    patches = (image // patch) ** 2
-    vis = VisionArch(
-        type="vit",
-        num_layers=int(vc.num_hidden_layers),
-        hidden_size=int(vc.hidden_size),
-        intermediate_size=int(vc.intermediate_size),
-        num_heads=int(vc.num_attention_heads),
-        patch_size=patch,
-        image_size=image,
-        in_channels=int(getattr(vc, "num_channels", 3)),
-        cls_token=vtype in ("clip_vision_model", "internvl_vision"),
-        mlp_matrices=2,
-        name=vtype,
-    )
-    if model_type == "internvl":
-        ratio = float(getattr(config, "downsample_ratio", 0.5))
-        factor = int(round(1 / ratio)) ** 2
-        per_tile = patches // factor
-        proj = (vis.hidden_size * factor, d_text, d_text)
-        return Arch(name, dec, vis, proj, per_tile * 5, per_tile, 13, family=model_type)
-    layers = getattr(config, "vision_feature_layer", -2)
-    n_feat = 1 if isinstance(layers, int) else len(layers)
-    proj = (vis.hidden_size * n_feat, d_text, d_text)
-    per_tile = patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
-    if model_type == "llava_next":
-        pins = getattr(config, "image_grid_pinpoints", None) or [[image, image]]
-        max_tiles = 1 + max((h // image) * (w // image) for h, w in pins)
-        return Arch(name, dec, vis, proj, per_tile * max_tiles, per_tile, max_tiles, family=model_type)
-    return Arch(name, dec, vis, proj, per_tile, per_tile, 1, family=model_type)
+    layout = None if vc is None or vc is tc else family.flops_layout(config, dec.hidden_size)
+    if layout is None:  # text-only, or a tower dop cannot read: the decoder only
+        return Arch(name=name, decoder=dec, family=fname)
+    return Arch(name, dec, VisionArch(**layout["vision"]), tuple(layout["projector_dims"]),
+                layout["default_visual_tokens"], layout["tokens_per_tile"], layout["max_tiles"], family=fname)
 
 
 def arch_from_config_folder(folder: str, name: str) -> Arch:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"checkpoint folder {name!r} has no config.json")
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: spares transformers until used
 
     try:
         cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -260,23 +208,21 @@ def resolve_arch(model: Any) -> Arch:
         return model
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
-        if text == "demo":  # the bundled demo model, as every command's --model accepts it
-            from .demo import DEMO_DIR
-
+        if text == DEMO:
             if not (DEMO_DIR / "config.json").is_file():
                 raise ValueError(f"the demo model's config is missing ({DEMO_DIR / 'config.json'})")
-            return arch_from_config_folder(str(DEMO_DIR), name="demo")
+            return arch_from_config_folder(str(DEMO_DIR), name=DEMO)
         if _preset_key(text) is not None:
             return preset_arch(text)
         if os.path.isdir(text) or (os.path.isfile(text) and text.endswith(".json")):
             folder = text if os.path.isdir(text) else os.path.dirname(text) or "."
             return arch_from_config_folder(folder, name=text)
-        what = "no such checkpoint folder" if os.sep in text or text.startswith(".") else "not a preset"
+        what = "no such checkpoint folder" if looks_like_path(text) else "not a preset"
         raise ValueError(f"unknown model {text!r} ({what}); known presets: {', '.join(presets())}")
     config = getattr(model, "config", None)
     if config is not None and not hasattr(model, "to_dict"):
         return arch_from_config(config)
-    if hasattr(model, "to_dict") and hasattr(model, "model_type"):
+    if hasattr(model, "to_dict") and hasattr(model, "get_text_config"):  # a transformers config
         return arch_from_config(model)
     raise ValueError(
         f"cannot count FLOPs of a {type(model).__name__}: pass a preset name, a checkpoint "

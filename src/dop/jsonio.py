@@ -20,12 +20,23 @@ def _default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def json_text(data: Any, *, indent: int = 2) -> str:
+    """``data`` as strict JSON text (no NaN), one trailing newline: what every writer writes."""
+    return json.dumps(data, indent=indent, allow_nan=False, default=_default) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2) -> None:
     """Write ``data`` as JSON to ``path`` (creating its folder) through a temporary file."""
+    write_text_atomic(path, json_text(data, indent=indent))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, make_folder: bool = True) -> None:
+    """Write ``text`` to ``path``: temporary file, fsync, rename. The folder is created unless
+    ``make_folder`` is False (then a missing folder is the caller's error, as with ``open``)."""
     path = os.fspath(path)
-    text = json.dumps(data, indent=indent, allow_nan=False, default=_default) + "\n"
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if make_folder:
+        os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, user_file_mode())  # mkstemp makes 0600; outputs follow the umask like any file

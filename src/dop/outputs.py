@@ -82,7 +82,7 @@ def lock_path(target: str | os.PathLike) -> str:
 
 
 def _acquire(path: str, target: str) -> int:
-    import fcntl
+    import fcntl  # POSIX only (file locks)
 
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -120,7 +120,7 @@ def output_lock(targets: Sequence[str | os.PathLike | None]) -> Iterator[None]:
 
     Under several torch.distributed ranks only rank 0 locks: it alone writes the outputs
     (docs/scaling.md), and the ranks of one job must not refuse each other."""
-    from . import distributed
+    from . import distributed  # lazy: spares torch until used
 
     if not distributed.is_main():
         yield

@@ -16,6 +16,26 @@ from typing import Any, Callable
 
 import torch
 
+from . import baselines as bl, distributed as dd
+from .baselines import METHODS, resolve_budget, token_policy
+from .evaluate.bootstrap import Bootstrap
+from .evaluate.datasets import as_sample, load_dataset
+from .evaluate.hf import is_hf_spec
+from .evaluate.inputs import prompt_shape, sample_inputs
+from .evaluate.loading import load_model, prompt_builder_for
+from .evaluate.runner import EvalResult, evaluate
+from .flops import count_flops, resolve_arch
+from .models import get_adapter
+from .outputs import check_output_dir, output_lock
+from .policy import Policy
+from .rankers import resolve_ranker
+from .rankers.pdrop import default_stage_layers
+from .report import markdown
+from .report.plots import divergence_curves, pareto_plot, policy_map
+from .report.stages import Stages, write_json_atomic
+from .search import search
+from .search.cost import DEFAULT_CONVENTION, parse_budget
+
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
 DEFAULT_SPACES = ("dop", "multigroup")
@@ -55,10 +75,6 @@ def _machine() -> str:
 
 def validate_options(opts: RunOptions) -> None:
     """Every option that can be checked without the model, before any work (issue 16)."""
-    from .baselines import METHODS
-    from .outputs import check_output_dir
-    from .rankers import resolve_ranker
-    from .search.cost import parse_budget
 
     for name in ("samples", "test_samples", "max_new_tokens"):
         v = getattr(opts, name)
@@ -88,8 +104,6 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
     """Under several ranks (dop/distributed.py) the search and the evaluations share their
     samples; rank 0 alone logs, locks the output folder and writes files (the others return
     the same figures)."""
-    from . import distributed as dd
-    from .outputs import output_lock
 
     validate_options(opts)
     out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
@@ -100,14 +114,60 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         return _run_locked(opts, out, log)
 
 
-def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    from . import distributed as dd
-    from .evaluate.datasets import load_dataset
-    from .evaluate.loading import load_model, prompt_builder_for
-    from .evaluate.runner import evaluate
-    from .models import get_adapter
-    from .report.stages import Stages, write_json_atomic
+@dataclass(frozen=True)
+class BudgetPlan:
+    """One budget of the main job: its spec and label, the (fraction, convention) the
+    baselines are fitted to, the tokens of a ``tokens:N`` budget, and its place on the
+    Pareto plot's dop axis."""
 
+    spec: str
+    label: str
+    fraction: float
+    convention: str
+    tokens: int | None
+    dop_fraction: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """One evaluation of the main job: a method's policy at one budget."""
+
+    budget: BudgetPlan
+    label: str  # "DOP (dop)", "vispruner", ...
+    kind: str  # "dop" or "baseline"
+    policy: dict  # the policy as JSON (the stage key holds it)
+    ranker: str | None
+
+
+@dataclass
+class _Job:
+    """What every step of one main job reads: the options, the loaded model and data, the
+    reference prompt's shape and the stage bookkeeping."""
+
+    opts: RunOptions
+    out: Path
+    log: Callable[[str], None]
+    stages: Stages
+    model: Any
+    processor: Any
+    val: list
+    test: list
+    build_prompt: Callable
+    num_layers: int
+    n_visual: int
+    n_text: int
+    load_before: list
+
+    @property
+    def common(self) -> dict:
+        o = self.opts
+        return dict(model=o.model, data=o.data, samples=o.samples, ranker=o.ranker, seed=o.seed)
+
+
+def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     (out / "policies").mkdir(exist_ok=True)
     # search stages, the unpruned evaluation, one evaluation per (budget, method); revised
     # once the baselines that cannot meet a budget are known
@@ -115,16 +175,37 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     stages.expected = {"search": len(opts.spaces), "eval": stages.total - len(opts.spaces)}
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
+    job = _load_job(opts, out, log, stages)
+    budgets = [budget_for_baselines(spec, job.model, job.n_visual, job.n_text) for spec in opts.budgets]
+    searches = _run_searches(job, len(budgets))
+    plan, skipped = _plan_methods(job, budgets, searches)
+    stages.total = len(opts.spaces) + 1 + len(plan)
+    stages.expected = {"search": len(opts.spaces), "eval": 1 + len(plan)}
+    unpruned_d, boot, results_budgets = _evaluate_all(job, budgets, plan)
+    if not dd.is_main():
+        return dict(out=str(out), budgets=results_budgets,
+                    unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, job.n_visual))
+    results = _results(job, unpruned_d, boot, results_budgets, searches, skipped)
+    _draw_figures(job, results, searches)
+    stages.times["total"] = time.perf_counter() - t_start
+    results["stage_times"] = dict(stages.times)
+    results["reused"] = list(stages.reused)
+    write_json_atomic(out / "results.json", results)
+    markdown.write_report(results, out / "report.md")
+    results["out"] = str(out)
+    return results
 
+
+def _load_job(opts: RunOptions, out: Path, log: Callable[[str], None], stages: Stages) -> _Job:
+    """The data sets (a bad one fails before the model loads), the model and the shape of the
+    reference prompt (the first test sample)."""
     log(f"[load] model {opts.model!r}, validation {opts.data!r} ({opts.samples}), test {opts.test_data!r} ({opts.test_samples})")
     t0 = time.perf_counter()
     load_before = _load_average()
-    from .evaluate.hf import is_hf_spec
 
     def columns(spec):  # --columns names the columns of whichever of the two is a Hugging Face data set
         return opts.columns if is_hf_spec(spec) else None
 
-    # a bad data set fails before the model loads
     val = load_dataset(opts.data, limit=opts.samples, columns=columns(opts.data))
     test = load_dataset(opts.test_data, limit=opts.test_samples, columns=columns(opts.test_data))
     model, processor = _load_model(opts, load_model)
@@ -133,150 +214,142 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     build_prompt = prompt_builder_for(opts.model)
     adapter = get_adapter(model)
     n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
-    budgets = [budget_for_baselines(spec, model, n_visual, n_text) for spec in opts.budgets]
     stages.times["load"] = time.perf_counter() - t0
-    common = dict(model=opts.model, data=opts.data, samples=opts.samples, ranker=opts.ranker, seed=opts.seed)
+    return _Job(opts, out, log, stages, model, processor, val, test, build_prompt, adapter.num_layers,
+                n_visual, n_text, load_before)
 
-    # -- search: one divergence table per space serves every budget (checkpointed as it fills)
-    (out / "tables").mkdir(exist_ok=True)
+
+def _run_searches(job: _Job, n_budgets: int) -> dict[str, dict]:
+    """One divergence table per space serves every budget (checkpointed as it fills)."""
+    (job.out / "tables").mkdir(exist_ok=True)
     searches = {}
-    for space in opts.spaces:
-        log(f"[search] space {space!r}: divergence table on {len(val)} samples, then {len(budgets)} budgets")
-        searches[space] = stages.run(
+    for space in job.opts.spaces:
+        job.log(f"[search] space {space!r}: divergence table on {len(job.val)} samples, then {n_budgets} budgets")
+        searches[space] = job.stages.run(
             f"search-{space}",
-            lambda space=space: _search(model, processor, val, space, opts, build_prompt, out),
-            key=dict(common, space=space, budgets=list(opts.budgets)),
+            lambda space=space: _search(job.model, job.processor, job.val, space, job.opts, job.build_prompt, job.out),
+            key=dict(job.common, space=space, budgets=list(job.opts.budgets)),
         )
+    return searches
 
-    # -- policies per budget: DOP per space, then the token-pruning baselines
-    plan = []  # (budget, method label, kind, policy dict, ranker spec)
-    skipped = []  # (budget spec, method, reason)
+
+def _plan_methods(job: _Job, budgets: list[BudgetPlan], searches: dict) -> tuple[list[MethodPlan], list[dict]]:
+    """Per budget: DOP per space, then the token-pruning baselines (those that cannot meet the
+    budget are skipped, with the reason)."""
+    plan, skipped = [], []
     for b in budgets:
-        for space in opts.spaces:
-            pol = searches[space]["policies"][b["spec"]]
-            plan.append((b, f"DOP ({space})", "dop", pol, opts.ranker))
-        for method in opts.baselines:
+        for space in job.opts.spaces:
+            plan.append(MethodPlan(b, f"DOP ({space})", "dop", searches[space]["policies"][b.spec], job.opts.ranker))
+        for method in job.opts.baselines:
             try:
-                pol, ranker = _baseline(model, method, b, n_visual, n_text, adapter.num_layers)
+                pol, ranker = _baseline(job.model, method, b, job.n_visual, job.n_text, job.num_layers)
             except ValueError as e:
-                log(f"[baseline] {method} at {b['spec']}: skipped ({e})")
-                skipped.append(dict(budget=b["spec"], method=method, reason=str(e)))
+                job.log(f"[baseline] {method} at {b.spec}: skipped ({e})")
+                skipped.append(dict(budget=b.spec, method=method, reason=str(e)))
                 continue
-            plan.append((b, method, "baseline", pol.to_dict(), ranker))
+            plan.append(MethodPlan(b, method, "baseline", pol.to_dict(), ranker))
+    return plan, skipped
 
-    stages.total = len(opts.spaces) + 1 + len(plan)
-    stages.expected = {"search": len(opts.spaces), "eval": 1 + len(plan)}
 
-    # -- evaluation on the test split
-    def eval_stage(name, policy=None, ranker=None, baseline=None):
-        def fn():
-            res = evaluate(model, processor, test, policy=policy, ranker=ranker,
-                           max_new_tokens=opts.max_new_tokens, progress=opts.progress,
-                           build_prompt=build_prompt, baseline=baseline, run_baseline=False,
-                           seed=opts.seed, desc=name)
-            return res.to_dict(with_samples=True)
-        return fn
+def _eval_stage(job: _Job, name: str, policy=None, ranker=None, baseline=None) -> Callable[[], dict]:
+    def fn():
+        res = evaluate(job.model, job.processor, job.test, policy=policy, ranker=ranker,
+                       max_new_tokens=job.opts.max_new_tokens, progress=job.opts.progress,
+                       build_prompt=job.build_prompt, baseline=baseline, run_baseline=False,
+                       seed=job.opts.seed, desc=name)
+        return res.to_dict(with_samples=True)
+    return fn
 
-    from .policy import Policy
 
-    log(f"[eval] unpruned on {len(test)} test samples")
-    unpruned_d = stages.run("eval-unpruned", eval_stage("unpruned"), key=dict(common, test=opts.test_data, n=len(test)))
-    unpruned_obj = _result_from_dict(unpruned_d)
-    from .evaluate.bootstrap import Bootstrap
-
-    boot = Bootstrap.from_unpruned(unpruned_d["samples"], seed=opts.seed)
+def _evaluate_all(job: _Job, budgets: list[BudgetPlan], plan: list[MethodPlan]):
+    """The unpruned model, then every planned method, on the test split: (the unpruned
+    evaluation, its bootstrap, one result entry per budget)."""
+    job.log(f"[eval] unpruned on {len(job.test)} test samples")
+    test_key = dict(job.common, test=job.opts.test_data, n=len(job.test))
+    unpruned_d = job.stages.run("eval-unpruned", _eval_stage(job, "unpruned"), key=test_key)
+    unpruned = EvalResult.from_dict(unpruned_d)
+    boot = Bootstrap.from_unpruned(unpruned_d["samples"], seed=job.opts.seed)
     results_budgets = []
     for b in budgets:
         rows, per_method = [], {}
-        for bb, label, kind, pol_d, ranker in plan:
-            if bb["spec"] != b["spec"]:
-                continue
-            policy = Policy.from_dict(pol_d)
-            fname = f"policies/{_slug(b['spec'])}-{_slug(label)}.json"
+        for m in (m for m in plan if m.budget.spec == b.spec):
+            policy = Policy.from_dict(m.policy)
+            fname = f"policies/{_slug(b.spec)}-{_slug(m.label)}.json"
             if dd.is_main():
-                policy.to_json(out / fname)
-            log(f"[eval] {b['label']}: {label}")
-            d = stages.run(
-                f"eval-{_slug(b['spec'])}-{_slug(label)}",
-                eval_stage(label, policy, ranker, unpruned_obj),
-                key=dict(common, test=opts.test_data, n=len(test), policy=pol_d, ranker=str(ranker)),
-            )
-            rows.append(_row(label, kind, d, unpruned_d, fname, policy, n_visual))
-            rows[-1]["ci"] = boot.method(d["samples"])
-            per_method[label] = d["samples"]
+                policy.to_json(job.out / fname)
+            job.log(f"[eval] {b.label}: {m.label}")
+            d = job.stages.run(f"eval-{_slug(b.spec)}-{_slug(m.label)}", _eval_stage(job, m.label, policy, m.ranker, unpruned),
+                               key=dict(test_key, policy=m.policy, ranker=str(m.ranker)))
+            rows.append(dict(_row(m.label, m.kind, d, unpruned_d, fname, policy, job.n_visual), ci=boot.method(d["samples"])))
+            per_method[m.label] = d["samples"]
+        entry = b.to_dict()
         # a tokens:N budget on the plot's dop axis: where keeping N tokens before the LLM landed
         # on the test prompts (their mean text length), not at the first prompt's
         pre_llm = [r for r in rows if r["method"] in ("vispruner", "cdpruner", "spatial", "random")
                    and r.get("flops_fraction") is not None]
-        if b.get("tokens") is not None and pre_llm:
-            b = dict(b, dop_fraction=pre_llm[0]["flops_fraction"])
-        results_budgets.append(dict(b, methods=rows, comparison=_comparison(rows, per_method, boot)))
+        if b.tokens is not None and pre_llm:
+            entry["dop_fraction"] = pre_llm[0]["flops_fraction"]
+        results_budgets.append(dict(entry, methods=rows, comparison=_comparison(rows, per_method, boot)))
+    return unpruned_d, boot, results_budgets
 
-    if not dd.is_main():
-        return dict(out=str(out), unpruned=_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual),
-                    budgets=results_budgets)
 
-    # -- report
-    from .report.markdown import write_report
-    from .report.plots import divergence_curves, pareto_plot, policy_map
-
-    tasks = sorted(unpruned_d["tasks"])
-    unpruned_row = _row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, n_visual)
-    unpruned_row["ci"] = boot.method(unpruned_d["samples"])
-    results = dict(
-        options=dict(opts.key(), out=str(out)),
-        tasks=tasks,
-        num_test_samples=len(test),
-        num_visual_tokens=n_visual,
-        num_layers=adapter.num_layers,
+def _results(job: _Job, unpruned_d: dict, boot, results_budgets: list[dict], searches: dict, skipped: list) -> dict:
+    """results.json (before the figures and stage times are added)."""
+    unpruned_row = dict(_row("unpruned", "unpruned", unpruned_d, unpruned_d, None, None, job.n_visual),
+                        ci=boot.method(unpruned_d["samples"]))
+    return dict(
+        options=dict(job.opts.key(), out=str(job.out)),
+        tasks=sorted(unpruned_d["tasks"]),
+        num_test_samples=len(job.test),
+        num_visual_tokens=job.n_visual,
+        num_layers=job.num_layers,
         machine=_machine(),
         finished=_dt.datetime.now().isoformat(timespec="seconds"),
         unpruned=unpruned_row,
-        timing=_timing_note([unpruned_row, *(m for b in results_budgets for m in b["methods"])], load_before),
+        timing=_timing_note([unpruned_row, *(m for b in results_budgets for m in b["methods"])], job.load_before),
         budgets=results_budgets,
         tables={s: dict(summary=r["summary"]) for s, r in searches.items()},
         skipped=skipped,
     )
+
+
+def _draw_figures(job: _Job, results: dict, searches: dict) -> None:
+    """The Pareto plot, the divergence curves, a map per chosen DOP policy beside its file,
+    and the headline map: the first space's policy at the middle budget."""
+    out, n_visual, budgets = job.out, job.n_visual, results["budgets"]
     points = [dict(method=m["method"], flops_fraction=m["flops_fraction"], rel_avg=m["rel_avg"],
                    rel_avg_ci=(m.get("ci") or {}).get("rel_avg"))
-              for b in results_budgets for m in b["methods"]]
+              for b in budgets for m in b["methods"]]
     pareto_plot(points, out / "pareto.png",
-                title=f"{opts.model}: Rel. Avg. vs decoder FLOPs ({len(test)} test samples)",
-                budgets=[(b["label"], b["dop_fraction"]) for b in results_budgets])
+                title=f"{job.opts.model}: Rel. Avg. vs decoder FLOPs ({len(job.test)} test samples)",
+                budgets=[(b["label"], b["dop_fraction"]) for b in budgets])
     for space, r in searches.items():
         curves = {name: [(int(v), kl) for v, kl in pts.items()] for name, pts in r["curves"].items()}
         if curves:
             divergence_curves(curves, out / f"divergence_{space}.png", title=f"Divergence table, space {space}")
             results["tables"][space]["plot"] = f"divergence_{space}.png"
-    # a map per chosen DOP policy beside its file; the headline one is the first space's
-    # policy at the middle budget
-    for b in results_budgets:
+    for b in budgets:
         for m in b["methods"]:
             if m["kind"] == "dop":
-                title = _map_title(m, b, n_visual)
                 m["policy_map"] = m["policy_file"].replace(".json", ".png")
-                policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / m["policy_map"], title=title)
-    if results_budgets and opts.spaces:
-        b = results_budgets[len(results_budgets) // 2]
-        m = next((m for m in b["methods"] if m["method"] == f"DOP ({opts.spaces[0]})"), None)
+                policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / m["policy_map"],
+                           title=_map_title(m, b, n_visual))
+    if budgets and job.opts.spaces:
+        b = budgets[len(budgets) // 2]
+        m = next((m for m in b["methods"] if m["method"] == f"DOP ({job.opts.spaces[0]})"), None)
         if m is not None:
             title = _map_title(m, b, n_visual)
             policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / "policy_map.png", title=title)
             results["policy_map"] = dict(file="policy_map.png", title=title)
-    stages.times["total"] = time.perf_counter() - t_start
-    results["stage_times"] = dict(stages.times)
-    results["reused"] = list(stages.reused)
-    write_json_atomic(out / "results.json", results)
-    write_report(results, out / "report.md")
-    results["out"] = str(out)
-    return results
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
 def _load_model(opts: RunOptions, load_model):
     """load_model, without transformers' weight-loading bar when progress is off."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: only to silence a bar
 
     quiet = not opts.progress and hf_logging.is_progress_bar_enabled()
     if quiet:
@@ -291,7 +364,6 @@ def _load_model(opts: RunOptions, load_model):
 def _map_title(m: dict, b: dict, n_visual: int) -> str:
     """The policy map's title says what its cells show: the tokens the chosen policy processes
     at layer 0, beside the budget (a cost: the FLOPs of keeping N tokens, not N kept)."""
-    from .policy import Policy
 
     keep = Policy.from_dict(m["policy"]).n_keep(n_visual)
     return f"{m['method']}, budget {_budget_words(b)}: processes {keep} of {n_visual} visual tokens at layer 0"
@@ -386,40 +458,20 @@ def _policy_summary(policy, n_visual: int) -> str:
     return "; ".join(parts) or "unpruned"
 
 
-def _result_from_dict(d: dict):
-    """An EvalResult-like object that evaluate() accepts as a baseline (tasks + samples)."""
-    from .evaluate.metrics import TaskScore
-    from .evaluate.runner import EvalResult, SampleResult
-
-    samples = [SampleResult(**{k: v for k, v in s.items() if k in SampleResult.__dataclass_fields__})
-               for s in d.get("samples", [])]
-    tasks = {t: TaskScore(task=t, **{k: v for k, v in s.items() if k in TaskScore.__dataclass_fields__})
-             for t, s in d["tasks"].items()}
-    return EvalResult(samples=samples, tasks=tasks, average=d["average"], prefill_ms=d.get("prefill_ms"),
-                      flops=d.get("flops"), num_visual_tokens=d.get("num_visual_tokens", 0),
-                      num_text_tokens=d.get("num_text_tokens", 0))
-
-
 def _prompt_shape(processor, adapter, build_prompt, sample) -> tuple[int, int]:
     """(visual tokens of the first image, text tokens) of one prompt."""
-    image = sample.load_image() if hasattr(sample, "load_image") else sample["image"]
-    prompt = build_prompt(processor, sample.question if hasattr(sample, "question") else sample["question"])
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    spans = adapter.image_spans(inputs["input_ids"], dict(inputs))
-    if not spans:
+    counts, text = prompt_shape(adapter, sample_inputs(processor, build_prompt, [as_sample(sample)])[0])
+    if not counts:
         raise ValueError("the processor produced no image tokens for the first test sample")
-    return spans[0].n, int(inputs["input_ids"].shape[1]) - sum(sp.n for sp in spans)
+    return counts[0], text
 
 
-def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
+def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> BudgetPlan:
     """A budget spec as (fraction, convention) for the baselines, a label, and the fraction
     of the unpruned decoder FLOPs in the dop convention (the Pareto plot's x axis).
 
     The grammar and conventions are `dop search`'s (:func:`dop.baselines.resolve_budget`):
     ``tokens:N`` / ``tokens:a/b`` in the paper convention, fractions and TFLOPs in dop's."""
-    from .baselines import resolve_budget, token_policy
-    from .flops import count_flops
-    from .search.cost import DEFAULT_CONVENTION
 
     frac, conv, n = resolve_budget(spec, model, n_visual, n_text, DEFAULT_CONVENTION)
     if n is not None:
@@ -430,18 +482,14 @@ def budget_for_baselines(spec: str, model, n_visual: int, n_text: int) -> dict:
     else:
         dop_frac = frac
         label = f"{spec} ({100 * frac:.1f}% FLOPs, dop)"
-    return dict(spec=spec, label=label, fraction=frac, convention=conv, tokens=n, dop_fraction=dop_frac)
+    return BudgetPlan(spec=spec, label=label, fraction=frac, convention=conv, tokens=n, dop_fraction=dop_frac)
 
 
 def _num_layers(model) -> int:
-    from .flops import resolve_arch
-
     return resolve_arch(model).decoder.num_layers
 
 
 def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
-    from .search import search
-
     res = search(model, processor, val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
                  table=str(out / "tables" / f"table-{space}.json"), seed=opts.seed,
                  build_prompt=build_prompt, progress=opts.progress, meta={"model": opts.model})
@@ -457,17 +505,14 @@ def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
     )
 
 
-def _baseline(model, method: str, b: dict, n_visual: int, n_text: int, L: int):
+def _baseline(model, method: str, b: BudgetPlan, n_visual: int, n_text: int, L: int):
     """A published token pruner as (Policy, ranker spec) at budget ``b``, its stage layers
     scaled to the model's depth: FastV/DART prune after layer 2, PDrop at L/4, L/2, 3L/4.
     Where that costs more than the budget even with no token kept, the earliest layers are
     tried (K=1; PDrop at layers 1-2-3) before the method is reported as infeasible."""
-    from . import baselines as bl
 
-    kw = dict(budget=b["fraction"], convention=b["convention"], visual_tokens=n_visual, text_tokens=n_text)
+    kw = dict(budget=b.fraction, convention=b.convention, visual_tokens=n_visual, text_tokens=n_text)
     if method == "pdrop":
-        from .rankers.pdrop import default_stage_layers
-
         tries = [default_stage_layers(L), (1, 2, 3)]
         call = lambda layers: bl.pdrop(model, layers=layers, **kw)  # noqa: E731
     elif method in ("fastv", "dart"):

@@ -6,13 +6,20 @@ layers that perform that operation for the visual tokens of that group.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
+from .jsonio import json_text, write_text_atomic
+
 FORMAT = "dop-policy/1"
+POLICY_FILE = "dop_policy.json"  # beside a checkpoint's config.json (Policy.save_pretrained)
 OP_KINDS = ("attn_q", "attn_kv", "mlp")
 KEYS = ("attn", "attn_q", "attn_kv", "mlp")
 _GROUP_EPS = 1e-9
@@ -23,6 +30,10 @@ MAX_LAYERS = 4096
 
 class PolicyError(ValueError):
     """A policy (or policy file) breaks a rule of docs/design.md, "Policies"."""
+
+
+class ModelMismatchWarning(UserWarning):
+    """A policy is applied to a model other than the one it records (``meta["model"]``)."""
 
 
 class TransferWarning(UserWarning):
@@ -72,74 +83,126 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
-@dataclass
+def _checked_groups(groups: Any) -> tuple[float, ...]:
+    if not isinstance(groups, (list, tuple)) or len(groups) == 0:
+        raise PolicyError(f"groups: must be a non-empty list of fractions, got {groups!r}")
+    prev = 0.0
+    for i, f in enumerate(groups):
+        if not _is_number(f):
+            raise PolicyError(f"groups[{i}]: must be a number, got {f!r}")
+        if not (0.0 < f <= 1.0):
+            raise PolicyError(f"groups[{i}]: fractions must lie in (0, 1], got {f!r}")
+        if f <= prev:
+            raise PolicyError(f"groups: must be strictly increasing, got {list(groups)!r}")
+        prev = f
+    if groups[-1] != 1.0:
+        raise PolicyError(f"groups: the last fraction must be 1.0, got {groups[-1]!r}")
+    return tuple(float(f) for f in groups)
+
+
+def _checked_depth(depth: Any, n_groups: int, num_layers: int) -> Mapping[str, tuple[int, ...]]:
+    if not isinstance(depth, Mapping):
+        raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {depth!r}")
+    for k in depth:
+        if k not in KEYS:
+            raise PolicyError(f"depth: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
+    if "attn" in depth and ("attn_q" in depth or "attn_kv" in depth):
+        raise PolicyError("depth: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+    out = {}
+    for k, ds in depth.items():
+        if not isinstance(ds, (list, tuple)):
+            raise PolicyError(f"depth.{k}: must be a list of integers, got {ds!r}")
+        if len(ds) != n_groups:
+            raise PolicyError(f"depth.{k}: needs one depth per group ({n_groups}), got {len(ds)}")
+        for g, d in enumerate(ds):
+            if not _is_int(d):
+                raise PolicyError(f"depth.{k}[{g}]: must be an integer, got {d!r}")
+            if not (0 <= d <= num_layers):
+                raise PolicyError(f"depth.{k}[{g}]: must lie in [0, num_layers={num_layers}], got {d}")
+        out[k] = tuple(int(d) for d in ds)
+    return MappingProxyType(out)
+
+
+def _frozen_meta(meta: Any) -> Any:
+    return MappingProxyType(dict(meta)) if isinstance(meta, Mapping) else meta
+
+
+@dataclass(frozen=True)
 class Policy:
-    """Depth per (op kind, rank group).
+    """Depth per (op kind, rank group); immutable (docs/design.md, "Policies").
 
     ``groups`` are cumulative fractions of the ranked visual tokens of one image;
     ``depth[kind][g]`` is how many leading decoder layers perform op ``kind`` for group ``g``.
-    A kind left out of ``depth`` is never skipped.
+    A kind left out of ``depth`` is never skipped. Lists given to the constructor are stored
+    as tuples and ``depth``/``meta`` as read-only mappings, so a policy that passed
+    validation stays valid: :meth:`replace`, :meth:`with_depth` and :meth:`with_meta`
+    return a new, validated policy.
     """
 
     num_layers: int
-    groups: list[float] = field(default_factory=lambda: [1.0])
-    depth: dict[str, list[int]] = field(default_factory=dict)
+    groups: tuple[float, ...] = (1.0,)
+    depth: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     ranker: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.validate()
+        self._validate()
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
+    def _validate(self) -> None:
+        """Check every field and store the normalised, read-only form (frozen: object.__setattr__)."""
         if not _is_int(self.num_layers) or not 1 <= self.num_layers <= MAX_LAYERS:
             raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {self.num_layers!r}")
-        if not isinstance(self.groups, (list, tuple)) or len(self.groups) == 0:
-            raise PolicyError(f"groups: must be a non-empty list of fractions, got {self.groups!r}")
-        prev = 0.0
-        for i, f in enumerate(self.groups):
-            if not _is_number(f):
-                raise PolicyError(f"groups[{i}]: must be a number, got {f!r}")
-            if not (0.0 < f <= 1.0):
-                raise PolicyError(f"groups[{i}]: fractions must lie in (0, 1], got {f!r}")
-            if f <= prev:
-                raise PolicyError(f"groups: must be strictly increasing, got {list(self.groups)!r}")
-            prev = f
-        if self.groups[-1] != 1.0:
-            raise PolicyError(f"groups: the last fraction must be 1.0, got {self.groups[-1]!r}")
-        self.groups = [float(f) for f in self.groups]
-        if not isinstance(self.depth, dict):
-            raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {self.depth!r}")
-        for k in self.depth:
-            if k not in KEYS:
-                raise PolicyError(f"depth: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
-        if "attn" in self.depth and ("attn_q" in self.depth or "attn_kv" in self.depth):
-            raise PolicyError("depth: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
-        for k, ds in self.depth.items():
-            if not isinstance(ds, (list, tuple)):
-                raise PolicyError(f"depth.{k}: must be a list of integers, got {ds!r}")
-            if len(ds) != len(self.groups):
-                raise PolicyError(
-                    f"depth.{k}: needs one depth per group ({len(self.groups)}), got {len(ds)}"
-                )
-            for g, d in enumerate(ds):
-                if not _is_int(d):
-                    raise PolicyError(f"depth.{k}[{g}]: must be an integer, got {d!r}")
-                if not (0 <= d <= self.num_layers):
-                    raise PolicyError(
-                        f"depth.{k}[{g}]: must lie in [0, num_layers={self.num_layers}], got {d}"
-                    )
-            self.depth[k] = [int(d) for d in ds]
+        object.__setattr__(self, "groups", _checked_groups(self.groups))
+        object.__setattr__(self, "depth", _checked_depth(self.depth, len(self.groups), self.num_layers))
         if self.ranker is not None and not isinstance(self.ranker, str):
             raise PolicyError(f"ranker: must be a string naming a ranker, got {self.ranker!r}")
-        if not isinstance(self.meta, dict):
+        if not isinstance(self.meta, Mapping):
             raise PolicyError(f"meta: must be an object, got {self.meta!r}")
+        object.__setattr__(self, "meta", _frozen_meta(self.meta))
+
+    def validate(self) -> None:
+        """Kept for callers of the mutable policy: a built policy is always valid."""
+        self._validate()
+
+    # ------------------------------------------------------------------ value semantics
+    def __hash__(self) -> int:
+        return hash((self.num_layers, self.groups, tuple(sorted(self.depth.items())), self.ranker))
+
+    def __reduce__(self):  # read-only mappings do not pickle; the JSON form does
+        return (Policy.from_dict, (self.to_dict(),))
+
+    def __repr__(self) -> str:
+        return (f"Policy(num_layers={self.num_layers}, groups={self.groups}, depth={dict(self.depth)}, "
+                f"ranker={self.ranker!r}, meta={dict(self.meta)})")
+
+    def replace(self, **changes: Any) -> "Policy":
+        """A new policy with ``changes`` (field=value) applied, validated like any other."""
+        return dataclasses.replace(self, **changes)
+
+    def with_depth(self, depth: Mapping[str, Any] | None = None, /, **kinds: Any) -> "Policy":
+        """A new policy whose depths are ``depth`` (all kinds, when given) updated by ``kinds``:
+        ``p.with_depth(attn=[8, 2])`` changes the attention depths and keeps the rest."""
+        new = dict(self.depth if depth is None else depth)
+        new.update(kinds)
+        return self.replace(depth=new)
+
+    def with_meta(self, **entries: Any) -> "Policy":
+        """A new policy whose ``meta`` holds ``entries`` on top of the current ones."""
+        return self.replace(meta={**self.meta, **entries})
+
+    def ranker_or(self, override: Any = None) -> Any:
+        """The one rule naming a policy's ranker (docs/design.md, "Policies"): the caller's
+        ``override`` when given, else the policy's own ``ranker``, else ``"identity"``."""
+        if override is not None:
+            return override
+        return self.ranker if self.ranker is not None else "identity"
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def unpruned(cls, num_layers: int, groups: list[float] | None = None) -> "Policy":
         """The policy that skips nothing."""
-        return cls(num_layers=num_layers, groups=list(groups or [1.0]), depth={})
+        return cls(num_layers=num_layers, groups=tuple(groups or (1.0,)), depth={})
 
     @classmethod
     def token_pruning(cls, num_layers: int, keep_fraction: float, depth: int = 0) -> "Policy":
@@ -181,12 +244,13 @@ class Policy:
         depth = data.get("depth", {})
         if not isinstance(depth, dict):
             raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {depth!r}")
+        meta = data.get("meta")
         return cls(
             num_layers=data["num_layers"],
-            groups=list(data["groups"]) if isinstance(data["groups"], list) else data["groups"],
-            depth={k: (list(v) if isinstance(v, list) else v) for k, v in depth.items()},
+            groups=data["groups"],
+            depth=depth,
             ranker=data.get("ranker"),
-            meta=dict(data.get("meta") or {}) if isinstance(data.get("meta", {}), dict) else data["meta"],
+            meta={} if meta is None else meta,
         )
 
     @classmethod
@@ -245,15 +309,31 @@ class Policy:
         return out
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """Serialise; write atomically to ``path`` when given. Returns the JSON text."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            path = os.fspath(path)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
+        """Serialise; write atomically to ``path`` when given (:mod:`dop.jsonio`'s writer:
+        temporary file, fsync, rename). Returns the JSON text."""
+        text = json_text(self.to_dict())
+        if path is not None:  # like open(path, "w"): a missing folder is an error, not created
+            write_text_atomic(path, text, make_folder=False)
         return text
+
+    def save_pretrained(self, model_dir: str | os.PathLike) -> str:
+        """Write the policy as ``dop_policy.json`` beside a checkpoint's ``config.json`` so it
+        travels with the checkpoint (:meth:`from_pretrained` reads it back). Returns the path."""
+        folder = os.fspath(model_dir)
+        if not os.path.isdir(folder):
+            raise PolicyError(f"checkpoint folder {folder!r}: no such folder")
+        path = os.path.join(folder, POLICY_FILE)
+        self.to_json(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Policy":
+        """The policy saved with a checkpoint (``dop_policy.json`` in ``model_dir``)."""
+        folder = os.fspath(model_dir)
+        path = os.path.join(folder, POLICY_FILE)
+        if not os.path.isfile(path):
+            raise PolicyError(f"checkpoint folder {folder!r}: no {POLICY_FILE} (save one with Policy.save_pretrained)")
+        return cls.from_json(path)
 
     # ------------------------------------------------------------------ semantics
     def kind_depths(self, kind: str) -> list[int]:
@@ -310,15 +390,11 @@ class Policy:
         merged = sorted({(a, b, depth_b) for k, v in self.depth.items() for a, depth_a in zip(v, depth[k])
                          for b, depth_b in zip(v, depth[k]) if a < b and depth_a == depth_b})
         if merged:
-            import warnings
-
             shown = ", ".join(f"{a} and {b} -> {d}" for a, b, d in merged[:6])
             warnings.warn(TransferWarning(
                 f"transfer {old} -> {num_layers} layers: distinct depths collapse ({shown}); the rescaled "
                 "policy cannot tell those groups or kinds apart"), stacklevel=2)
-        meta = dict(self.meta)
-        meta["transferred_from_layers"] = old
-        return Policy(num_layers, list(self.groups), depth, self.ranker, meta)
+        return self.replace(num_layers=num_layers, depth=depth, meta={**self.meta, "transferred_from_layers": old})
 
     def check_layers(self, num_layers: int, transfer: bool = False) -> "Policy":
         """Return a policy for a model of ``num_layers`` layers, or raise if they differ."""
@@ -330,3 +406,8 @@ class Policy:
             f"num_layers: the policy is for {self.num_layers} decoder layers but the model has "
             f"{num_layers}; pass transfer=True (CLI: `dop transfer`) to rescale its depths"
         )
+
+
+def save_policy(policy: Policy, model_dir: str | os.PathLike) -> str:
+    """``policy.save_pretrained(model_dir)``: ``dop_policy.json`` beside the checkpoint's config."""
+    return policy.save_pretrained(model_dir)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..outputs import check_output_file, output_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..baselines import METHODS
-    from ..search.cost import BUDGET_HELP, DEFAULT_CONVENTION
+    from ..baselines import METHODS  # lazy: spares numpy, torch, transformers until used
+    from ..search.cost import BUDGET_HELP, DEFAULT_CONVENTION  # lazy: spares numpy, torch, transformers until used
 
     p = subparsers.add_parser(
         "baseline",
@@ -48,8 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import baseline
-    from ..outputs import check_output_file, output_lock
+    from ..baselines import baseline  # lazy: spares numpy, torch, transformers until used
 
     if args.ratio is not None and args.method != "pdrop":
         raise ValueError("--ratio applies to pdrop only; give --tokens or --budget")

@@ -11,6 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dop.evaluate.hf import _require_datasets, export_parquet
+from dop.lmms import TASKS_DIR
+from dop.outputs import check_output_dir, output_lock
+
 DATASETS = ("shapes",)
 FORMATS = ("jsonl", "hf")
 TEMPLATE = "_default_template_shapes_yaml"
@@ -19,13 +23,12 @@ TEMPLATE = "_default_template_shapes_yaml"
 def _export(args) -> int:
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown data set {args.dataset!r}; known data sets: {', '.join(DATASETS)}")
-    from dop.demo import shapes
+    from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     if args.split not in shapes.SPLITS:
         raise ValueError(f"unknown split {args.split!r}; known splits: {', '.join(shapes.SPLITS)}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
-    from dop.outputs import check_output_dir, output_lock
 
     check_output_dir("--out", args.out, must_be_empty=True)
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -46,8 +49,7 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
     folder ``dop/lmms/tasks/shapes_test`` (whose YAML reads ``shapes_test.parquet`` beside it).
     Written to a temporary folder and renamed into place; ``out_dir`` must not exist or be
     empty. Returns ``(out_dir, parquet path)``."""
-    from dop.demo import shapes
-    from dop.evaluate.hf import _require_datasets, export_parquet
+    from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     _require_datasets()  # a clear line before any work when `datasets` is missing
     out = Path(out_dir)
@@ -60,8 +62,6 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
     try:
         export_parquet(samples, tmp / name)
         if split == "test":
-            from dop.lmms import TASKS_DIR
-
             shutil.copytree(TASKS_DIR / "shapes_test", tmp / "shapes_test",
                             ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
             # the copy names the parquet by its final absolute path: lmms-eval does not resolve

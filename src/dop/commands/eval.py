@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import platform
 import sys
 
+from ..evaluate.datasets import load_dataset
 from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
 from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
+from ..policy import Policy
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit  # noqa: E402
 
 FORMAT = "dop-eval/1"
@@ -71,22 +74,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    from dop.distributed import is_main
+    from dop.distributed import is_main  # lazy: spares torch until used
 
     if args.json and is_main():  # under torchrun rank 0 alone writes it
         check_output_file("--json", args.json)
     apply_image_limit(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
-    from dop.policy import Policy
-
     policy = Policy.from_json(args.policy) if args.policy else None
     if policy is not None:
-        from dop.rankers import resolve_ranker
+        from dop.rankers import resolve_ranker  # lazy: spares torch until used
 
         resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
-
-    from dop.evaluate.datasets import load_dataset
 
     samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
 
@@ -104,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loaded(args, policy, samples, tasks) -> int:
-    import torch
+    import torch  # lazy: spares torch until used
 
-    from dop import distributed
-    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for
-    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for  # lazy: spares torch until used
+    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate  # lazy: spares torch, transformers until used
 
     dtype = getattr(torch, args.dtype)
     device = distributed.device_for(args.device)
@@ -141,10 +140,10 @@ def _run_loaded(args, policy, samples, tasks) -> int:
 def _load_quietly(args, dtype):
     """load_model, without transformers' weight-loading bar under --no-progress (or on
     ranks other than 0)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: spares transformers until used
 
-    from dop import distributed
-    from dop.evaluate.loading import load_model
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import load_model  # lazy: spares torch until used
 
     quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
     if quiet:
@@ -182,7 +181,7 @@ def rel_avg_interval(result) -> list[float] | None:
     (``dop.evaluate.bootstrap``); None without an unpruned pass or a Rel. Avg."""
     if result.baseline is None or result.rel_avg is None:
         return None
-    from dop.evaluate.bootstrap import Bootstrap
+    from dop.evaluate.bootstrap import Bootstrap  # lazy: spares numpy until used
 
     try:
         boot = Bootstrap.from_unpruned([s.to_dict() for s in result.baseline.samples])
@@ -193,15 +192,27 @@ def rel_avg_interval(result) -> list[float] | None:
 
 def format_report(result, *, model: str, data: str, policy_file: str | None = None) -> str:
     """The table ``dop eval`` prints."""
-    base = result.baseline
-    pruned = result.policy is not None
-    ci = rel_avg_interval(result)
     lines = [f"model {model}   data {data} ({len(result.samples)} samples)"]
-    if pruned:
+    if result.policy is not None:
         ranker = result.ranker or result.policy.ranker or "default"
         shown = "(inline JSON)" if policy_file and policy_file.lstrip().startswith("{") else policy_file
         lines.append(f"policy {shown or '(given)'}   ranker {ranker}")
     lines.append("")
+    lines += _score_table(result)
+    lines.append("")
+    lines += _cost_table(result)
+    return "\n".join(lines)
+
+
+def _aligned(row: list[str], widths: list[int]) -> str:
+    """A table row: the first column left-aligned, the others right-aligned."""
+    return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+
+def _score_table(result) -> list[str]:
+    """Accuracy (and F1) per task and on average, beside the unpruned run's when there is one,
+    with Rel. Avg. and its interval."""
+    base, ci = result.baseline, rel_avg_interval(result)
     cols = ["task", "n", "accuracy", "F1"]
     if base is not None:
         cols += ["unpruned", "unpr. F1", "ratio"]
@@ -222,20 +233,16 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
         if ci is not None:
             rows.append(["  95% CI", "", f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%", "", "", "", ""])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-
-    def fmt(r):
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-
-    lines.append(fmt(cols))
-    lines.append("  ".join("-" * w for w in widths))
     n_foot = 1 + (base is not None) + (ci is not None)
-    lines += [fmt(r) for r in rows[:-n_foot]]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [fmt(r) for r in rows[len(result.tasks):]]
-    lines.append("")
+    rule = "  ".join("-" * w for w in widths)
+    return ([_aligned(cols, widths), rule] + [_aligned(r, widths) for r in rows[:-n_foot]] + [rule]
+            + [_aligned(r, widths) for r in rows[len(result.tasks):]])
 
-    # costs: pruned vs unpruned side by side when both exist
-    heads = ["cost", "pruned" if pruned else "model"] + (["unpruned", "ratio"] if base is not None else [])
+
+def _cost_table(result) -> list[str]:
+    """Costs: pruned vs unpruned side by side when both exist."""
+    base = result.baseline
+    heads = ["cost", "pruned" if result.policy is not None else "model"] + (["unpruned", "ratio"] if base is not None else [])
     cost_rows = []
 
     def add(name, a, b, f):
@@ -254,22 +261,17 @@ def format_report(result, *, model: str, data: str, policy_file: str | None = No
     add("visual tokens / image", result.num_visual_tokens, base.num_visual_tokens if base is not None else None,
         lambda x: "-" if x is None else f"{x:.1f}")
     cw = [max(len(h), *(len(r[i]) for r in cost_rows)) for i, h in enumerate(heads)]
-    lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(heads, cw))))
-    lines.append("  ".join("-" * w for w in cw))
-    for r in cost_rows:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, cw))))
-    return "\n".join(lines)
+    return [_aligned(heads, cw), "  ".join("-" * w for w in cw)] + [_aligned(r, cw) for r in cost_rows]
 
 
 def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, limit, tasks,
                      device, dtype) -> dict:
     """The ``--json`` document (schema ``dop-eval/1``, see docs/eval.md)."""
-    import platform
 
-    import torch
-    import transformers
+    import torch  # lazy: spares torch until used
+    import transformers  # lazy: spares transformers until used
 
-    import dop
+    import dop  # the package version for the report (dop.__init__ is light)
 
     doc = {
         "format": FORMAT,

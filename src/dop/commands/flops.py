@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..flops import count_flops, presets, resolve_arch
+from ..policy import Policy, PolicyError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,7 +19,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tokens only, as published token-pruning tables count them."
         ),
     )
-    from ..flops import presets
 
     p.add_argument(
         "--model", required=True, help=f"a preset ({', '.join(presets())}) or a local checkpoint folder"
@@ -55,9 +57,6 @@ def _count(arch, policy, args, conventions, count_flops):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flops import count_flops, resolve_arch
-    from ..policy import Policy, PolicyError
-
     arch = resolve_arch(args.model)
     policy = Policy.from_json(args.policy) if args.policy else None
     conventions = ("dop", "paper") if args.convention == "both" else (args.convention,)

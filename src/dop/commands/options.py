@@ -1,6 +1,7 @@
 """Options shared by the commands that load a model (`dop eval`, `dop search`)."""
 
 from __future__ import annotations
+from dop.evaluate.datasets import set_max_image_pixels
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_METAVAR = "shapes:SPLIT[:SEED]|FILE.jsonl|PARQUET|HF_FOLDER|hf:OWNER/NAME[:CONFIG]:SPLIT"
@@ -35,6 +36,5 @@ def apply_image_limit(args) -> None:
         return
     if n < 1:
         raise ValueError(f"--max-image-pixels must be a positive integer, got {n}")
-    from dop.evaluate.datasets import set_max_image_pixels
 
     set_max_image_pixels(n)

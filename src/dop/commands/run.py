@@ -9,13 +9,18 @@ results.json, every policy file). Rerun with the same --out to reuse finished st
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
+import sys
+
+from ..report.markdown import comparison_line, timing_note
+from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
 
 def register(subparsers) -> None:
+    # lazy: spares numpy, torch, transformers until used
     from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
-    from ..search.cost import BUDGET_HELP
-    from .options import COLUMNS_HELP, add_image_limit_option
+    from ..search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
 
     d = RunOptions()
     p = subparsers.add_parser(
@@ -50,8 +55,7 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..pipeline import RunOptions, run_main_job
-    from .options import apply_image_limit
+    from ..pipeline import RunOptions, run_main_job  # lazy: spares numpy, torch, transformers until used
 
     apply_image_limit(args)
 
@@ -61,8 +65,6 @@ def run(args) -> int:
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
     )
-    import datetime as _dt
-    import sys
 
     if opts.out is None:
         opts.out = f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -77,7 +79,7 @@ def run(args) -> int:
         if not os.path.isdir(os.path.join(opts.out, "stages")):
             raise
         raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
-    from ..distributed import is_main
+    from ..distributed import is_main  # lazy: spares torch until used
 
     if not is_main():
         return 0  # rank 0 prints the headline
@@ -108,7 +110,6 @@ def headline(res: dict) -> str:
                 f"{b['label']:<30} {m['method']:<22} {ff_s:>10} {100 * m['average']:6.1f} {ra_s:>19} "
                 f"{m['prefill_ms'] or 0:11.1f}"
             )
-    from ..report.markdown import comparison_line, timing_note
 
     for b in res["budgets"]:
         line = comparison_line(b)

@@ -17,12 +17,14 @@ import sys
 import time
 
 
+from ..commands.eval import _load_quietly, write_json_atomic
+from ..evaluate.datasets import load_dataset
 from ..outputs import check_output_file, output_lock, write_or_rescue
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
 
 
 def register(subparsers) -> None:
-    from dop.search.cost import BUDGET_HELP
+    from dop.search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
 
     p = subparsers.add_parser(
         "search",
@@ -81,8 +83,8 @@ def _outputs(path: str, budgets: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dop.search.cost import parse_budget
-    from dop.search.spaces import check_groups, check_kinds
+    from dop.search.cost import parse_budget  # lazy: spares numpy, torch, transformers until used
+    from dop.search.spaces import check_groups, check_kinds  # lazy: spares numpy, torch, transformers until used
 
     # ---- checks that need nothing loaded
     budgets = ([args.budget] if args.budget else []) + (
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.space == "dop" and (groups or kinds):
         raise ValueError("--groups and --kinds apply to --space multigroup only")
     outputs = _outputs(args.output, budgets)
-    from dop.distributed import is_main
+    from dop.distributed import is_main  # lazy: spares torch until used
 
     main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
     for o in outputs if main_outputs else ():
@@ -114,18 +116,17 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(flag, path)
     apply_image_limit(args)
 
-    from dop.rankers import resolve_ranker
+    from dop.rankers import resolve_ranker  # lazy: spares torch until used
 
     resolve_ranker(args.ranker)
-    from dop.evaluate.datasets import load_dataset
 
     samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
     if args.table and os.path.exists(args.table):
-        from dop.search.table import DivergenceTable
+        from dop.search.table import DivergenceTable  # lazy: spares numpy, torch, transformers until used
 
         DivergenceTable.load(args.table)  # unreadable files fail before the model loads
 
-    import torch
+    import torch  # lazy: spares torch until used
 
     threads_before = torch.get_num_threads()
     if args.threads is not None:
@@ -138,12 +139,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
-    import torch
+    import torch  # lazy: spares torch until used
 
-    from dop import distributed
-    from dop.commands.eval import _load_quietly, write_json_atomic
-    from dop.evaluate.loading import prompt_builder_for
-    from dop.search import search
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import prompt_builder_for  # lazy: spares torch until used
+    from dop.search import search  # lazy: spares numpy, torch, transformers until used
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
@@ -198,7 +198,7 @@ def format_summary(result, args, outputs, wall: float) -> str:
             "",
             f"budget {r.budget.spec} ({r.solution.convention} convention) -> {out}",
             f"  parameters: {sp.describe(r.solution.assign)}",
-            f"  policy: groups {r.policy.groups}  depth {r.policy.depth}",
+            f"  policy: groups {list(r.policy.groups)}  depth {r.policy.to_dict()['depth']}",
             f"  decoder FLOPs (dop):   {_fl(f['dop']['before'])} -> {_fl(f['dop']['after'])} ({f['dop']['fraction']:.1%})",
             f"  decoder MACs (paper):  {_fl(f['paper']['before'], True)} -> {_fl(f['paper']['after'], True)} "
             f"({f['paper']['fraction']:.1%})",

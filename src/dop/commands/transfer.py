@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from ..outputs import check_output_file, output_lock
+from ..policy import Policy, TransferWarning
 
 
 def register(subparsers) -> None:
@@ -31,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dop.policy import Policy, TransferWarning
-
     if args.num_layers < 1:
         raise ValueError(f"--num-layers must be a positive integer, got {args.num_layers}")
     if args.output:
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     with output_lock([args.output]):
         text = out.to_json(args.output)
     if args.output:
-        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.depth}; wrote {args.output}",
+        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.to_dict()['depth']}; wrote {args.output}",
               file=sys.stderr)
     else:
         sys.stdout.write(text)

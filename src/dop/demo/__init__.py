@@ -18,8 +18,8 @@ def load_demo(attn_implementation: str = "sdpa"):
             f"demo weights not found in {DEMO_DIR}; train them with "
             "`python scripts/train_demo.py` (see src/dop/demo/README.md)"
         )
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import torch  # lazy: spares torch until used
+    from transformers import AutoProcessor, LlavaForConditionalGeneration  # lazy: spares transformers until used
 
     model = LlavaForConditionalGeneration.from_pretrained(
         DEMO_DIR, dtype=torch.float32, attn_implementation=attn_implementation
@@ -30,6 +30,6 @@ def load_demo(attn_implementation: str = "sdpa"):
 
 def build_prompt(processor, question: str) -> str:
     """The prompt format the demo model was trained on (see :func:`dop.demo.model.build_prompt`)."""
-    from .model import build_prompt as _build
+    from .model import build_prompt as _build  # lazy: spares PIL, numpy until used
 
     return _build(processor, question)

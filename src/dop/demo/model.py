@@ -53,8 +53,9 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer():
+    # lazy: spares tokenizers until used
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy: spares transformers until used
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -75,7 +76,8 @@ def build_tokenizer():
 
 
 def build_processor(image_size: int = shapes.IMAGE_SIZE, patch_size: int = 8):
-    from transformers import LlavaProcessor
+    from transformers import LlavaProcessor  # lazy: spares transformers until used
+    # lazy: spares transformers until used
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     image_processor = CLIPImageProcessorPil(
@@ -109,6 +111,7 @@ class Sizes:
 def build_model(processor, sizes: Sizes = Sizes()):
     """A fresh, randomly initialised LLaVA (CLIP tower + Llama decoder) for the processor's
     vocabulary."""
+    # lazy: spares transformers until used
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer

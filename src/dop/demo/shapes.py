@@ -37,6 +37,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dop.outputs import user_dir_mode
+
 TASKS: tuple[str, ...] = ("exist", "color", "count", "position", "read")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_SEEDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -124,79 +126,102 @@ def _other_pair(rng: random.Random, avoid: set[tuple[str, str]], shapes=SHAPES) 
             return pair
 
 
+class _Cells:
+    """The free grid cells of one scene, in a random order."""
+
+    def __init__(self, rng: random.Random):
+        self.cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+        rng.shuffle(self.cells)
+
+    def take(self, pred=lambda rc: True) -> tuple[int, int]:
+        for i, rc in enumerate(self.cells):
+            if pred(rc):
+                return self.cells.pop(i)
+        raise RuntimeError("no free cell")  # cannot happen with <= 8 objects in 16 cells
+
+
+Placed = list  # (color, shape, role, cell) per object
+
+
+def _exist(rng: random.Random, cells: _Cells, placed: Placed, k: int) -> tuple[str, str]:
+    colors, shapes = tuple(COLORS), SHAPES
+    target = (rng.choice(colors), rng.choice(shapes))
+    answer = "yes" if k % 2 == 0 else "no"
+    n_other = rng.randint(2, 5)
+    if answer == "yes":
+        placed.append((*target, 1, cells.take()))
+    else:  # hard negatives: same colour other shape, same shape other colour
+        n_other += 1
+        placed.append((target[0], rng.choice([s for s in shapes if s != target[1]]), 0, cells.take()))
+        placed.append((rng.choice([c for c in colors if c != target[0]]), target[1], 0, cells.take()))
+        n_other -= 2
+    for _ in range(n_other):
+        placed.append((*_other_pair(rng, {target}), 0, cells.take()))
+    return f"Is there a {target[0]} {target[1]}?", answer
+
+
+def _color(rng: random.Random, cells: _Cells, placed: Placed, k: int) -> tuple[str, str]:
+    colors, shapes = tuple(COLORS), SHAPES
+    shape = rng.choice(shapes)
+    answer = rng.choice(colors)
+    placed.append((answer, shape, 1, cells.take()))
+    others = [s for s in shapes if s != shape]
+    for _ in range(rng.randint(2, 5)):
+        placed.append((rng.choice(colors), rng.choice(others), 0, cells.take()))
+    return f"What color is the {shape}?", answer
+
+
+def _count(rng: random.Random, cells: _Cells, placed: Placed, k: int) -> tuple[str, str]:
+    colors, shapes = tuple(COLORS), SHAPES
+    shape = rng.choice(shapes)
+    n = rng.randint(0, 4)
+    for _ in range(n):
+        placed.append((rng.choice(colors), shape, 1, cells.take()))
+    others = [s for s in shapes if s != shape]
+    for _ in range(rng.randint(max(1, 3 - n), 3)):
+        placed.append((rng.choice(colors), rng.choice(others), 0, cells.take()))
+    return f"How many {PLURALS[shape]} are there?", str(n)
+
+
+def _position(rng: random.Random, cells: _Cells, placed: Placed, k: int) -> tuple[str, str]:
+    a = (rng.choice(tuple(COLORS)), rng.choice(SHAPES))
+    b = _other_pair(rng, {a})
+    answer = rng.choice(RELATIONS)
+    r0, c0 = cells.take()
+    if answer in ("left", "right"):  # same row, different columns
+        rb, cb = cells.take(lambda rc: rc[0] == r0 and rc[1] != c0)
+        if (c0 < cb) != (answer == "left"):
+            (r0, c0), (rb, cb) = (rb, cb), (r0, c0)
+    else:  # same column, different rows; "above" means a smaller row index
+        rb, cb = cells.take(lambda rc: rc[1] == c0 and rc[0] != r0)
+        if (r0 < rb) != (answer == "above"):
+            (r0, c0), (rb, cb) = (rb, cb), (r0, c0)
+    placed.append((*a, 1, (r0, c0)))
+    placed.append((*b, 2, (rb, cb)))
+    for _ in range(rng.randint(1, 4)):
+        placed.append((*_other_pair(rng, {a, b}), 0, cells.take()))
+    return f"Where is the {a[0]} {a[1]} relative to the {b[0]} {b[1]}?", answer
+
+
+def _read(rng: random.Random, cells: _Cells, placed: Placed, k: int) -> tuple[str, str]:
+    answer = rng.choice(READ_ANSWERS)
+    for _ in range(rng.randint(2, 5)):
+        placed.append((rng.choice(tuple(COLORS)), rng.choice(SHAPES), 0, cells.take()))
+    return "What is written on the label?", answer
+
+
+_CONTENT = {"exist": _exist, "color": _color, "count": _count, "position": _position, "read": _read}
+
+
 def _compose(rng: random.Random, task: str, k: int) -> tuple[Scene, str, str]:
     """Choose the scene content, the question and the answer for one sample (`k`: index of
     the sample among those of its task, used to alternate yes/no)."""
-    colors, shapes = tuple(COLORS), SHAPES
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
-    rng.shuffle(cells)
-    placed: list[tuple[str, str, int, tuple[int, int]]] = []  # (color, shape, role, cell)
-    scene = Scene()
-
-    def take_cell(pred=lambda rc: True):
-        for i, rc in enumerate(cells):
-            if pred(rc):
-                return cells.pop(i)
-        raise RuntimeError("no free cell")  # cannot happen with <= 8 objects in 16 cells
-
-    if task == "exist":
-        target = (rng.choice(colors), rng.choice(shapes))
-        answer = "yes" if k % 2 == 0 else "no"
-        n_other = rng.randint(2, 5)
-        if answer == "yes":
-            placed.append((*target, 1, take_cell()))
-        else:  # hard negatives: same colour other shape, same shape other colour
-            n_other += 1
-            placed.append((target[0], rng.choice([s for s in shapes if s != target[1]]), 0, take_cell()))
-            placed.append((rng.choice([c for c in colors if c != target[0]]), target[1], 0, take_cell()))
-            n_other -= 2
-        for _ in range(n_other):
-            placed.append((*_other_pair(rng, {target}), 0, take_cell()))
-        question = f"Is there a {target[0]} {target[1]}?"
-    elif task == "color":
-        shape = rng.choice(shapes)
-        answer = rng.choice(colors)
-        placed.append((answer, shape, 1, take_cell()))
-        others = [s for s in shapes if s != shape]
-        for _ in range(rng.randint(2, 5)):
-            placed.append((rng.choice(colors), rng.choice(others), 0, take_cell()))
-        question = f"What color is the {shape}?"
-    elif task == "count":
-        shape = rng.choice(shapes)
-        n = rng.randint(0, 4)
-        answer = str(n)
-        for _ in range(n):
-            placed.append((rng.choice(colors), shape, 1, take_cell()))
-        others = [s for s in shapes if s != shape]
-        for _ in range(rng.randint(max(1, 3 - n), 3)):
-            placed.append((rng.choice(colors), rng.choice(others), 0, take_cell()))
-        question = f"How many {PLURALS[shape]} are there?"
-    elif task == "position":
-        a = (rng.choice(colors), rng.choice(shapes))
-        b = _other_pair(rng, {a})
-        answer = rng.choice(RELATIONS)
-        r0, c0 = take_cell()
-        if answer in ("left", "right"):  # same row, different columns
-            rb, cb = take_cell(lambda rc: rc[0] == r0 and rc[1] != c0)
-            if (c0 < cb) != (answer == "left"):
-                (r0, c0), (rb, cb) = (rb, cb), (r0, c0)
-        else:  # same column, different rows; "above" means a smaller row index
-            rb, cb = take_cell(lambda rc: rc[1] == c0 and rc[0] != r0)
-            if (r0 < rb) != (answer == "above"):
-                (r0, c0), (rb, cb) = (rb, cb), (r0, c0)
-        placed.append((*a, 1, (r0, c0)))
-        placed.append((*b, 2, (rb, cb)))
-        for _ in range(rng.randint(1, 4)):
-            placed.append((*_other_pair(rng, {a, b}), 0, take_cell()))
-        question = f"Where is the {a[0]} {a[1]} relative to the {b[0]} {b[1]}?"
-    elif task == "read":
-        answer = rng.choice(READ_ANSWERS)
-        for _ in range(rng.randint(2, 5)):
-            placed.append((rng.choice(colors), rng.choice(shapes), 0, take_cell()))
-        question = "What is written on the label?"
-    else:
+    cells = _Cells(rng)
+    placed: Placed = []
+    if task not in _CONTENT:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-
+    question, answer = _CONTENT[task](rng, cells, placed, k)
+    scene = Scene()
     scene.label = answer if task == "read" else rng.choice(READ_ANSWERS)
     for color, shape, role, (r, c) in placed:
         size = rng.randint(15, 19)
@@ -204,7 +229,7 @@ def _compose(rng: random.Random, task: str, k: int) -> tuple[Scene, str, str]:
         cy = r * CELL + CELL / 2 + rng.uniform(-2, 2)
         scene.objects.append(Obj("shape", shape, color, cx, cy, size, role))
     # the label goes in a free cell; its characters are objects of kind "char"
-    r, c = take_cell()
+    r, c = cells.take()
     scene.objects.append(Obj("label", scene.label, None, c * CELL + CELL / 2, r * CELL + CELL / 2, 22))
     return scene, question, answer
 
@@ -314,8 +339,6 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        from dop.outputs import user_dir_mode
-
         os.chmod(tmp, user_dir_mode())  # mkdtemp makes 0700; the export follows the umask like mkdir
         (tmp / "images").mkdir()
         width = max(5, len(str(max(n - 1, 0))))

@@ -39,11 +39,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("evaluate", "EvalResult"):
-        from . import runner
+        from . import runner  # lazy attribute: importing the package loads no torch
 
         return getattr(runner, name)
     if name in ("load_model", "chat_prompt", "prompt_builder_for"):
-        from . import loading
+        from . import loading  # lazy attribute: importing the package loads no torch
 
         return getattr(loading, name)
     raise AttributeError(f"module 'dop.evaluate' has no attribute {name!r}")

@@ -31,7 +31,7 @@ import io
 import os
 from typing import Any, Mapping, Sequence
 
-from .datasets import DEFAULT_TASK, DatasetError, Sample, _check_known
+from .samples import DEFAULT_TASK, DatasetError, Sample, _check_known
 
 HF_PREFIX = "hf:"
 ROLES = ("image", "question", "answers", "task", "hint", "options")
@@ -162,7 +162,7 @@ def _open_quietly(spec: str):
     files = _parquet_files(spec)
     if not files:
         raise DatasetError(f"data set file {spec!r} not found (no parquet file matches)")
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: Hugging Face data sets only
 
     try:
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -358,7 +358,7 @@ def _image_source(value: Any, bad, root: str | None) -> tuple[bytes | None, str 
 
 def _check_header(sample: Sample) -> None:
     """Read the image header only (no decoding), so that a cell that is not an image fails now."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: spares PIL until used
 
     try:
         src = io.BytesIO(sample.image_bytes) if sample.image_bytes is not None else sample.image_path

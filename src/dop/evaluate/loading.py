@@ -1,7 +1,7 @@
 """Load a model and its processor by name, and build the prompt for one image + question.
 
 ``demo`` is the bundled demo model (``dop.demo.load_demo``). Anything else is a local folder
-holding a saved checkpoint or a hub id (``owner/name``): the config's ``model_type`` picks
+holding a saved checkpoint or a hub id (``owner/name``): the config's model type picks
 the family's class through ``dop.models.model_class_for`` and the processor comes from
 ``AutoProcessor``. Weights load from safetensors only; ``trust_remote_code`` stays off
 unless asked for.
@@ -12,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-DEMO = "demo"
-# "owner/name" as the hub spells repository ids
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+from .. import demo
+from ..jsonio import write_json_atomic
+from ..models import get_adapter, model_class_for
+from ..names import DEMO, is_hub_id, looks_like_path
+
+PROMPT_MARKER = "dop_prompt.json"  # a checkpoint folder's declared prompt format (write_prompt_marker)
+PROMPT_FORMAT = "dop-prompt/1"
 # LLaVA-1.5's short-answer instruction, appended for real checkpoints unless already there
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 
@@ -48,10 +51,8 @@ def load_model(
     model is in eval mode. Unknown names raise :class:`ModelLoadError` listing what works."""
     name = str(name_or_path)
     if name == DEMO:
-        from dop.demo import load_demo
-
         with _weights_errors(name):
-            model, processor = load_demo(attn_implementation=attn_implementation)
+            model, processor = demo.load_demo(attn_implementation=attn_implementation)
         if dtype is not None and dtype != torch.float32:
             model = model.to(dtype)
         return model.eval(), processor
@@ -60,14 +61,12 @@ def load_model(
             raise ModelLoadError(f"model folder {name!r} holds no config.json; expected {_known_names()}")
     elif os.path.exists(name):
         raise ModelLoadError(f"model {name!r} is a file, not a folder; expected {_known_names()}")
-    elif not _HUB_ID.match(name):
-        if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name:
+    elif not is_hub_id(name):
+        if looks_like_path(name):
             raise ModelLoadError(f"model folder {name!r} not found; expected {_known_names()}")
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 
-    from transformers import AutoConfig, AutoProcessor
-
-    from dop.models import model_class_for
+    from transformers import AutoConfig, AutoProcessor  # lazy: spares transformers until used
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -96,7 +95,7 @@ def load_model(
 def _weights_errors(name: str):
     """A damaged weights file (truncated, not safetensors) as one :class:`ModelLoadError`
     line naming the model, instead of the safetensors library's own exception."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # spares safetensors until weights fail to load
 
     try:
         yield
@@ -125,28 +124,53 @@ def chat_prompt(processor, question: str, *, instruction: str | None = ANSWER_IN
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def write_prompt_marker(folder, prompt: str = DEMO) -> None:
+    """Mark a checkpoint folder as trained on ``prompt``'s format (``demo``: the demo's own,
+    without the short-answer instruction): ``dop_prompt.json``, written by
+    ``scripts/train_demo.py``'s export and read by :func:`prompt_format_of`."""
+
+    write_json_atomic(Path(str(folder)) / PROMPT_MARKER, {"format": PROMPT_FORMAT, "prompt": prompt})
+
+
+def prompt_format_of(path) -> str | None:
+    """The prompt format a checkpoint folder declares (``demo``), or None (the chat template).
+
+    The declaration is ``dop_prompt.json`` (:func:`write_prompt_marker`). Exports made before
+    it existed are recognised by their ``training.json``, whose ``command`` names
+    ``scripts/train_demo.py``; nothing else is read from that file."""
+    folder = Path(str(path))
+    marker = _read_json(folder / PROMPT_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == PROMPT_FORMAT:
+        prompt = marker.get("prompt")
+        return prompt if prompt == DEMO else None
+    legacy = _read_json(folder / "training.json")  # exports from before the marker
+    command = legacy.get("command", "") if isinstance(legacy, dict) else ""
+    return DEMO if isinstance(command, str) and "train_demo.py" in command else None
+
+
+def _read_json(path: Path, limit: int = 1 << 20):
+    """A small JSON file's content, or None when it is missing, too big or not JSON."""
+    try:
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def is_demo_export(path) -> bool:
     """Whether ``path`` is a folder exported by ``scripts/train_demo.py`` (a retrained demo
     model): such a model was trained on the demo's prompt, without the short-answer
     instruction real checkpoints get, and answers garbage with the other."""
-    meta = Path(str(path)) / "training.json"
-    if not meta.is_file():
-        return False
-    try:
-        command = json.loads(meta.read_text()).get("command", "")
-    except (ValueError, AttributeError):
-        return False
-    return isinstance(command, str) and "train_demo.py" in command
+    return prompt_format_of(path) == DEMO
 
 
 def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     """The prompt builder to use with the model loaded from ``name_or_path``: the demo's
-    own format for ``demo`` and for a folder exported by ``scripts/train_demo.py`` (it holds
-    that script's ``training.json``), :func:`chat_prompt` otherwise."""
+    own format for ``demo`` and for a folder that declares it (``dop_prompt.json``, written by
+    ``scripts/train_demo.py``'s export), :func:`chat_prompt` otherwise."""
     if str(name_or_path) == DEMO or is_demo_export(name_or_path):
-        from dop.demo import build_prompt
-
-        return build_prompt
+        return demo.build_prompt
     return chat_prompt
 
 
@@ -154,16 +178,14 @@ def prompt_builder_for_model(model) -> PromptBuilder:
     """The prompt builder for a loaded model: the demo's own format when the model was loaded
     from the bundled demo folder or a ``scripts/train_demo.py`` export, the chat template
     otherwise (what :func:`prompt_builder_for` picks from the name)."""
-    from dop.demo import DEMO_DIR
 
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if source and (os.path.abspath(source) == os.path.abspath(DEMO_DIR) or is_demo_export(source)):
+    if source and (os.path.abspath(source) == os.path.abspath(demo.DEMO_DIR) or is_demo_export(source)):
         return prompt_builder_for(DEMO)
     return chat_prompt
 
 
 def num_decoder_layers(model) -> int:
     """Decoder layer count of a loaded model, through its family's adapter."""
-    from dop.models import get_adapter
 
     return int(get_adapter(model).num_layers)

@@ -138,6 +138,12 @@ class TaskScore:
     f1: float | None = None
     yes_ratio: float | None = None
 
+    @classmethod
+    def from_dict(cls, task: str, d: dict) -> "TaskScore":
+        """The inverse of :meth:`to_dict` (a stored evaluation read back)."""
+        return cls(task=task, n=d["n"], accuracy=d["accuracy"], yes_no=d.get("yes_no", False),
+                   precision=d.get("precision"), recall=d.get("recall"), f1=d.get("f1"), yes_ratio=d.get("yes_ratio"))
+
     def to_dict(self) -> dict:
         out = {"n": self.n, "accuracy": self.accuracy, "yes_no": self.yes_no}
         if self.yes_no:

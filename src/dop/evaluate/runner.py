@@ -31,11 +31,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import distributed as dd
+from ..flops import CONVENTIONS, count_flops
+from ..models import get_adapter
+from ..policy import Policy
+from ..runtime import apply_policy
 from .datasets import Sample, as_sample
+from .inputs import sample_inputs
+from .loading import num_decoder_layers, prompt_builder_for_model
 from .metrics import TaskScore, average, rel_avg, score_tasks, vqa_accuracy
 
 DEFAULT_MAX_NEW_TOKENS = 10
-CONVENTIONS = ("dop", "paper")
 
 
 @dataclass
@@ -55,6 +61,13 @@ class SampleResult:
         out = dict(self.__dict__)
         out.pop("visual_counts")
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SampleResult":
+        """The inverse of :meth:`to_dict` (``visual_counts`` is not stored)."""
+        return cls(index=d["index"], task=d["task"], question=d["question"], answers=list(d["answers"]),
+                   prediction=d["prediction"], score=d["score"], num_visual_tokens=d["num_visual_tokens"],
+                   num_text_tokens=d["num_text_tokens"], prefill_ms=d.get("prefill_ms"))
 
 
 @dataclass
@@ -76,6 +89,18 @@ class EvalResult:
     rel_avg: float | None = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        """A stored evaluation (``to_dict(with_samples=True)``) read back: scores, samples and
+        costs, enough to serve as another evaluation's ``baseline``."""
+        return cls(
+            samples=[SampleResult.from_dict(s) for s in d.get("samples", [])],
+            tasks={t: TaskScore.from_dict(t, s) for t, s in d["tasks"].items()},
+            average=d["average"], prefill_ms=d.get("prefill_ms"), flops=d.get("flops"),
+            num_visual_tokens=d.get("num_visual_tokens", 0), num_text_tokens=d.get("num_text_tokens", 0),
+            ranker=d.get("ranker"), wall_s=d.get("wall_s", 0.0), rel_avg=d.get("rel_avg"),
+        )
+
     def to_dict(self, with_samples: bool = True) -> dict:
         out = {
             "policy": self.policy.to_dict() if self.policy is not None else None,
@@ -96,32 +121,7 @@ class EvalResult:
 
 
 def _decoder_layers(model) -> int:
-    from .loading import num_decoder_layers
-
     return num_decoder_layers(model)
-
-
-def _batch_inputs(processor, build_prompt, chunk, param) -> tuple[dict, list[str]]:
-    """Processor inputs of a list of samples, on the model's device and dtype. A batch of more
-    than one prompt is padded on the left, as generation wants (docs/design.md, "Batches")."""
-    images = [s.load_image() for s in chunk]
-    prompts = [build_prompt(processor, s.question) for s in chunk]
-    if len(chunk) == 1:
-        inputs = processor(images=images, text=prompts, return_tensors="pt")
-    else:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        side = getattr(tokenizer, "padding_side", "left")
-        tokenizer.padding_side = "left"
-        try:
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-    inputs = {
-        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-        if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-    }
-    return inputs, prompts
 
 
 def _row_counts(adapter, inputs: dict, rows: int) -> list[list[int]]:
@@ -155,8 +155,6 @@ def _sync(device: torch.device) -> None:
 
 class _FlopsCache:
     def __init__(self, model, policy):
-        from dop import count_flops
-
         self._count, self._model, self._policy, self._memo = count_flops, model, policy, {}
 
     def __call__(self, counts: tuple[int, ...], n_text: int) -> dict[str, dict[str, float]]:
@@ -210,8 +208,6 @@ def evaluate(
         raise ValueError("evaluate: no samples")
     if policy is not None:
         if not hasattr(policy, "check_layers"):  # a path to a policy file
-            from dop.policy import Policy
-
             policy = Policy.from_json(policy)
         policy = policy.check_layers(_decoder_layers(model))
     elif ranker is not None:
@@ -221,8 +217,6 @@ def evaluate(
             f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
         )
     if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
-        from .loading import prompt_builder_for_model
-
         build_prompt = prompt_builder_for_model(model)
     build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
 
@@ -244,77 +238,23 @@ def evaluate(
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
-    from dop import distributed as dd
-    from dop.models import get_adapter
-
-    adapter = get_adapter(model)
     tokenizer = getattr(processor, "tokenizer", processor)
-    gen_cfg = _greedy_config(model, max_new_tokens, tokenizer)
-    flops_of = _FlopsCache(model, policy)
-    param = next(model.parameters())
-    accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    step = _BatchStep(model, processor, tokenizer, _greedy_config(model, max_new_tokens, tokenizer), build_prompt,
+                      time_prefill)
     if seed is not None:
         torch.manual_seed(seed)
-
-    if policy is not None:
-        from dop import apply_policy
-        from dop.models import get_adapter
-        from dop.rankers import resolve_for_model
-
-        ctx = apply_policy(model, policy, ranker=resolve_for_model(
-            ranker if ranker is not None else policy.ranker, get_adapter(model).num_layers))
-        # the name as given (keeps options such as "random:seed=3"), else the one resolved
-        if isinstance(ranker, str):
-            ranker_name = ranker
-        elif ranker is None and policy.ranker:
-            ranker_name = policy.ranker
-        else:
-            ranker_name = getattr(ctx.ranker, "name", None)
-    else:
-        ctx, ranker_name = nullcontext(), None
-
+    ctx, ranker_name = _policy_context(model, policy, ranker)
     mine = dd.shard(len(samples))  # this rank's samples (all of them in one process)
     results: list[SampleResult] = []
     t_start = time.perf_counter()
     bar = dd.JobProgress(len(samples), desc=desc, unit="sample", disable=not progress)
-    correct = 0.0
-    extra = {"logits_to_keep": 1} if accepts_keep else {}
     with ctx, torch.inference_mode():
         for first in range(0, len(mine), batch_size):
             ids = list(mine[first:first + batch_size])
-            chunk = [samples[i] for i in ids]
-            inputs, prompts = _batch_inputs(processor, build_prompt, chunk, param)
-            input_ids = inputs["input_ids"]
-            counts = _row_counts(adapter, inputs, len(chunk))
-            for s, c, prompt in zip(chunk, counts, prompts):
-                if not c:
-                    raise ValueError(
-                        f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
-                        f"the image (got {prompt!r})"
-                    )
-            prefill_ms = None
-            if time_prefill:
-                _sync(param.device)
-                t0 = time.perf_counter()
-                model(**inputs, use_cache=True, **extra)
-                _sync(param.device)
-                prefill_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)  # per sample of the batch
-            out = model.generate(**inputs, generation_config=gen_cfg)
-            mask = inputs.get("attention_mask")
-            for row, (i, s, c) in enumerate(zip(ids, chunk, counts)):
-                new = out[row, input_ids.shape[1]:]
-                prediction = tokenizer.decode(new, skip_special_tokens=True).strip()
-                score = vqa_accuracy(prediction, s.answers)
-                correct += score
-                length = int(mask[row].sum()) if mask is not None else int(input_ids.shape[1])
-                results.append(SampleResult(
-                    index=i, task=s.task, question=s.question, answers=list(s.answers),
-                    prediction=prediction, score=score, num_visual_tokens=c[0],
-                    num_text_tokens=length - sum(c), prefill_ms=prefill_ms, visual_counts=tuple(c),
-                ))
-            bar.update(len(chunk))
+            results.extend(step(ids, [samples[i] for i in ids]))
+            bar.update(len(ids))
             if progress:
-                bar.set_postfix(acc=f"{correct / len(results):.3f}")
+                bar.set_postfix(acc=f"{sum(r.score for r in results) / len(results):.3f}")
     bar.wait(len(samples))
     bar.close()
     times = [r.prefill_ms for r in results if r.prefill_ms is not None]
@@ -322,17 +262,68 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         times = times[1:]  # the first sample (of each rank) warms up caches and kernels
     times = [t for part in dd.all_gather(times) for t in part]
     results = dd.gather_ordered({r.index: r for r in results}, len(samples))
-    wall = time.perf_counter() - t_start
+    return _summary(results, times, _FlopsCache(model, policy), policy, ranker_name, time.perf_counter() - t_start)
 
+
+def _policy_context(model, policy, ranker):
+    """The policy applied for the pass (a null context without one) and the ranker's name as
+    reported: as given (keeps options such as "random:seed=3"), else the one resolved."""
+    if policy is None:
+        return nullcontext(), None
+    spec = policy.ranker_or(ranker)  # the one rule (docs/design.md, "Policies")
+    ctx = apply_policy(model, policy, ranker=spec)
+    return ctx, spec if isinstance(spec, str) else getattr(ctx.ranker, "name", None)
+
+
+class _BatchStep:
+    """Prompts of one batch of samples -> greedy answers, scores and token counts (and the
+    prefill time per sample when asked)."""
+
+    def __init__(self, model, processor, tokenizer, gen_cfg, build_prompt, time_prefill: bool):
+        self.model, self.processor, self.tokenizer, self.gen_cfg = model, processor, tokenizer, gen_cfg
+        self.build_prompt, self.time_prefill = build_prompt, time_prefill
+        self.adapter = get_adapter(model)
+        self.param = next(model.parameters())
+        accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if accepts_keep else {}
+
+    def __call__(self, ids: list[int], chunk: list) -> list[SampleResult]:
+        inputs, prompts = sample_inputs(self.processor, self.build_prompt, chunk, self.param)
+        input_ids = inputs["input_ids"]
+        counts = _row_counts(self.adapter, inputs, len(chunk))
+        for s, c, prompt in zip(chunk, counts, prompts):
+            if not c:
+                raise ValueError(f"{s.where}: the prompt holds no visual tokens; the prompt builder must place "
+                                 f"the image (got {prompt!r})")
+        prefill_ms = self._prefill_ms(inputs, len(chunk)) if self.time_prefill else None
+        out = self.model.generate(**inputs, generation_config=self.gen_cfg)
+        mask = inputs.get("attention_mask")
+        results = []
+        for row, (i, s, c) in enumerate(zip(ids, chunk, counts)):
+            prediction = self.tokenizer.decode(out[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+            length = int(mask[row].sum()) if mask is not None else int(input_ids.shape[1])
+            results.append(SampleResult(
+                index=i, task=s.task, question=s.question, answers=list(s.answers),
+                prediction=prediction, score=vqa_accuracy(prediction, s.answers), num_visual_tokens=c[0],
+                num_text_tokens=length - sum(c), prefill_ms=prefill_ms, visual_counts=tuple(c),
+            ))
+        return results
+
+    def _prefill_ms(self, inputs: dict, rows: int) -> float:
+        """One prefill of the batch, timed, per sample of the batch."""
+        _sync(self.param.device)
+        t0 = time.perf_counter()
+        self.model(**inputs, use_cache=True, **self.extra)
+        _sync(self.param.device)
+        return (time.perf_counter() - t0) * 1000.0 / rows
+
+
+def _summary(results: list[SampleResult], times: list[float], flops_of, policy, ranker_name, wall: float) -> EvalResult:
+    """Scores per task, mean FLOPs per sample in both conventions, mean token counts."""
     tasks = score_tasks(r.to_dict() for r in results)
     per_sample = [flops_of(r.visual_counts, r.num_text_tokens) for r in results]
-    flops = {
-        conv: {
-            part: sum(f[conv][part] for f in per_sample) / len(per_sample)
-            for part in ("decoder", "total")
-        }
-        for conv in CONVENTIONS
-    }
+    flops = {conv: {part: sum(f[conv][part] for f in per_sample) / len(per_sample) for part in ("decoder", "total")}
+             for conv in CONVENTIONS}
     n = len(results)
     return EvalResult(
         samples=results,

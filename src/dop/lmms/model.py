@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,15 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 
+from dop.batching import collate, pad_token_id
+from dop.evaluate.datasets import load_dataset
+from dop.evaluate.inputs import on_model
+from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
 from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config
+from dop.models import get_adapter
+from dop.policy import Policy
+from dop.rankers import resolve_ranker
+from dop.runtime import apply_policy
 
 DEFAULT_LOG_DIR = "dop_lmms"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,20 +60,31 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def _to_device(inputs: dict, param: torch.Tensor) -> dict:
-    """Processor outputs on the model's device; floating tensors in its dtype."""
-    return {
-        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-        if isinstance(v, torch.Tensor) else v
-        for k, v in inputs.items()
-    }
-
-
 def _cut_at_stops(text: str, until) -> str:
     for stop in until or ():
         if stop:
             text = text.split(stop)[0]
     return text
+
+
+def _check_arguments(kwargs: dict, *, policy, budget, search_data, ranker, dtype) -> None:
+    """The model arguments lmms-eval passed make sense together (one-line errors)."""
+    if kwargs:
+        raise ValueError(
+            f"dop: unknown model argument(s) {', '.join(sorted(kwargs))}; known: pretrained, policy, ranker, "
+            f"budget, search_data, search_samples, space, device, dtype, attn_implementation, "
+            f"trust_remote_code, batch_size, log_dir, seed"
+        )
+    if policy and budget:
+        raise ValueError("dop: give policy= or budget= (with search_data=), not both")
+    if budget and not search_data:
+        raise ValueError("dop: budget= needs search_data= (the validation data the search runs on)")
+    if search_data and not budget:
+        raise ValueError("dop: search_data= applies only together with budget=")
+    if ranker and not (policy or budget):
+        raise ValueError("dop: ranker= applies only together with policy= or budget=")
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dop: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 class DopLMM(lmms):
@@ -93,38 +112,8 @@ class DopLMM(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        if kwargs:
-            raise ValueError(
-                f"dop: unknown model argument(s) {', '.join(sorted(kwargs))}; known: pretrained, policy, ranker, "
-                f"budget, search_data, search_samples, space, device, dtype, attn_implementation, "
-                f"trust_remote_code, batch_size, log_dir, seed"
-            )
-        if policy and budget:
-            raise ValueError("dop: give policy= or budget= (with search_data=), not both")
-        if budget and not search_data:
-            raise ValueError("dop: budget= needs search_data= (the validation data the search runs on)")
-        if search_data and not budget:
-            raise ValueError("dop: search_data= applies only together with budget=")
-        if ranker and not (policy or budget):
-            raise ValueError("dop: ranker= applies only together with policy= or budget=")
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"dop: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-        from accelerate import Accelerator
-
-        from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
-
-        accelerator = Accelerator()
-        self.accelerator = accelerator
-        # the launcher's variables: on CPU, accelerate's state stays single-process while
-        # torchrun (accelerate launch --multi_gpu) still starts several processes
-        world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
-        if world > 1:
-            local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
-            self._rank, self._world_size = int(os.environ.get("RANK", accelerator.process_index)), world
-            self._device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_arguments(kwargs, policy=policy, budget=budget, search_data=search_data, ranker=ranker, dtype=dtype)
+        self._place(device)
         self.pretrained = str(pretrained)
         self.seed = int(seed)
         self.batch_size_per_gpu = self._batch_size(batch_size)
@@ -147,23 +136,35 @@ class DopLMM(lmms):
         if budget:
             self.policy = self._searched_policy(str(budget), str(search_data), int(search_samples), str(space))
         elif policy:
-            from dop.policy import Policy
-
             self.policy = Policy.from_json(policy).check_layers(num_decoder_layers(self._model))
         if self.policy is not None:
-            from dop.rankers import resolve_ranker
-
             resolve_ranker(self.ranker or self.policy.ranker)  # unknown names fail now
         self._flops_of = _FlopsCache(self._model, self.policy)
         self.flops_path = self.log_dir / f"flops.rank{self.rank}.jsonl"
         self.flops_path.write_text("")
         what = "unpruned" if self.policy is None else (
-            f"policy groups {self.policy.groups} depth {self.policy.depth}, ranker "
+            f"policy groups {list(self.policy.groups)} depth {self.policy.to_dict()['depth']}, ranker "
             f"{self.ranker or self.policy.ranker or 'default'}")
         logger.info(f"dop: {self.pretrained} on {self._device} (rank {self.rank} of {self.world_size}), {what}; "
                     f"per-request FLOPs in {self.flops_path}")
 
     # ------------------------------------------------------------------ set-up helpers
+    def _place(self, device: str | None) -> None:
+        """This process's rank, the world size and the device, from the launcher's variables:
+        on CPU, accelerate's state stays single-process while torchrun (accelerate launch
+        --multi_gpu) still starts several processes."""
+        from accelerate import Accelerator  # optional: only under lmms-eval
+
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+        if world > 1:
+            local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+            self._rank, self._world_size = int(os.environ.get("RANK", accelerator.process_index)), world
+            self._device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     @staticmethod
     def _batch_size(value) -> int:
         text = str(value).strip().lower()
@@ -183,7 +184,6 @@ class DopLMM(lmms):
 
     def _searched_policy(self, budget: str, data: str, samples: int, space: str):
         """Search a policy on ``data`` under ``budget`` (cached in ``log_dir``)."""
-        from dop.policy import Policy
 
         ranker = self.ranker or "vispruner"
         key = {"model": self.pretrained, "budget": budget, "data": data, "samples": samples,
@@ -194,8 +194,7 @@ class DopLMM(lmms):
             if path.is_file():
                 logger.info(f"dop: using the cached policy {path} (budget {budget}, search data {data})")
                 return Policy.from_json(str(path))
-            from dop.evaluate.datasets import load_dataset
-            from dop.search import search
+            from dop.search import search  # lazy: spares numpy until used
 
             result = search(
                 self._model, self.processor, load_dataset(data, limit=samples), budget=budget, space=space,
@@ -211,7 +210,7 @@ class DopLMM(lmms):
     @contextmanager
     def _rank_zero_first(self):
         """Rank 0 runs the block first, the other ranks after it (a barrier on each side)."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch.distributed only when ranks are asked about
 
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             if self.rank != 0:
@@ -245,14 +244,13 @@ class DopLMM(lmms):
             if num_images != 1:
                 raise ValueError(f"dop: the demo model takes one image per question, got {num_images}")
             return self._build_prompt(self.processor, context)
-        from dop.evaluate.loading import chat_prompt
 
         return chat_prompt(self.processor, context, instruction=None, num_images=num_images)
 
     def _inputs(self, text: str, visuals: list) -> dict:
         images = [v.convert("RGB") for v in visuals]
         inputs = self.processor(images=images or None, text=[text], return_tensors="pt")
-        return _to_device(dict(inputs), next(self._model.parameters()))
+        return on_model(dict(inputs), next(self._model.parameters()))
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
@@ -263,12 +261,8 @@ class DopLMM(lmms):
         return visuals
 
     def _policy_context(self):
-        from contextlib import nullcontext
-
         if self.policy is None:
             return nullcontext()
-        from dop import apply_policy
-
         return apply_policy(self._model, self.policy, ranker=self.ranker)
 
     def _log_flops(self, rows: list[dict]) -> None:
@@ -277,8 +271,6 @@ class DopLMM(lmms):
                 fh.write(json.dumps(r) + "\n")
 
     def _flops_row(self, request: str, task, split, doc_id, inputs: dict) -> dict:
-        from dop.models import get_adapter
-
         input_ids = inputs["input_ids"]
         spans = get_adapter(self._model).image_spans(input_ids, inputs) if "pixel_values" in inputs else []
         counts = [span.n for span in spans]
@@ -288,7 +280,7 @@ class DopLMM(lmms):
                 "flops": self._flops_of(tuple(counts), n_text)}
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from tqdm import tqdm
+        from tqdm import tqdm  # spares tqdm until a bar is shown
 
         out: list[str] = []
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="dop generate")
@@ -306,7 +298,6 @@ class DopLMM(lmms):
         """Answers of one batch of requests: the prompts that share generation settings are
         padded on the left and generated together (the pruning runtime prunes each row on its
         own, so the answers equal batch size 1's)."""
-        from dop.batching import collate, pad_token_id
 
         texts: list[str | None] = [None] * len(batch)
         rows: list[dict | None] = [None] * len(batch)
@@ -346,7 +337,7 @@ class DopLMM(lmms):
         return cfg, until
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from tqdm import tqdm
+        from tqdm import tqdm  # spares tqdm until a bar is shown
 
         res, rows = [], []
         torch.manual_seed(self.seed)

@@ -1,7 +1,10 @@
 """Adapter registry: one file per MLLM family, keyed by `config.model_type`.
 
-Adding a family is one new file that subclasses :class:`Adapter` and decorates it with
-:func:`register_adapter`, plus its import below.
+The adapter is dop's one seam to transformers' internals (docs/design.md, "Model
+families"). Adding a family is one new file that subclasses :class:`Adapter`, overrides what
+differs from the defaults (image counts and grids, the vision tower's attention layer and
+token scores, the FLOPs layout) and decorates it with :func:`register_adapter`, plus its
+import below and its tests (tests/tiny_models.py builds each family from a config).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def _adapter_class(model_type: str) -> type[Adapter]:
         ) from None
 
 
+def adapter_class_for_config(config) -> type[Adapter]:
+    """The family's adapter class for a config; the base :class:`Adapter` (generic readings)
+    for a model type without one."""
+    return _ADAPTERS.get(getattr(config, "model_type", None), Adapter)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for a loaded model (a `*ForConditionalGeneration` or its inner model)."""
     config = getattr(model, "config", None)
@@ -44,7 +53,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def model_class_for(config) -> type:
     """The transformers class that loads a checkpoint of this config's family."""
-    import transformers
+    import transformers  # lazy: spares transformers until used
 
     cls = _adapter_class(getattr(config, "model_type", None))
     return getattr(transformers, cls.model_class_name)
@@ -52,4 +61,4 @@ def model_class_for(config) -> type:
 
 from . import internvl, llava, llava_next, qwen2_5_vl  # noqa: E402,F401  (registration)
 
-__all__ = ["Adapter", "ImageSpan", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]
+__all__ = ["Adapter", "ImageSpan", "adapter_class_for_config", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]

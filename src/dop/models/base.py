@@ -1,15 +1,24 @@
-"""What the runtime needs to know about an MLLM family, and nothing more.
+"""What dop needs to know about an MLLM family: the one seam to transformers' internals.
 
-An adapter hides where the decoder layers live, which input ids are visual, and how the
-visual tokens of a prompt split into images. Core code never hard-codes a module path.
+An adapter hides where the decoder layers live, which input ids are visual, how the visual
+tokens of a prompt split into images, which of transformers' functions the family's
+attention uses (rotary embedding, eager attention, the attention backend), the vision
+tower's pieces the rankers read (the attention layer, the score of each LLM visual token),
+and the architecture numbers the FLOPs count needs. The runtime, rankers and FLOPs code call
+these methods and never look at ``model_type``, ``sys.modules`` or private attributes.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+InputOf = Callable[[str], Any]  # a forward input by name (image_grid_thw, image_sizes), or a one-line error
 
 
 @dataclass
@@ -88,6 +97,74 @@ class Adapter:
         from the attention mask."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    # -- transformers' functions of this family -----------------------------------------
+    @staticmethod
+    def _modeling(module: nn.Module) -> ModuleType:
+        """The ``modeling_<family>`` module that defines ``module``'s class; transformers puts
+        each family's functions (rotary embedding, eager attention) there."""
+        return sys.modules[type(module).__module__]
+
+    def rotary_function(self, attn: nn.Module) -> Callable:
+        """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` used by decoder attention ``attn``."""
+        return self._modeling(attn).apply_rotary_pos_emb
+
+    def eager_attention_function(self, attn: nn.Module) -> Callable | None:
+        """The family's ``eager_attention_forward`` (None where the family has none)."""
+        return getattr(self._modeling(attn), "eager_attention_forward", None)
+
+    @staticmethod
+    def attention_implementation(attn: nn.Module) -> str:
+        """The attention backend ``attn`` runs with (``eager``, ``sdpa``, ``flash_attention_2``...),
+        read at each call: ``set_attn_implementation`` may change it while a policy is applied."""
+        return attn.config._attn_implementation
+
+    # -- the vision tower's pieces the rankers read ---------------------------------------
+    def vision_attention_layer(self) -> nn.Module:
+        """The vision-tower layer whose attention ranks the visual tokens: for CLIP-like towers
+        the layer whose output the projector reads (``vision_feature_layer``)."""
+        tower = self.vision_module()
+        return _feature_layer(self.config, getattr(tower, "vision_model", tower).encoder.layers)
+
+    def record_image_inputs(self, record: dict) -> list[Callable[[], Any]]:
+        """Hooks that store in ``record`` the image inputs :meth:`vision_token_scores` needs
+        when ``generate`` encodes the images in a forward other than the ranking one; returns
+        the functions that remove them."""
+        return []
+
+    def vision_token_scores(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict, input_of: InputOf) -> torch.Tensor:
+        """One attention score per LLM visual token (all images, in order) from the input
+        ``hidden`` (and keyword arguments) of :meth:`vision_attention_layer`: for CLIP-like
+        towers the [CLS] token's attention, heads averaged."""
+        return cls_attention_rows(self.config, layer, hidden).reshape(-1)
+
+    # -- the architecture numbers the FLOPs count needs ------------------------------------
+    @classmethod
+    def family_name(cls, config) -> str | None:
+        return getattr(config, "model_type", None)
+
+    @classmethod
+    def flops_layout(cls, config, text_hidden: int) -> dict | None:
+        """What ``dop.flops`` needs beyond the decoder, read from ``config``: ``vision`` (the
+        fields of :class:`dop.flops.VisionArch`), ``projector_dims``, ``default_visual_tokens``,
+        ``tokens_per_tile`` and ``max_tiles``; None when the config has no usable vision tower.
+        The default reads a CLIP-like tower (fixed tiles) and LLaVA's projector."""
+        vc = getattr(config, "vision_config", None)
+        vision = vit_flops_fields(vc)
+        if vision is None:
+            return None
+        layers = getattr(config, "vision_feature_layer", -2)
+        n_feat = 1 if isinstance(layers, int) else len(layers)
+        per_tile = (vision["image_size"] // vision["patch_size"]) ** 2
+        per_tile += 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+        tiles = cls.max_tiles(config, vision["image_size"])
+        return dict(vision=vision, projector_dims=(vision["hidden_size"] * n_feat, text_hidden, text_hidden),
+                    default_visual_tokens=per_tile * tiles, tokens_per_tile=per_tile, max_tiles=tiles)
+
+    @classmethod
+    def max_tiles(cls, config, image_size: int) -> int:
+        """The most vision tiles one image can take (1: a single fixed tile)."""
+        return 1
+
     def input_embeddings(self) -> nn.Module:
         """The token embedding table of the language model."""
         return self.model.get_input_embeddings()
@@ -146,6 +223,68 @@ class Adapter:
                 spans.append(ImageSpan(chunk, grids[k] if k < len(grids) else None, row=row, index=i))
                 k += 1
         return spans
+
+
+def vision_layer_index(num_layers: int, feature_layer: int) -> int:
+    """The encoder layer whose output is ``hidden_states[feature_layer]`` (transformers counts
+    the embeddings as hidden_states[0]); its attention map is ``attentions[feature_layer]``
+    for negative indices."""
+    if feature_layer < 0:
+        return num_layers + feature_layer
+    if feature_layer == 0:
+        raise ValueError("vision_feature_layer 0 is the embedding output: no attention map to rank by")
+    return feature_layer - 1
+
+
+def _feature_layer(config, layers) -> nn.Module:
+    f = getattr(config, "vision_feature_layer", -1)
+    if not isinstance(f, int):
+        raise ValueError(f"vispruner: a list vision_feature_layer ({f}) is not supported")
+    return layers[vision_layer_index(len(layers), f)]
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, S, S) attention probabilities, no mask, in float64."""
+    return torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
+
+
+def cls_attention_rows(config, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(tiles, tokens): a CLIP layer's [CLS] attention, heads averaged, recomputed from the
+    layer's input with its own norm and q/k projections, over the tokens the projector reads."""
+    attn = layer.self_attn
+    hn = layer.layer_norm1(hidden)
+    B, S, _ = hn.shape
+    q = attn.q_proj(hn).view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hn).view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
+    rows = softmax_attention(q, k, attn.scale)[:, :, 0, :].mean(1)
+    if getattr(config, "vision_feature_select_strategy", "default") == "default":
+        rows = rows[:, 1:]
+    return rows
+
+
+def _side(x) -> int:
+    if isinstance(x, (list, tuple)):
+        if len(set(x)) != 1:
+            raise ValueError(f"non-square image or patch size {x!r} is not supported")
+        return int(x[0])
+    return int(x)
+
+
+CLS_TOWERS = ("clip_vision_model", "internvl_vision")  # vision towers that prepend a [CLS] token
+
+
+def vit_flops_fields(vc) -> dict | None:
+    """The :class:`dop.flops.VisionArch` fields of a fixed-tile ViT config (CLIP, SigLIP,
+    InternViT); None when ``vc`` is not one."""
+    if vc is None or not hasattr(vc, "num_hidden_layers") or not hasattr(vc, "image_size"):
+        return None
+    vtype = getattr(vc, "model_type", "") or ""
+    return dict(
+        type="vit", num_layers=int(vc.num_hidden_layers), hidden_size=int(vc.hidden_size),
+        intermediate_size=int(vc.intermediate_size), num_heads=int(vc.num_attention_heads),
+        patch_size=_side(vc.patch_size), image_size=_side(vc.image_size),
+        in_channels=int(getattr(vc, "num_channels", 3)), cls_token=vtype in CLS_TOWERS, mlp_matrices=2, name=vtype,
+    )
 
 
 def _runs(pos: torch.Tensor) -> list[int]:

@@ -5,8 +5,12 @@ The visual tokens of one image are a base tile followed by the high-resolution t
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from . import register_adapter
-from .base import Adapter
+from .base import Adapter, cls_attention_rows
 
 
 @register_adapter
@@ -16,3 +20,47 @@ class LlavaNextAdapter(Adapter):
 
     def image_grids(self, inputs, counts):
         return [None] * len(counts)
+
+    @classmethod
+    def max_tiles(cls, config, image_size):
+        """The base tile and the most high-resolution tiles of any grid pinpoint."""
+        pins = getattr(config, "image_grid_pinpoints", None) or [[image_size, image_size]]
+        return 1 + max((h // image_size) * (w // image_size) for h, w in pins)
+
+    def record_image_inputs(self, record):
+        # generate() may encode the images before the forward that ranks, without image_sizes
+        entry = self.entry_module()
+        original = entry.get_image_features
+
+        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+        def get_image_features(*args, **kwargs):
+            record["image_sizes"] = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            return original(*args, **kwargs)
+
+        entry.get_image_features = get_image_features  # on the instance; the undo removes it
+        return [lambda: entry.__dict__.pop("get_image_features", None)]
+
+    def vision_token_scores(self, layer, hidden, kwargs, input_of):
+        """Per tile [CLS] attention, mapped through the model's own unpad/pack step; the
+        row-newline tokens have no attention and score lowest."""
+        # lazy: spares transformers until used
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.config
+        rows = cls_attention_rows(cfg, layer, hidden)
+        sizes = input_of("image_sizes")
+        tiles = [
+            image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                      patch_size=cfg.vision_config.image_size)
+            for s in sizes
+        ]
+        per_image = torch.split(rows[..., None], tiles, dim=0)
+        newline = torch.full((1,), float("nan"), dtype=rows.dtype, device=rows.device)
+        packed, _ = self.entry_module().pack_image_features(
+            list(per_image), sizes, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            image_newline=newline,
+        )
+        flat = torch.cat([p.reshape(-1) for p in packed])
+        known = ~torch.isnan(flat)
+        low = flat[known].min() if bool(known.any()) else torch.tensor(0.0, dtype=flat.dtype, device=flat.device)
+        return torch.where(known, flat, low - 1.0)

@@ -4,8 +4,10 @@ Each image contributes t*h*w / merge^2 tokens, read from `image_grid_thw`."""
 
 from __future__ import annotations
 
+import torch
+
 from . import register_adapter
-from .base import Adapter
+from .base import Adapter, softmax_attention
 
 
 @register_adapter
@@ -32,3 +34,52 @@ class Qwen25VLAdapter(Adapter):
             return [None] * len(counts)
         m = self._merge()
         return [(int(h) // m, int(w) // m) if int(t) == 1 else None for t, h, w in thw.tolist()]
+
+    @classmethod
+    def flops_layout(cls, config, text_hidden):
+        """Native-resolution ViT (windowed attention but in ``fullatt_block_indexes``), a 2x2
+        merger into ``out_hidden_size``; 1024 tokens by default."""
+        vc = config.vision_config
+        merge = int(vc.spatial_merge_size)
+        width = int(vc.hidden_size) * merge * merge
+        vision = dict(
+            type="qwen2_5_vl", num_layers=int(vc.depth), hidden_size=int(vc.hidden_size),
+            intermediate_size=int(vc.intermediate_size), num_heads=int(vc.num_heads), patch_size=int(vc.patch_size),
+            in_channels=int(getattr(vc, "in_channels", 3)), mlp_matrices=3, temporal_patch_size=int(vc.temporal_patch_size),
+            spatial_merge_size=merge, window_size=int(vc.window_size),
+            fullatt_layers=tuple(int(i) for i in vc.fullatt_block_indexes), name=getattr(vc, "model_type", "") or "",
+        )
+        return dict(vision=vision, projector_dims=(width, width, int(vc.out_hidden_size)), default_visual_tokens=1024,
+                    tokens_per_tile=None, max_tiles=1)
+
+    def vision_attention_layer(self):
+        return self.vision_module().blocks[-1]  # the final block attends over whole images
+
+    def record_image_inputs(self, record):
+        def grid(module, args, kwargs):
+            record["image_grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+        return [self.vision_module().register_forward_pre_hook(grid, with_kwargs=True).remove]
+
+    def vision_token_scores(self, block, hidden, kwargs, input_of):
+        """The mean attention each patch receives within its image (final block, heads
+        averaged), averaged over the 2x2 patches merged into one LLM token, in token order
+        (the tower runs in window order)."""
+        from transformers.vision_utils import get_vision_window_index  # lazy: spares transformers until used
+
+        tower = self.vision_module()
+        rot = self._modeling(block.attn).apply_rotary_pos_emb_vision
+        S, attn = hidden.shape[0], block.attn
+        qkv = attn.qkv(block.norm1(hidden)).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = rot(qkv[0], qkv[1], *kwargs["position_embeddings"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, hd)
+        cu = kwargs["cu_seqlens"].tolist()
+        received = torch.empty(S, dtype=torch.float64, device=hidden.device)
+        for a, b in zip(cu[:-1], cu[1:]):  # full attention within each image
+            received[a:b] = softmax_attention(q[:, a:b], k[:, a:b], attn.scaling).mean(0).mean(0)
+        merged = received.reshape(-1, tower.spatial_merge_size**2).mean(-1)  # window order
+        window_index, _ = get_vision_window_index(
+            input_of("image_grid_thw"), spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size, patch_size=tower.patch_size,
+        )
+        return merged[torch.argsort(window_index)]

@@ -79,11 +79,29 @@ class Ranker:
     def rerank(self, ctx: RankContext, state: LayerState) -> list[torch.Tensor] | None:
         return None
 
+    def standalone_policy(self, num_layers: int):
+        """A policy whose pruned forward yields this ranker's ranks when it ranks on its own
+        (outside :func:`dop.apply_policy`), or None: :meth:`rank` gives them."""
+        return None
+
     def install(self, model, adapter) -> None:
         """Called once by apply_policy (e.g. to hook the vision tower)."""
 
     def uninstall(self) -> None:
         """Undo :meth:`install`."""
+
+
+def rerank_layers(ranker) -> tuple[int, ...]:
+    """The decoder layers before which ``ranker`` re-ranks inside the LLM (sorted; empty for a
+    ranker that decides before the LLM): the one reading of ``Ranker.layers``."""
+    return tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
+
+
+def ranks_settled_at(ranker, num_layers: int) -> int:
+    """The first layer (at least 1, at most ``num_layers - 1``) from which the ranks of a
+    forward that keeps every token active no longer change: one past the last re-ranking
+    layer. The search's probe forward stops there (docs/design.md, "Search")."""
+    return min(max([0, *rerank_layers(ranker)]) + 1, num_layers - 1)
 
 
 def check_permutation(perm, n: int, what: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_ranker
+from .registry import register_ranker
 from .base import Ranker, RankContext
 
 

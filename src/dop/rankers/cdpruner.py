@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_ranker
+from .registry import register_ranker
 from .base import RankContext, Ranker
 from .common import greedy_dpp, order_desc, visual_mask
 

@@ -4,10 +4,11 @@ vision-tower hooks, greedy DPP MAP inference, and reordering among the active to
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
+from ..models.base import softmax_attention, vision_layer_index  # noqa: F401  (re-exported)
+from ..models.prefix import run_to_layers
 from .base import LayerState, RankContext
 
 
@@ -98,11 +99,6 @@ def check_layers_exist(ranker, adapter) -> None:
         raise ValueError(f"ranker {ranker.name!r} ranks at layer(s) {bad}, but the decoder has {L} layers (0..{L - 1})")
 
 
-
-class _Stop(Exception):
-    pass
-
-
 def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     """Rank with an in-LLM ranker outside of a pruned forward: run the model unpruned up to
     the input of its last re-ranking layer, then call ``rerank`` layer by layer with every
@@ -110,33 +106,15 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     re-ranking layer (FastV, DART); PyramidDrop's later stages need the pruned forward."""
     layers = ctx.adapter.decoder_layers()
     wanted = sorted(set(ranker.layers))
-    captured: dict[int, tuple] = {}
-    hooks = []
-
-    def make(idx):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            captured[idx] = (hidden, kwargs.get("position_embeddings"))
-            if idx == wanted[-1]:
-                raise _Stop()
-        return hook
-
-    for idx in wanted:
-        hooks.append(layers[idx].register_forward_pre_hook(make(idx), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            ctx.model(**ctx.inputs, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad():
+        seen, _ = run_to_layers(ctx.model, ctx.inputs, wanted, adapter=ctx.adapter)
+    captured = {i: (x.hidden, x.kwargs.get("position_embeddings")) for i, x in seen.items()}
     dev = ctx.embeddings.device if ctx.embeddings is not None else "cpu"
     ranks = [torch.arange(s.n, device=dev) for s in ctx.spans]
     active = [torch.ones(s.n, dtype=torch.bool, device=dev) for s in ctx.spans]
     for idx in wanted:
         base = layers[idx]
-        rotary = sys.modules[type(base.self_attn).__module__].apply_rotary_pos_emb
+        rotary = ctx.adapter.rotary_function(base.self_attn)
         hidden, pe = captured[idx]
         state = LayerState(idx, hidden, base, pe, rotary, active, ranks)
         with torch.no_grad():
@@ -173,22 +151,6 @@ def greedy_dpp(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> list[int]:
 
 
 # ---------------------------------------------------------------------- vision towers
-def vision_layer_index(num_layers: int, feature_layer: int) -> int:
-    """The encoder layer whose output is ``hidden_states[feature_layer]`` (transformers counts
-    the embeddings as hidden_states[0]); its attention map is ``attentions[feature_layer]``
-    for negative indices."""
-    if feature_layer < 0:
-        return num_layers + feature_layer
-    if feature_layer == 0:
-        raise ValueError("vision_feature_layer 0 is the embedding output: no attention map to rank by")
-    return feature_layer - 1
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, S, S) attention probabilities, no mask, in float64."""
-    return torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
-
-
 __all__ = [
     "check_layers_exist", "decoder_keys", "decoder_qk", "greedy_dpp", "last_token_attention", "order_desc", "present_keys",
     "rank_by_hooks", "reorder_active", "softmax_attention", "vision_layer_index", "visual_mask",

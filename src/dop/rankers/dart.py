@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from . import register_ranker
+from .registry import register_ranker
 from .base import LayerState, RankContext, Ranker
 from .common import check_layers_exist, decoder_keys, order_desc, rank_by_hooks, visual_mask
 

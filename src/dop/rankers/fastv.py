@@ -18,7 +18,7 @@ the model runs unpruned up to that layer.
 
 from __future__ import annotations
 
-from . import register_ranker
+from .registry import register_ranker
 from .base import LayerState, RankContext, Ranker
 from .common import check_layers_exist, last_token_attention, present_keys, rank_by_hooks, reorder_active
 

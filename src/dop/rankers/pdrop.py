@@ -21,7 +21,7 @@ policy, since later stages depend on the earlier drops.
 from __future__ import annotations
 
 from ..policy import Policy
-from . import register_ranker
+from .registry import register_ranker
 from .base import LayerState, RankContext, Ranker
 from .common import check_layers_exist, last_token_attention, present_keys, reorder_active
 
@@ -95,17 +95,16 @@ class PDropRanker(Ranker):
         self.bind(adapter.num_layers)
         check_layers_exist(self, adapter)
 
+    def standalone_policy(self, num_layers: int) -> Policy:
+        """PyramidDrop's ranks come from its own pruned forward (each stage re-ranks the tokens
+        the previous stages kept): ranking outside a policy runs this one
+        (:func:`dop.runtime.rank_visual_tokens`)."""
+        self.bind(num_layers)
+        return pdrop_policy(num_layers, self.layers, self.ratio)
+
     def rank(self, ctx: RankContext):
-        from ..runtime import apply_policy
-
-        policy = pdrop_policy(ctx.adapter.num_layers, self.layers, self.ratio)
-        inputs = dict(ctx.inputs)
-        inputs.pop("use_cache", None)
-        import torch
-
-        with torch.no_grad(), apply_policy(ctx.model, policy, ranker=self) as handle:
-            ctx.model(**inputs, use_cache=False)
-            return [p.clone() for p in handle.session.current.ranks]
+        raise ValueError("pdrop ranks inside its own pruned forward (standalone_policy); "
+                         "call dop.rank_visual_tokens or apply a policy")
 
     def rerank(self, ctx: RankContext, state: LayerState):
         S = state.hidden_states.shape[1]

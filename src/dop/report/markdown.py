@@ -76,11 +76,19 @@ def comparison_line(b: dict) -> str | None:
 
 
 def write_report(results: dict[str, Any], path) -> None:
+    L = _header(results)
+    for b in results["budgets"]:
+        L.extend(_budget_section(results, b))
+    L.extend(_chosen_policies(results))
+    L.extend(_tables_and_times(results))
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(L))
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    """Title, what was run, how to read the figures, the Pareto plot and the timing note."""
     o = results["options"]
-    tasks = results["tasks"]
-    L = []
-    L.append("# dop run report")
-    L.append("")
+    L = ["# dop run report", ""]
     L.append(f"Model `{o['model']}`; validation `{o['data']}` ({o['samples']} samples); test `{o['test_data']}` "
              f"({results['num_test_samples']} samples); ranker `{o['ranker']}`; search spaces "
              f"{', '.join('`' + s + '`' for s in o['spaces'])}; seed {o['seed']}. "
@@ -94,33 +102,33 @@ def write_report(results: dict[str, Any], path) -> None:
              "product of the prefill, text tokens included) and paper (multiply-adds over the visual "
              "tokens only, as the token-pruning papers count); reduction is against the unpruned decoder "
              "in the dop convention, the Pareto plot's x axis.")
-    L.append("")
-    L.append("![Pareto front](pareto.png)")
-    L.append("")
+    L += ["", "![Pareto front](pareto.png)", ""]
     note = timing_note(results.get("timing"))
     if note:
-        L.append(note)
-        L.append("")
-    for b in results["budgets"]:
-        L.append(f"## Budget: {b['label']}")
-        L.append("")
-        conv = b.get("convention", "dop")
-        same = f" ({100 * b['dop_fraction']:.1f}% in the dop convention)" if conv != "dop" and b.get("dop_fraction") else ""
-        L.append(f"At most {100 * b['fraction']:.1f}% of the unpruned decoder FLOPs in the {conv} convention{same}.")
-        L.append("")
-        L.extend(method_table([results["unpruned"], *b["methods"]], tasks, results.get("timing")))
-        L.append("")
-        line = comparison_line(b)
-        if line:
-            L.append(line)
-            L.append("")
-        for sk in results.get("skipped", []):
-            if sk["budget"] == b["spec"]:
-                L.append(f"- {sk['method']} is not in this table: {sk['reason']}")
-        if any(sk["budget"] == b["spec"] for sk in results.get("skipped", [])):
-            L.append("")
-    L.append("## Chosen DOP policies")
+        L += [note, ""]
+    return L
+
+
+def _budget_section(results: dict[str, Any], b: dict) -> list[str]:
+    """One budget: its limit, the method table, the paired comparison, the skipped methods."""
+    L = [f"## Budget: {b['label']}", ""]
+    conv = b.get("convention", "dop")
+    same = f" ({100 * b['dop_fraction']:.1f}% in the dop convention)" if conv != "dop" and b.get("dop_fraction") else ""
+    L += [f"At most {100 * b['fraction']:.1f}% of the unpruned decoder FLOPs in the {conv} convention{same}.", ""]
+    L.extend(method_table([results["unpruned"], *b["methods"]], results["tasks"], results.get("timing")))
     L.append("")
+    line = comparison_line(b)
+    if line:
+        L += [line, ""]
+    skipped = [sk for sk in results.get("skipped", []) if sk["budget"] == b["spec"]]
+    L += [f"- {sk['method']} is not in this table: {sk['reason']}" for sk in skipped]
+    if skipped:
+        L.append("")
+    return L
+
+
+def _chosen_policies(results: dict[str, Any]) -> list[str]:
+    L = ["## Chosen DOP policies", ""]
     for b in results["budgets"]:
         for m in b["methods"]:
             if m.get("kind") != "dop":
@@ -128,24 +136,20 @@ def write_report(results: dict[str, Any], path) -> None:
             L.append(f"- {b['label']}, {m['method']}: `{m['policy_file']}` ([map]({m.get('policy_map', '')})) — "
                      f"{m.get('summary', '')}")
     if results.get("policy_map"):
-        L.append("")
-        L.append(f"![Policy map]({results['policy_map']['file']})")
-        L.append("")
-        L.append(f"Policy map of {results['policy_map']['title']}.")
+        L += ["", f"![Policy map]({results['policy_map']['file']})", "",
+              f"Policy map of {results['policy_map']['title']}."]
     L.append("")
-    L.append("## Divergence table")
-    L.append("")
+    return L
+
+
+def _tables_and_times(results: dict[str, Any]) -> list[str]:
+    L = ["## Divergence table", ""]
     for space, info in results.get("tables", {}).items():
         L.append(f"- space `{space}`: {info.get('summary', '')}")
         if info.get("plot"):
             L.append(f"  ![divergence curves, {space}]({info['plot']})")
-    L.append("")
-    L.append("## Stage wall times")
-    L.append("")
-    L.append("| stage | seconds | reused |")
-    L.append("|---|---|---|")
+    L += ["", "## Stage wall times", "", "| stage | seconds | reused |", "|---|---|---|"]
     for name, secs in results["stage_times"].items():
         L.append(f"| {name} | {secs:.1f} | {'yes' if name in results.get('reused', []) else ''} |")
     L.append("")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(L))
+    return L

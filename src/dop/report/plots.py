@@ -10,10 +10,10 @@ KIND_LABELS = {"attn_q": "attention (query)", "attn_kv": "attention (key/value)"
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: spares matplotlib until used
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: spares matplotlib until used
 
     return plt
 
@@ -69,7 +69,7 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "", budgets: Seque
 
 def policy_map(policy: Policy, num_visual_tokens: int, path, *, title: str = "") -> None:
     """Layers (x) by op kind (rows): how many of an image's visual tokens each module processes."""
-    import numpy as np
+    import numpy as np  # lazy: spares numpy until used
 
     plt = _pyplot()
     L = policy.num_layers

@@ -68,7 +68,7 @@ class Stages:
     def run(self, name: str, fn: Callable[[], Any], key: Any = None) -> Any:
         """Under several ranks (dop/distributed.py) rank 0's files decide for every rank, and
         only rank 0 writes them; ``fn`` runs on every rank (it shares its work)."""
-        from .. import distributed as dd
+        from .. import distributed as dd  # lazy: spares torch until used
 
         path = self.path(name)
         saved = None

@@ -31,7 +31,7 @@ _VARLEN: dict[str, Callable[[], Callable | None]] = {}
 
 def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Callable | None = None) -> None:
     """Use ``fn`` (or what ``loader()`` returns) as the variable-length causal kernel of models
-    whose ``config._attn_implementation`` is ``impl``. Passing neither removes the entry."""
+    whose attention implementation (``Adapter.attention_implementation``) is ``impl``. Passing neither removes the entry."""
     if fn is None and loader is None:
         _VARLEN.pop(impl, None)
         return
@@ -40,7 +40,7 @@ def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Cal
 
 def _flash_attn_2():
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # optional kernel package
     except Exception:  # noqa: BLE001 - not installed or no GPU build: fall back to SDPA
         return None
     return flash_attn_varlen_func
@@ -48,7 +48,7 @@ def _flash_attn_2():
 
 def _flash_attn_3():
     try:
-        from flash_attn_interface import flash_attn_varlen_func
+        from flash_attn_interface import flash_attn_varlen_func  # optional kernel package
     except Exception:  # noqa: BLE001
         return None
     return flash_attn_varlen_func
@@ -71,14 +71,14 @@ def visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None
     return ok
 
 
-def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn,
+def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn, impl: str,
            segments=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries ``q`` (B, H, Mq, hd) over keys/values (B, Hkv, T, hd).
 
     Returns the per-slot output (B, Mq, H * hd) and a (B, Mq) bool of the slots whose output
     is meaningful (a real query that sees at least one key). ``segments``: (query, key) packed
-    sequence ids; a query sees only keys of its own sequence."""
-    impl = attn.config._attn_implementation
+    sequence ids; a query sees only keys of its own sequence. ``impl``: the attention backend
+    (the adapter's ``attention_implementation``)."""
     window = getattr(attn, "sliding_window", None)
     B, _, Mq, _ = q.shape
     q_real = q_pos >= 0

@@ -15,12 +15,10 @@ family's own ``apply_rotary_pos_emb`` on the gathered cos/sin rows.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-from .attention import attend
+from .attention import attend, visible
 from .session import ForwardState, PruneSession, RowSet
 
 
@@ -32,12 +30,11 @@ class PrunedForward:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not hasattr(attn, name):
                 raise ValueError(f"{type(attn).__name__} has no {name}; this decoder layer layout is not supported")
-        family = sys.modules[type(attn).__module__]
         self.layer = layer
         self.layer_idx = layer_idx
         self.session = session
-        self.rotary = getattr(family, "apply_rotary_pos_emb")
-        self.eager = getattr(family, "eager_attention_forward", None)
+        self.rotary = session.adapter.rotary_function(attn)
+        self.eager = session.adapter.eager_attention_function(attn)
         self.previous = layer.__dict__.get("forward")  # an instance forward already set (accelerate hooks)
         self.original = self.previous if self.previous is not None else type(layer).forward.__get__(layer)
 
@@ -103,7 +100,8 @@ class PrunedForward:
                 out, meaningful = _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq, columns, segments)
             else:
                 out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
-                                         counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments)
+                                         counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments,
+                                         impl=s.adapter.attention_implementation(attn))
             h = _add_rows(h, rq, out, meaningful, attn.o_proj)
 
         # -- MLP on its rows
@@ -111,7 +109,6 @@ class PrunedForward:
             update = layer.mlp(layer.post_attention_layernorm(_rows(h, rm)))
             h = _scatter_add(h, rm.flat, update, rm.every)
         return h
-
 
     def _compute_compiled(self, st: ForwardState, h, position_embeddings, cache):
         """A decoding step traced by torch.compile (docs/design.md, "Compile"): every new token is
@@ -132,7 +129,8 @@ class PrunedForward:
         kv_pos.index_copy_(1, cols, cols[None, :].expand(B, -1).contiguous())
         q_pos = cols[None, :].expand(B, -1)
         out, meaningful = attend(attn, q, keys, values, q_pos=q_pos, kv_pos=kv_pos, same_rows=False,
-                                 counts=None, eager_fn=self.eager)
+                                 counts=None, eager_fn=self.eager,
+                                 impl=self.session.adapter.attention_implementation(attn))
         h = h + attn.o_proj(out) * meaningful[..., None].to(h.dtype)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -143,7 +141,7 @@ def _attentions_requested(attn) -> bool:
     if not attn._forward_hooks:
         return False
     try:
-        from transformers.utils.output_capturing import _active_collector
+        from transformers.utils.output_capturing import _active_collector  # lazy: only when attentions are requested
     except ImportError:  # another transformers layout: report whenever someone listens
         return True
     collected = _active_collector.get()
@@ -162,7 +160,6 @@ def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, 
     softmax over the keys it may see; rows of skipped queries and columns of keys the layer
     does not hold are zero (docs/design.md, "Hidden states and attentions"). The output is
     computed from that very map, so gradients reach it as they reach an eager model's."""
-    from .attention import visible
 
     B, H, Mq, hd = q.shape
     rep = H // k.shape[1]

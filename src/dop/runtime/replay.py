@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from ..models import get_adapter
+from ..models.prefix import run_to_layers
 from ..policy import Policy
+from ..rankers.base import ranks_settled_at
+from . import apply_policy
 from .layer import is_patched
 from .session import ForwardState
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -64,31 +63,18 @@ def batch_last_logits(model, inputs: dict) -> torch.Tensor:
 
 def capture_prefix(model, inputs: dict) -> PrefixCache:
     """Run the unpruned model once and keep every decoder layer's input."""
-    layers = get_adapter(model).decoder_layers()
-    for layer in layers:
-        if is_patched(layer):
-            raise ValueError("capture_prefix needs the unmodified model; remove the applied policy first")
-    hidden: list = [None] * len(layers)
-    kwargs: list = [None] * len(layers)
-
-    def hook(i):
-        def pre(module, args, kw):
-            h = args[0] if args else kw["hidden_states"]
-            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
-            if len(args) > 1:
-                raise RuntimeError(f"decoder layer {i} got positional arguments past hidden_states; not supported")
-            hidden[i], kwargs[i] = h, rest
-        return pre
-
-    hooks = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        logits = batch_last_logits(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if any(h is None for h in hidden):
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers()
+    if any(is_patched(layer) for layer in layers):
+        raise ValueError("capture_prefix needs the unmodified model; remove the applied policy first")
+    seen, out = run_to_layers(model, inputs, range(len(layers)), adapter=adapter, stop=False, **_forward_kwargs(model))
+    if len(seen) != len(layers):
         raise RuntimeError("the model's forward skipped some decoder layers; cannot cache their inputs")
-    return PrefixCache(hidden, kwargs, logits, dict(inputs))
+    odd = [i for i, x in seen.items() if x.extra_args]
+    if odd:
+        raise RuntimeError(f"decoder layer {odd[0]} got positional arguments past hidden_states; not supported")
+    ordered = [seen[i] for i in range(len(layers))]
+    return PrefixCache([x.hidden for x in ordered], [x.kwargs for x in ordered], out.logits[:, -1].float(), dict(inputs))
 
 
 def capture_ranks(model, inputs: dict, ranker, groups: list[float] | None = None) -> dict[int, list[torch.Tensor]]:
@@ -98,38 +84,23 @@ def capture_ranks(model, inputs: dict, ranker, groups: list[float] | None = None
     Recorded from a real forward (the vision tower runs, so rankers that hook it see it)
     under a policy that skips only the MLP at the last layer; the forward stops as soon as the
     last re-ranking layer of the ranker has been passed. Layers past that share its ranks."""
-    from . import apply_policy
-
     adapter = get_adapter(model)
     L = adapter.num_layers
     groups = list(groups or [1.0])
-    probe = Policy(L, groups, {"mlp": [L - 1] * len(groups)}) if L > 1 else None
-    if probe is None:
+    if L <= 1:
         return {}
+    probe = Policy(L, groups, {"mlp": [L - 1] * len(groups)})
     out: dict[int, list[torch.Tensor]] = {}
     with apply_policy(model, probe, ranker=ranker) as handle:
-        last = max([0, *handle.session.rerank_layers]) + 1
-        last = min(last, L - 1)
-        layers = adapter.decoder_layers()
+        last = ranks_settled_at(handle.ranker, L)
 
-        def hook(i):
-            def pre(module, args, kw):
-                st = handle.session.current
-                if st is None or st.ranks is None:
-                    raise RuntimeError("the probe forward set no ranks (no visual tokens in the prompt?)")
-                out[i] = [r.clone() for r in st.ranks]
-                if i >= last:
-                    raise _Stop()
-            return pre
+        def record(i, _):
+            st = handle.session.current
+            if st is None or st.ranks is None:
+                raise RuntimeError("the probe forward set no ranks (no visual tokens in the prompt?)")
+            out[i] = [r.clone() for r in st.ranks]
 
-        hooks = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(1, last + 1)]
-        try:
-            model(**inputs, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
+        run_to_layers(model, inputs, range(1, last + 1), adapter=adapter, observe=record)
     for i in range(last + 1, L):
         out[i] = out[last]
     return out

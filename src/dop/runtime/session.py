@@ -23,6 +23,7 @@ import torch
 from ..models import ImageSpan
 from ..policy import OP_KINDS, Policy
 from ..rankers import LayerState, RankContext, Ranker, check_permutation, run_ranker
+from ..rankers.base import rerank_layers
 
 
 @dataclass
@@ -115,11 +116,6 @@ class ForwardState:
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "image_embeds", "mm_encoder_outputs")
 
 
-class _StopForward(Exception):
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
 class PruneSession:
     def __init__(self, model, adapter, policy: Policy, ranker: Ranker):
         self.model = model
@@ -134,7 +130,7 @@ class PruneSession:
         # layers l and l' are the same set unless some such depth d has l < d <= l'
         self._bands = {k: sorted({0, self.num_layers, *v}) for k, v in self._kind_depths.items()}
         self.unpruned = policy.is_unpruned()
-        self.rerank_layers = tuple(sorted(set(int(l) for l in getattr(ranker, "layers", ()) or ())))
+        self.rerank_layers = rerank_layers(ranker)
         if self.rerank_layers and not self.unpruned:
             first = self.rerank_layers[0]
             low = min(min(v) for v in policy_depths(policy).values())
@@ -450,39 +446,3 @@ def _patch_cache(cache, record: CacheRecord) -> None:
             setattr(cache, name, fn)
         except (AttributeError, TypeError):  # a cache class with slots: leave it
             pass
-
-
-def capture_decoder_input(model, adapter, inputs: dict) -> torch.Tensor:
-    """Run the model up to its first decoder layer and return that layer's input."""
-    layer0 = adapter.decoder_layers()[0]
-
-    def stop(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        raise _StopForward(hidden)
-
-    h = layer0.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    except _StopForward as s:
-        return s.hidden
-    finally:
-        h.remove()
-    raise RuntimeError("the model finished without reaching its first decoder layer")
-
-
-def rank_prompt(model, adapter, ranker: Ranker, inputs: dict, n_keep=None) -> list[torch.Tensor]:
-    """Rank the visual tokens of one prompt outside of a pruned forward."""
-    input_ids = inputs["input_ids"]
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"rank_visual_tokens takes one prompt (batch size 1), got {input_ids.shape[0]}")
-    spans = adapter.image_spans(input_ids, inputs)
-    if n_keep is None:
-        keeps = [s.n for s in spans]
-    elif isinstance(n_keep, int):
-        keeps = [min(n_keep, s.n) for s in spans]
-    else:
-        keeps = list(n_keep)
-    hidden = capture_decoder_input(model, adapter, inputs)
-    ctx = RankContext(model, adapter, dict(inputs), spans, hidden, keeps)
-    return run_ranker(ranker, ctx)

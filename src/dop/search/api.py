@@ -16,7 +16,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed as dd
+from ..models import get_adapter
+from ..names import loaded_model_name
 from ..policy import Policy
+from ..rankers import resolve_for_model
+from ..rankers.base import rerank_layers
+from ..runtime.replay import last_logits
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .solver import Solution, Solver
@@ -117,9 +123,6 @@ def search(
     ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
-    from .. import distributed as dd
-    from ..models import get_adapter
-    from ..rankers import resolve_for_model
 
     t0 = time.perf_counter()
     specs = ([] if budget is None else [budget]) + list(budgets or [])
@@ -128,8 +131,7 @@ def search(
     parsed = [parse_budget(b) for b in specs]
     L = get_adapter(model).num_layers
     rk = resolve_for_model(ranker, L)  # unknown names fail before any work
-    rerank = sorted(int(l) for l in (getattr(rk, "layers", ()) or ()))
-    min_depth = rerank[0] + 1 if rerank else 0
+    rerank = rerank_layers(rk)
     if not isinstance(verify_k, int) or verify_k < 0:
         raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
     samples = list(samples)
@@ -139,69 +141,77 @@ def search(
     prepared = samples if isinstance(samples[0], PreparedSample) else prepare_samples(model, processor, samples, build_prompt)
     counts, text = reference_shape(prepared)
     sp = make_space(space, L, max(counts), groups=groups, kinds=kinds, min_tokens=min_tokens,
-                    stride=stride, nv_stride=nv_stride, min_depth=min_depth)
+                    stride=stride, nv_stride=nv_stride, min_depth=rerank[0] + 1 if rerank else 0)
     costs = {c: CostModel(model, counts, text, c) for c in ("dop", "paper")}
     if convention not in costs:
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
     limits = [(b, b.convention(convention)) for b in parsed]
     for b, conv in limits:
         b.limit(costs[conv])  # token counts out of range fail before any work
-
-    key = {
-        "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
-        "ranker": _ranker_key(ranker), "samples": len(prepared), "fingerprint": samples_fingerprint(prepared),
-        **sp.key(),
-    }
-    path = table if isinstance(table, str) else None
-    tab = table if isinstance(table, DivergenceTable) else None
+    key = {"model": loaded_model_name(model) or type(model).__name__, "ranker": _ranker_key(ranker),
+           "samples": len(prepared), "fingerprint": samples_fingerprint(prepared), **sp.key()}
     t_table = time.perf_counter()
-    if tab is None or not tab.complete or dd.is_distributed():  # the ranks pool their checkpoints there
-        tab = build_table(model, prepared, sp, rk, key, table=tab, path=path, progress=progress, naive=naive,
-                          batch_size=batch_size)
-    else:
-        tab.check_key(key)
+    tab = _filled_table(model, prepared, sp, rk, key, table, progress, naive, batch_size)
     t_table = time.perf_counter() - t_table
+    info = {"model": key["model"], "ranker": key["ranker"], "samples": len(prepared), "seed": seed,
+            "space": sp.name, **(meta or {})}
     proxy = tab.proxy(sp)
+    solvers = {conv: Solver(sp, proxy, costs[conv]) for conv in dict.fromkeys(c for _, c in limits)}
+    results = [_solve_budget(b, conv, solvers[conv], costs, sp, ranker, info) for b, conv in limits]
     t_verify = 0.0
-    solvers: dict[str, Solver] = {}
-    refs = None
-    results = []
-    for b, conv in limits:
-        if conv not in solvers:
-            solvers[conv] = Solver(sp, proxy, costs[conv])
-        limit = b.limit(costs[conv])
-        note = None
-        if limit >= costs[conv].unpruned:  # nothing needs pruning: the unpruned model, said so
-            sol = Solution(sp.baseline(), 0.0, costs[conv].unpruned, limit, Policy.unpruned(L), conv)
-            note = (f"the budget allows the unpruned cost ({limit / costs[conv].unpruned:.3g} of it, {conv} "
-                    "convention); nothing is pruned")
-        else:
-            sol = solvers[conv].solve(limit, b.spec)
-        policy = sol.policy
-        policy.ranker = ranker if isinstance(ranker, str) else None
-        policy.meta = {
-            "model": key["model"], "ranker": _ranker_key(ranker), "budget": b.spec,
-            "budget_convention": conv, "samples": len(prepared), "seed": seed, "space": sp.name,
-            "params": dict(sol.assign), "predicted_divergence": sol.predicted, **(meta or {}),
-        }
-        if note:
-            policy.meta["note"] = note
-        flops = {}
-        for c, cm in costs.items():
-            before, after = cm.unpruned, cm.policy_cost(policy)
-            flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
-        res = BudgetResult(b, sol, policy, flops, note=note)
-        if verify_k:
-            tv = time.perf_counter()
-            if refs is None:
-                from ..runtime.replay import last_logits
-
-                mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
-                with torch.inference_mode():
-                    refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
-            res.verification = verify(model, prepared, refs, sp, solvers[conv], sol, verify_k, rk, seed, progress)
-            policy.meta["true_divergence"] = res.verification.chosen_true
-            t_verify += time.perf_counter() - tv
-        results.append(res)
+    if verify_k:
+        tv = time.perf_counter()
+        _verify_all(model, prepared, results, sp, solvers, verify_k, rk, seed, progress)
+        t_verify = time.perf_counter() - tv
     shape = {"visual_tokens": counts, "text_tokens": text}
     return SearchResult(results, tab, sp, time.perf_counter() - t0, shape, t_table, t_verify)
+
+
+def _filled_table(model, prepared, sp, rk, key, table, progress, naive, batch_size) -> DivergenceTable:
+    """The divergence table of ``key``: the one given if complete (its key checked), else
+    built or resumed (a path is resumed if present and checkpointed as it fills)."""
+    path = table if isinstance(table, str) else None
+    tab = table if isinstance(table, DivergenceTable) else None
+    if tab is None or not tab.complete or dd.is_distributed():  # the ranks pool their checkpoints there
+        return build_table(model, prepared, sp, rk, key, table=tab, path=path, progress=progress, naive=naive,
+                           batch_size=batch_size)
+    tab.check_key(key)
+    return tab
+
+
+def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, ranker, info: dict) -> BudgetResult:
+    """The chosen policy at one budget (the unpruned model, said so, when the budget allows
+    its cost), with its provenance and FLOPs in both conventions."""
+    cost = costs[conv]
+    limit = b.limit(cost)
+    note = None
+    if limit >= cost.unpruned:
+        sol = Solution(sp.baseline(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
+        note = (f"the budget allows the unpruned cost ({limit / cost.unpruned:.3g} of it, {conv} "
+                "convention); nothing is pruned")
+    else:
+        sol = solver.solve(limit, b.spec)
+    meta = {"model": info["model"], "ranker": info["ranker"], "budget": b.spec, "budget_convention": conv,
+            **{k: info[k] for k in ("samples", "seed", "space")},
+            "params": dict(sol.assign), "predicted_divergence": sol.predicted,
+            **{k: v for k, v in info.items() if k not in ("model", "ranker", "samples", "seed", "space")}}
+    if note:
+        meta["note"] = note
+    policy = sol.policy.replace(ranker=ranker if isinstance(ranker, str) else None, meta=meta)
+    flops = {}
+    for c, cm in costs.items():
+        before, after = cm.unpruned, cm.policy_cost(policy)
+        flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
+    return BudgetResult(b, sol, policy, flops, note=note)
+
+
+def _verify_all(model, prepared, results: list[BudgetResult], sp, solvers, verify_k, rk, seed, progress) -> None:
+    """The true divergence of each chosen policy, of ``verify_k`` random feasible ones and of
+    token pruning (on this rank's samples); recorded in each result and its policy's meta."""
+    mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
+    with torch.inference_mode():
+        refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
+    for res in results:
+        solver = solvers[res.solution.convention]
+        res.verification = verify(model, prepared, refs, sp, solver, res.solution, verify_k, rk, seed, progress)
+        res.policy = res.policy.with_meta(true_divergence=res.verification.chosen_true)

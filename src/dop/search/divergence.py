@@ -4,6 +4,7 @@ set's divergence is the mean over its samples."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -11,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate.datasets import Sample, as_sample
+from ..evaluate.inputs import prompt_shape, sample_inputs
+from ..evaluate.loading import prompt_builder_for_model
+from ..models import get_adapter
+from ..runtime import apply_policy
 from ..runtime.replay import last_logits
 
 
@@ -36,36 +41,25 @@ def prepare_samples(model, processor, samples: Sequence[Sample | dict],
     """Prompt (``build_prompt(processor, question)``, default
     :func:`dop.evaluate.loading.prompt_builder_for_model`: the demo's own format for the demo
     model, the chat template otherwise) and processor inputs of every sample."""
-    from ..models import get_adapter
 
     if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
-        from ..evaluate.loading import prompt_builder_for_model
-
         build_prompt = prompt_builder_for_model(model)
     adapter = get_adapter(model)
     param = next(model.parameters())
     out = []
     for i, s in enumerate(samples):
         s = as_sample(s, i)
-        prompt = build_prompt(processor, s.question)
-        inputs = processor(images=[s.load_image()], text=[prompt], return_tensors="pt")
-        inputs = {
-            k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-            if isinstance(v, torch.Tensor) else v
-            for k, v in inputs.items()
-        }
-        ids = inputs["input_ids"]
-        counts = [sp.n for sp in adapter.image_spans(ids, inputs)]
+        inputs, (prompt,) = sample_inputs(processor, build_prompt, [s], param)
+        counts, text = prompt_shape(adapter, inputs)
         if not counts:
             raise ValueError(f"{s.where or f'sample #{i}'}: the prompt holds no visual tokens (prompt {prompt!r})")
-        out.append(PreparedSample(inputs, counts, int(ids.shape[1]) - sum(counts), s.where))
+        out.append(PreparedSample(inputs, counts, text, s.where))
     return out
 
 
 def reference_shape(prepared: Sequence[PreparedSample]) -> tuple[list[int], int]:
     """The prompt shape the search prices policies at: the most common per-image visual
     counts and the mean text length (rounded)."""
-    from collections import Counter
 
     counts = Counter(tuple(p.visual_counts) for p in prepared).most_common(1)[0][0]
     text = int(round(sum(p.text_tokens for p in prepared) / len(prepared)))
@@ -77,7 +71,6 @@ def true_divergence(model, prepared: Sequence[PreparedSample], refs: Sequence[to
                     policy, ranker) -> tuple[float, list[float]]:
     """Mean (and per-sample) KL of the full pruned forward under ``policy`` against ``refs``
     (the unpruned last-position logits)."""
-    from ..runtime import apply_policy
 
     per = []
     with apply_policy(model, policy, ranker=ranker):

@@ -100,67 +100,52 @@ class Solver:
 
     # ------------------------------------------------------------------ multigroup
     def _prepare_multigroup(self):
-        sp, c, L = self.space, self.cost, self.space.num_layers
-        G, kinds = len(sp.fractions), sp.kinds
-        sizes = c.group_sizes(sp.policy(sp.baseline()))
+        sp = self.space
+        sizes = self.cost.group_sizes(sp.policy(sp.baseline()))
         s_min, S = (sizes[0], sizes[1:]) if sp.min_tokens > 0 else (0, sizes)
         self._S = S
         # attention bits: (kind, group)
+        G, kinds = len(sp.fractions), sp.kinds
         if "attn" in kinds:
-            bits = [("attn", g) for g in range(G)]
+            self._bits = [("attn", g) for g in range(G)]
         else:
-            bits = [(k, g) for k in ("attn_q", "attn_kv") if k in kinds for g in range(G)]
-        self._bits = bits
-        nb = len(bits)
-        def rows(mask: int, kind: str) -> int:
-            """Visual rows op ``kind`` processes at a layer where the bits of ``mask`` are active."""
-            v = s_min
-            for g in range(G):
-                if "attn" in kinds:
-                    on = mask >> bits.index(("attn", g)) & 1
-                elif kind in kinds:
-                    on = mask >> bits.index((kind, g)) & 1
-                else:
-                    on = 1  # kind not searched: never skipped
-                v += S[g] * on
-            return v
+            self._bits = [(k, g) for k in ("attn_q", "attn_kv") if k in kinds for g in range(G)]
+        self._attention_front(s_min, S)
+        self._mlp_front(s_min, S)
 
-        A = np.array([c.attn(rows(m, "attn_q"), rows(m, "attn_kv")) for m in range(1 << nb)], dtype=np.int64)
+    def _visual_rows(self, mask: int, kind: str, s_min: int, S) -> int:
+        """Visual rows op ``kind`` processes at a layer where the bits of ``mask`` are active."""
+        kinds, bits = self.space.kinds, self._bits
+        v = s_min
+        for g in range(len(S)):
+            if "attn" in kinds:
+                on = mask >> bits.index(("attn", g)) & 1
+            elif kind in kinds:
+                on = mask >> bits.index((kind, g)) & 1
+            else:
+                on = 1  # kind not searched: never skipped
+            v += S[g] * on
+        return v
+
+    def _attention_front(self, s_min: int, S) -> None:
+        """Pareto fronts of the attention bits layer by layer (dynamic programming over the set
+        of still-active bits), with back pointers; then the front over all end states."""
+        c, L, bits = self.cost, self.space.num_layers, self._bits
+        nb = len(bits)
+        A = np.array([c.attn(self._visual_rows(m, "attn_q", s_min, S), self._visual_rows(m, "attn_kv", s_min, S))
+                      for m in range(1 << nb)], dtype=np.int64)
         # proxy of stopping bit b at layer l (inf where l is not a candidate depth)
         T = np.full((nb, L), np.inf)
         for b, (k, g) in enumerate(bits):
             for v, x in self.proxy[f"{k}[{g}]"].items():
                 if v < L:
                     T[b, v] = x
-        full = (1 << nb) - 1
         subs = {m: [s for s in range(m + 1) if s & m == s] for m in range(1 << nb)}
-        fronts = {full: (np.zeros(1, np.int64), np.zeros(1))}
+        fronts = {(1 << nb) - 1: (np.zeros(1, np.int64), np.zeros(1))}
         history = []
         for l in range(L):
-            incoming: dict[int, list] = {}
-            for mask, (fc, fo) in fronts.items():
-                for sub in subs[mask]:
-                    d = 0.0
-                    for b in range(nb):
-                        if sub >> b & 1:
-                            d += T[b, l]
-                    if d == np.inf:
-                        continue
-                    nm = mask & ~sub
-                    incoming.setdefault(nm, []).append((fc + A[nm], fo + d, mask, sub))
-            new, back = {}, {}
-            for nm, parts in incoming.items():
-                cost = np.concatenate([p[0] for p in parts])
-                obj = np.concatenate([p[1] for p in parts])
-                pm = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
-                ps = np.concatenate([np.full(len(p[0]), p[3]) for p in parts])
-                pi = np.concatenate([np.arange(len(p[0])) for p in parts])
-                keep = _pareto(cost, obj)
-                new[nm] = (cost[keep], obj[keep])
-                back[nm] = (pm[keep], ps[keep], pi[keep])
-            fronts = new
+            fronts, back = _advance(fronts, subs, T[:, l], A, nb)
             history.append(back)
-        # final attention front over all end states
         cost = np.concatenate([f[0] for f in fronts.values()])
         obj = np.concatenate([f[1] for f in fronts.values()])
         em = np.concatenate([np.full(len(f[0]), m) for m, f in fronts.items()])
@@ -168,26 +153,27 @@ class Solver:
         keep = _pareto(cost, obj)
         self._ac, self._ao, self._aend = cost[keep], obj[keep], (em[keep], ei[keep])
         self._history = history
-        # MLP: additive knapsack over groups, exact Pareto front with back pointers
-        if "mlp" in kinds:
-            slope = c.mlp_slope
-            mc, mo = np.array([L * c.mlp(s_min)], np.int64), np.zeros(1)
-            mback = []
-            for g in range(G):
-                vals = sorted(self.proxy[f"mlp[{g}]"])
-                parts_c = [mc + S[g] * v * slope for v in vals]
-                parts_o = [mo + self.proxy[f"mlp[{g}]"][v] for v in vals]
-                cost = np.concatenate(parts_c)
-                obj = np.concatenate(parts_o)
-                pv = np.concatenate([np.full(len(mc), v) for v in vals])
-                pi = np.concatenate([np.arange(len(mc)) for _ in vals])
-                keep = _pareto(cost, obj)
-                mc, mo = cost[keep], obj[keep]
-                mback.append((pv[keep], pi[keep]))
-            self._mc, self._mo, self._mback = mc, mo, mback
-        else:
+
+    def _mlp_front(self, s_min: int, S) -> None:
+        """MLP: additive knapsack over groups, exact Pareto front with back pointers."""
+        c, L = self.cost, self.space.num_layers
+        if "mlp" not in self.space.kinds:
             self._mc = np.array([L * c.mlp(s_min + sum(S))], np.int64)
             self._mo, self._mback = np.zeros(1), []
+            return
+        slope = c.mlp_slope
+        mc, mo = np.array([L * c.mlp(s_min)], np.int64), np.zeros(1)
+        mback = []
+        for g in range(len(S)):
+            vals = sorted(self.proxy[f"mlp[{g}]"])
+            cost = np.concatenate([mc + S[g] * v * slope for v in vals])
+            obj = np.concatenate([mo + self.proxy[f"mlp[{g}]"][v] for v in vals])
+            pv = np.concatenate([np.full(len(mc), v) for v in vals])
+            pi = np.concatenate([np.arange(len(mc)) for _ in vals])
+            keep = _pareto(cost, obj)
+            mc, mo = cost[keep], obj[keep]
+            mback.append((pv[keep], pi[keep]))
+        self._mc, self._mo, self._mback = mc, mo, mback
 
     def _solve_multigroup(self, limit: int):
         j = np.searchsorted(self._mc, limit - self._ac, side="right") - 1
@@ -245,3 +231,31 @@ class Solver:
 
     def proxy_of(self, assign: dict[str, int]) -> float:
         return float(sum(self.proxy[k][v] for k, v in assign.items()))
+
+
+def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dict]:
+    """One layer of the attention dynamic programme: every active set ``mask`` may stop any
+    subset of its bits here (at proxy ``stop_cost[b]`` each); the layer then costs
+    ``A[new mask]``. Returns the Pareto front per new mask and its back pointers."""
+    incoming: dict[int, list] = {}
+    for mask, (fc, fo) in fronts.items():
+        for sub in subs[mask]:
+            d = 0.0
+            for b in range(nb):
+                if sub >> b & 1:
+                    d += stop_cost[b]
+            if d == np.inf:
+                continue
+            nm = mask & ~sub
+            incoming.setdefault(nm, []).append((fc + A[nm], fo + d, mask, sub))
+    new, back = {}, {}
+    for nm, parts in incoming.items():
+        cost = np.concatenate([p[0] for p in parts])
+        obj = np.concatenate([p[1] for p in parts])
+        pm = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
+        ps = np.concatenate([np.full(len(p[0]), p[3]) for p in parts])
+        pi = np.concatenate([np.arange(len(p[0])) for p in parts])
+        keep = _pareto(cost, obj)
+        new[nm] = (cost[keep], obj[keep])
+        back[nm] = (pm[keep], ps[keep], pi[keep])
+    return new, back

@@ -26,8 +26,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed as dd
 from ..batching import collate, pad_token_id
 from ..jsonio import write_json_atomic
+from ..models import get_adapter
+from ..rankers import resolve_ranker
+from ..rankers.base import ranks_settled_at
+from ..runtime import apply_policy
+from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
 from .divergence import PreparedSample, kl_divergence
 from .spaces import Space
 
@@ -222,7 +228,6 @@ def build_table(
     Under a process group of several ranks (:mod:`dop.distributed`) each rank fills the rows
     of its share of the samples and the rows are gathered on every rank (see
     :func:`_build_sharded`)."""
-    from .. import distributed as dd
 
     n = len(prepared)
     if table is None and path and os.path.exists(path):
@@ -254,8 +259,7 @@ def layer_evals_per_sample(space: Space, ranker=None) -> tuple[int, int]:
 
 def _probe_layers(L: int, ranker) -> int:
     """Layers run once per sample to capture the ranking (up to the ranker's last re-ranking layer)."""
-    ranker_layers = getattr(_resolved(ranker), "layers", ()) or ()
-    return min(max([0, *ranker_layers]) + 1, L - 1)
+    return ranks_settled_at(_resolved(ranker), L)
 
 
 def rank_path(path: str, rank: int) -> str:
@@ -275,7 +279,6 @@ def _build_sharded(model, prepared, space, ranker, key, base, path, naive, progr
     table file and the rank files are removed. Per-sample values do not depend on which
     rank computed them, so the table equals one process's; layer evaluations add up over
     the ranks (each counts what its own file records), wall time is the slowest rank's."""
-    from .. import distributed as dd
 
     n = len(prepared)
     own_path = rank_path(path, dd.rank()) if path else None
@@ -336,9 +339,6 @@ def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, chec
           close: bool = True, batch_size: int = 1) -> None:
     """Compute the missing entries of samples ``indices`` into ``table``, saving it to
     ``path`` every ``checkpoint_s`` seconds and at the end (also on error)."""
-    from ..models import get_adapter
-    from ..runtime import apply_policy
-    from ..runtime.replay import batch_last_logits, capture_prefix, capture_ranks, replay_from
 
     adapter = get_adapter(model)
     L = adapter.num_layers
@@ -401,6 +401,4 @@ def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, chec
 
 
 def _resolved(ranker):
-    from ..rankers import resolve_ranker
-
     return resolve_ranker(ranker)

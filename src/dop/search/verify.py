@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .. import distributed as dd
 from ..policy import Policy
 from .divergence import PreparedSample, true_divergence
 from .solver import Solution, Solver
@@ -106,7 +107,6 @@ def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, pol
     """:func:`true_divergence` with the samples shared among the ranks (:mod:`dop.distributed`):
     each rank runs its share (``refs`` may hold None elsewhere), the per-sample values are
     gathered in sample order, so the mean is one process's."""
-    from .. import distributed as dd
 
     mine = dd.shard(len(prepared))
     per = []
@@ -118,9 +118,7 @@ def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, pol
 
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
            k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
-    from tqdm.auto import tqdm
-
-    from .. import distributed as dd
+    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
     cost = solver.cost
     assigns = random_feasible(space, solver, solution.limit, k, seed)
@@ -151,7 +149,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # spares scipy until verification reports
 
     if len(rows) < 3:
         return None, None
