@@ -29,12 +29,7 @@ SAMPLES = 5
 TIMING = {"created", "wall_s", "prefill_ms", "stage_times", "finished", "timing", "prefill_cv", "prefill_noisy"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

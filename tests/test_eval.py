@@ -39,13 +39,7 @@ ROWS = [
 EXIST_ACC, COLOR_ACC = 2 / 3, 0.45
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny model is faster on one thread, and the machine is shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ UNWRITABLE = "/proc" if os.path.isdir("/proc/self") else None  # procfs: no user
 needs_unwritable = pytest.mark.skipif(UNWRITABLE is None, reason="no unwritable folder on this system")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

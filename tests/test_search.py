@@ -27,13 +27,7 @@ from tiny_models import FAMILIES, build_inputs, build_model, make_config
 L = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: much faster than two on a shared 2-core machine for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _prepared(model, family, n=3):
