@@ -196,8 +196,6 @@ def test_inputs_embeds_are_pruned_like_input_ids(fam):
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     by_embeds = dict(inputs, inputs_embeds=embeds)
     del by_embeds["input_ids"]
-    if fam == "qwen2_5_vl":
-        pytest.skip("Qwen2.5-VL derives its 3-D positions from input_ids; covered by the error test below")
     L = get_adapter(model).num_layers
     with dop.apply_policy(model, _pol(L), ranker="random"):
         a = model(**inputs).logits

@@ -174,3 +174,27 @@ def user_file_mode() -> int:
 def user_dir_mode() -> int:
     """The mode a new folder gets under this process's umask (0o755 under umask 022)."""
     return 0o777 & ~_umask()
+
+
+@contextlib.contextmanager
+def folder_written_whole(out_dir: str | os.PathLike) -> Iterator:
+    """Yield a temporary folder beside ``out_dir`` (mode from the user's umask); when the block
+    ends, rename it to ``out_dir``, so a folder is never seen half-written; on an error, remove
+    it. ``out_dir`` must not exist or be an empty folder (ValueError otherwise)."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, user_dir_mode())  # mkdtemp makes 0700; outputs follow the umask like mkdir
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

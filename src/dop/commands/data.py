@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from dop.evaluate.hf import _require_datasets, export_parquet
@@ -52,15 +51,12 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
     from dop.demo import shapes  # lazy: spares PIL, numpy until used
 
     _require_datasets()  # a clear line before any work when `datasets` is missing
+    from dop.outputs import folder_written_whole
+
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; choose another --out")
-    samples = shapes.make_samples(split, n, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     name = f"shapes_{split}.parquet"
-    try:
-        export_parquet(samples, tmp / name)
+    with folder_written_whole(out) as tmp:  # refuses a non-empty out_dir before any work
+        export_parquet(shapes.make_samples(split, n, seed), tmp / name)
         if split == "test":
             shutil.copytree(TASKS_DIR / "shapes_test", tmp / "shapes_test",
                             ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
@@ -71,12 +67,6 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
             if f"test: {name}\n" not in text:
                 raise RuntimeError(f"{template}: no 'test: {name}' line to point at the data")
             template.write_text(text.replace(f"test: {name}\n", f"test: {json.dumps(str(out.resolve() / name))}\n"))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, out / name
 
 

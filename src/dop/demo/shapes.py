@@ -24,10 +24,7 @@ only on (split, seed, i), so a longer list extends a shorter one.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import islice
@@ -37,7 +34,6 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dop.outputs import user_dir_mode
 
 TASKS: tuple[str, ...] = ("exist", "color", "count", "position", "read")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -332,14 +328,11 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
     ``answers``, ``task``) and ``out_dir/images/*.png``. Everything is written to a temporary
     folder beside ``out_dir`` and renamed into place, so nothing is ever half-written.
     ``out_dir`` must not exist or be empty."""
+    from dop.outputs import folder_written_whole
+
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; choose another --out")
-    samples = make_samples(split, n, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, user_dir_mode())  # mkdtemp makes 0700; the export follows the umask like mkdir
+    with folder_written_whole(out) as tmp:  # refuses a non-empty out_dir before any work
+        samples = make_samples(split, n, seed)
         (tmp / "images").mkdir()
         width = max(5, len(str(max(n - 1, 0))))
         with open(tmp / "data.jsonl", "w", encoding="utf-8") as f:
@@ -348,10 +341,4 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
                 s["image"].save(tmp / rel)
                 row = {"image": rel, "question": s["question"], "answers": s["answers"], "task": s["task"]}
                 f.write(json.dumps(row) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
