@@ -1,4 +1,4 @@
-"""Tiny random models of the four supported families, built from configs (no downloads),
+"""Tiny random models of the supported families, built from configs (no downloads),
 with ready-made inputs (text + one or more images). Used across the test-suite."""
 
 from __future__ import annotations
@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "internvl", "llava_onevision")
 VOCAB = 128
 IMAGE_TOKEN = 100
+# LLaVA-OneVision: up to 2x2 tiles of 32 px; "anyres_max_2" shrinks a grid above ~2 tiles' worth
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+ONEVISION_SIZES = ([48, 64], [64, 32])  # unpadded and shrunk (44 tokens); a 2x1 grid (56 tokens)
 
 
 def _llama_text(**kw):
@@ -72,6 +75,20 @@ def make_config(family: str, attn: str = "sdpa", num_layers: int = 4):
             image_token_id=IMAGE_TOKEN, image_seq_length=16, downsample_ratio=0.5,
             tie_word_embeddings=False,
         )
+    elif family == "llava_onevision":
+        cfg = T.LlavaOnevisionConfig(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False,
+            ),
+            text_config=dict(
+                model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, tie_word_embeddings=False,
+            ),
+            image_token_index=IMAGE_TOKEN, video_token_index=IMAGE_TOKEN + 1,
+            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_2",
+        )
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -85,6 +102,7 @@ MODEL_CLASSES = {
     "llava_next": T.LlavaNextForConditionalGeneration,
     "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
     "internvl": T.InternVLForConditionalGeneration,
+    "llava_onevision": T.LlavaOnevisionForConditionalGeneration,
 }
 
 
@@ -121,6 +139,10 @@ def _image_inputs(family: str, gen: torch.Generator, image_index: int):
         }, n_patches // 4
     if family == "internvl":
         return {"pixel_values": torch.randn(1, 3, 32, 32, generator=gen)}, 16
+    if family == "llava_onevision":
+        # 5 tiles, padded as the processor pads to the most tiles any pinpoint takes
+        size = ONEVISION_SIZES[image_index % 2]
+        return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=gen), "image_sizes": torch.tensor([size])}, None
     raise ValueError(family)
 
 
@@ -131,9 +153,9 @@ def _cat(parts: list[dict]) -> dict:
     return out
 
 
-def count_llava_next_tokens(model, pixel_values, image_sizes) -> int:
+def count_llava_next_tokens(model, pixel_values, image_sizes, **kw) -> int:
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **kw)
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     return sum(f.shape[0] for f in feats)
 
@@ -159,7 +181,7 @@ def build_inputs(model, family: str, num_images: int = 1, text_len: int = 6, see
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     if parts:
         px = _cat(parts)
-        if family == "llava_next":
+        if family in ("llava_next", "llava_onevision"):
             px["image_sizes"] = torch.cat([p["image_sizes"] for p in parts])
         inputs.update(px)
     return inputs, counts
@@ -185,7 +207,7 @@ def collate(prompts: list[dict], side: str = "left") -> dict:
             ids.append(torch.cat([p["input_ids"], pad], 1))
             mask.append(torch.cat([p["attention_mask"], zeros], 1))
     batch = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
-    keys = [k for k in ("pixel_values", "image_sizes", "image_grid_thw") if any(k in p for p in prompts)]
+    keys = [k for k in ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images") if any(k in p for p in prompts)]
     for k in keys:
         batch[k] = torch.cat([p[k] for p in prompts if k in p])
     return batch

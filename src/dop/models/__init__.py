@@ -59,6 +59,6 @@ def model_class_for(config) -> type:
     return getattr(transformers, cls.model_class_name)
 
 
-from . import internvl, llava, llava_next, qwen2_5_vl  # noqa: E402,F401  (registration)
+from . import internvl, llava, llava_next, llava_onevision, qwen2_5_vl  # noqa: E402,F401  (registration)
 
 __all__ = ["Adapter", "ImageSpan", "adapter_class_for_config", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]

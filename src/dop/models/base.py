@@ -248,15 +248,21 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
     return torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
 
 
-def cls_attention_rows(config, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """(tiles, tokens): a CLIP layer's [CLS] attention, heads averaged, recomputed from the
-    layer's input with its own norm and q/k projections, over the tokens the projector reads."""
+def vit_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(tiles, H, S, S): the attention probabilities of a CLIP or SigLIP encoder layer,
+    recomputed from the layer's input with its own norm and q/k projections."""
     attn = layer.self_attn
     hn = layer.layer_norm1(hidden)
     B, S, _ = hn.shape
     q = attn.q_proj(hn).view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(hn).view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
-    rows = softmax_attention(q, k, attn.scale)[:, :, 0, :].mean(1)
+    return softmax_attention(q, k, attn.scale)
+
+
+def cls_attention_rows(config, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(tiles, tokens): a CLIP layer's [CLS] attention, heads averaged, over the tokens the
+    projector reads."""
+    rows = vit_attention(layer, hidden)[:, :, 0, :].mean(1)
     if getattr(config, "vision_feature_select_strategy", "default") == "default":
         rows = rows[:, 1:]
     return rows
