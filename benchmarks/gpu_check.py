@@ -4,7 +4,7 @@ transformers installed; nothing is downloaded. Under 8 minutes on one GPU.
     python benchmarks/gpu_check.py [--json gpu_check.json]
     python benchmarks/gpu_check.py --device cpu --smoke      # the same code, tiny widths, on CPU
 
-1. Exactness: the four tiny families (tests/tiny_models.py), three fixed policies each, pruned
+1. Exactness: the tiny families (tests/tiny_models.py), three fixed policies each, pruned
    prefill logits against the masked reference (tests/reference.py) computed in float64 on
    the same device. The tolerance of a dtype is derived from the unpruned model's own error in
    that dtype against float64 on the same inputs: 4x that error plus a floor of 1 ulp of the

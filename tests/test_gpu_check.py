@@ -32,8 +32,8 @@ def test_smoke_runs_every_part(gpu_check, tmp_path, capsys):
     assert rc == 0, printed
     assert res["ok"]
     rows = res["exactness"]
-    assert {r["family"] for r in rows} == {"llava", "llava_next", "qwen2_5_vl", "internvl"}
-    assert len(rows) == 4 * len(gpu_check.TINY_POLICIES)
+    assert {r["family"] for r in rows} == {"llava", "llava_next", "qwen2_5_vl", "internvl", "llava_onevision"}
+    assert len(rows) == 5 * len(gpu_check.TINY_POLICIES)
     for r in rows:
         assert (r["backend"], r["dtype"]) == ("sdpa", "float32") and r["ok"] and r["tokens_equal"] is True
         assert r["pruned_error"] <= r["tolerance"] < r["moved"]

@@ -197,8 +197,8 @@ def test_vispruner_scores_are_cls_attention(tiny):
         return
     f = model.config.vision_feature_layer
     att = _eager_vision_attentions(model, inputs)[f].double()  # (tiles, H, S, S)
-    if fam in ("llava", "llava_next"):
-        cls = att[:, :, 0, 1:].mean(1)
+    if fam in ("llava", "llava_next", "llava_onevision"):
+        cls = att.mean(1).mean(1) if fam == "llava_onevision" else att[:, :, 0, 1:].mean(1)  # SigLIP: no [CLS]
         tiles = cls.shape[0] // len(counts)
         for i, sc in enumerate(scores):
             ref = cls[i * tiles]  # the base tile (LLaVA: the only one)
