@@ -199,23 +199,7 @@ def evaluate(
     random rankers); None leaves the generator alone. ``batch_size`` prompts run together
     (padded on the left); the predictions equal batch size 1's.
     """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
-    samples = [as_sample(s, i) for i, s in enumerate(samples)]
-    if not samples:
-        raise ValueError("evaluate: no samples")
-    if policy is not None:
-        if not hasattr(policy, "check_layers"):  # a path to a policy file
-            policy = Policy.from_json(policy)
-        policy = policy.check_layers(_decoder_layers(model))
-    elif ranker is not None:
-        raise ValueError("a ranker only applies together with a policy")
-    if baseline is not None and len(baseline.samples) != len(samples):
-        raise ValueError(
-            f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
-        )
+    samples, policy = _checked_arguments(model, samples, policy, ranker, baseline, max_new_tokens, batch_size)
     if build_prompt is None:  # the demo model gets its own prompt format, others the chat template
         build_prompt = prompt_builder_for_model(model)
     build_prompt(processor, samples[0].question)  # a processor without a chat template fails here
@@ -234,6 +218,30 @@ def evaluate(
             result.baseline = baseline
             result.rel_avg = rel_avg(result.tasks, baseline.tasks)
     return result
+
+
+def _checked_arguments(model, samples, policy, ranker, baseline, max_new_tokens, batch_size) -> tuple[list, Any]:
+    """:func:`evaluate`'s samples and policy (read from its file when a path), checked before
+    any work: one-line errors for bad counts, a policy for another layer count, a ranker
+    without a policy and a baseline over other samples."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    samples = [as_sample(s, i) for i, s in enumerate(samples)]
+    if not samples:
+        raise ValueError("evaluate: no samples")
+    if policy is not None:
+        if not hasattr(policy, "check_layers"):  # a path to a policy file
+            policy = Policy.from_json(policy)
+        policy = policy.check_layers(_decoder_layers(model))
+    elif ranker is not None:
+        raise ValueError("a ranker only applies together with a policy")
+    if baseline is not None and len(baseline.samples) != len(samples):
+        raise ValueError(
+            f"baseline covers {len(baseline.samples)} samples but {len(samples)} are evaluated"
+        )
+    return samples, policy
 
 
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
