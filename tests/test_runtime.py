@@ -25,6 +25,24 @@ def random_policy(rng: random.Random, L: int, kinds=None) -> dict:
             "depth": {k: [rng.randint(0, L) for _ in groups] for k in kinds}}
 
 
+SKIP_CASES = ("attn", "attn_q", "attn_kv", "mlp", "shortv", "gsop")
+
+
+def random_skip_policy(rng: random.Random, L: int, case: str) -> dict:
+    """A policy with per-layer skips (docs/design.md, "Per-layer skips"): one op kind alone with
+    holes; ShortV-like (attn_q and mlp skipped at chosen layers, attn_kv kept, one group); or
+    GSOP-like (holes per group and kind, the shallow ranks kept densest)."""
+    if case == "shortv":
+        layers = sorted(rng.sample(range(L), rng.randint(1, L - 1)))
+        return {"format": "dop-policy/2", "num_layers": L, "groups": [1.0], "depth": {},
+                "skip": {"attn_q": [layers], "mlp": [layers]}}
+    pd = random_policy(rng, L, (case,) if case != "gsop" else ("attn_q", "attn_kv", "mlp"))
+    pd["depth"] = {k: [max(d, L - 1) if g == 0 else d for g, d in enumerate(ds)] for k, ds in pd["depth"].items()}
+    holes = {k: [sorted(rng.sample(range(d), rng.randint(g == 0, max(d - 1, 0)))) for g, d in enumerate(ds)]
+             for k, ds in pd["depth"].items()}
+    return dict(pd, format="dop-policy/2", skip=holes)
+
+
 def _double(inputs):
     return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
 
@@ -42,6 +60,21 @@ def _perms(counts, seed):
     return [torch.randperm(n, generator=g).tolist() for n in counts]
 
 
+def _against_reference(model, inputs, counts, pd: dict, perms) -> tuple[float, torch.Tensor]:
+    """Prefill logits of the runtime vs the masked reference (largest difference, returned with
+    the reference logits); greedy decoding must match token for token."""
+    adapter = get_adapter(model)
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        ref = model(**inputs, use_cache=False).logits
+        ref_tokens = reference_greedy(model, inputs, 5)
+    with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
+    assert gen == ref_tokens, f"policy {pd}: greedy {gen} != reference {ref_tokens}"
+    return (out - ref).abs().max().item(), ref
+
+
 @torch.no_grad()
 def test_pruned_equals_masked_reference(setup64):
     """Prefill logits to 1e-6 and greedy decoding token for token, random policies of every op kind."""
@@ -52,21 +85,28 @@ def test_pruned_equals_masked_reference(setup64):
     worst, moved = 0.0, 0.0
     for trial, kinds in enumerate(KIND_SETS):
         pd = random_policy(rng, adapter.num_layers, kinds)
-        perms = _perms(counts, trial)
-        with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
-                              adapter.image_token_id, pd, counts, perms):
-            ref = model(**inputs, use_cache=False).logits
-            ref_tokens = reference_greedy(model, inputs, 5)
-        with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
-            out = model(**inputs).logits
-            gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
-        diff = (out - ref).abs().max().item()
+        diff, ref = _against_reference(model, inputs, counts, pd, _perms(counts, trial))
         worst = max(worst, diff)
         moved = max(moved, (ref - vanilla).abs().max().item())
         assert diff < 1e-6, f"{fam} policy {pd}: max |logit diff| {diff:.3g}"
-        assert gen == ref_tokens, f"{fam} policy {pd}: greedy {gen} != reference {ref_tokens}"
     assert moved > 1e-2, "the reference policies should change the logits, else the check is empty"
     print(f"{fam}: largest logit difference vs reference {worst:.3g} (policies move logits by up to {moved:.3g})")
+
+
+@pytest.mark.parametrize("case", SKIP_CASES)
+@torch.no_grad()
+def test_per_layer_skips_equal_masked_reference(setup64, case):
+    """Policies that skip ops at chosen layers (format 2) against the masked reference, as above."""
+    fam, model, inputs, counts = setup64
+    L = get_adapter(model).num_layers
+    rng = random.Random(f"{fam}-{case}")
+    vanilla = model(**inputs).logits
+    for trial in range(2):
+        pd = random_skip_policy(rng, L, case)
+        assert dop.Policy.from_dict(pd).skip, f"the {case} policy should keep some skip: {pd}"
+        diff, ref = _against_reference(model, inputs, counts, pd, _perms(counts, trial))
+        assert diff < 1e-6, f"{fam} {case} policy {pd}: max |logit diff| {diff:.3g}"
+        assert (ref - vanilla).abs().max().item() > 1e-3, f"{case} policy {pd} should move the logits"
 
 
 @torch.no_grad()
@@ -115,14 +155,16 @@ def test_kv_cache_holds_only_computed_entries(fam):
     L = get_adapter(model).num_layers
     n_img = sum(counts)
     S = inputs["input_ids"].shape[1]
-    pol = dop.Policy(L, [0.25, 0.5, 1.0], {"attn_kv": [L, 2, 0], "attn_q": [1, 1, 1], "mlp": [L, 3, 1]})
-    with dop.apply_policy(model, pol, ranker="spatial"):
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
-    for layer in range(L):
-        kept = sum(pol.tokens_processed("attn_kv", layer, n) for n in counts)
-        expected = S - n_img + kept + 2  # the last generated token is not fed back yet
-        assert cache.layers[layer].keys.shape[-2] == expected, f"layer {layer}"
+    depth_only = dop.Policy(L, [0.25, 0.5, 1.0], {"attn_kv": [L, 2, 0], "attn_q": [1, 1, 1], "mlp": [L, 3, 1]})
+    # a skipped attn_kv layer holds no entry for the token, below its depth too
+    for pol in (depth_only, depth_only.with_skip(attn_kv=[[1, 3], [0], []])):
+        with dop.apply_policy(model, pol, ranker="spatial"):
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        for layer in range(L):
+            kept = sum(pol.tokens_processed("attn_kv", layer, n) for n in counts)
+            expected = S - n_img + kept + 2  # the last generated token is not fed back yet
+            assert cache.layers[layer].keys.shape[-2] == expected, f"{pol}: layer {layer}"
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -212,3 +254,27 @@ def test_images_are_ranked_and_grouped_on_their_own(fam):
         model(**inputs)
     assert seen["counts"] == counts
     assert seen["keep"] == [int(0.25 * n + 1e-9) for n in counts]
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_replay_from_a_layer_below_every_skip(fam):
+    """Early start (dop.runtime.replay) under per-layer skips: a policy whose first skip is at or
+    past ``start`` replays to the full forward's logits; one that skips below it is refused."""
+    from dop.runtime.replay import capture_prefix, capture_ranks, last_logits, replay_from
+
+    model = build_model(fam).double()
+    inputs, _ = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    groups = [0.5, 1.0]
+    pol = dop.Policy(L, groups, {"attn_q": [L, 3]}, skip={"mlp": [[2], [2, 3]], "attn_kv": [[3], [2]]})
+    prefix = capture_prefix(model, inputs)
+    ranks = capture_ranks(model, inputs, "random:seed=3", groups)
+    with dop.apply_policy(model, pol, ranker="random:seed=3") as handle:
+        full = last_logits(model, inputs)
+        fast = replay_from(handle, prefix, ranks, start=2)[0]
+        assert (fast - full).abs().max().item() < 1e-6
+        assert (full - prefix.logits[0]).abs().max().item() > 1e-3
+        with pytest.raises(ValueError, match="skips an op from layer 2, below start=3"):
+            replay_from(handle, prefix, ranks, start=3)
