@@ -1,7 +1,9 @@
 """Operation-pruning policy: schema, validation, JSON I/O, transfer (docs/design.md, "Policies").
 
 A policy gives, per op kind and rank group, a *depth*: the number of leading decoder
-layers that perform that operation for the visual tokens of that group.
+layers that perform that operation for the visual tokens of that group, and optionally
+(format 2, docs/design.md, "Per-layer skips") the layers below that depth where the
+operation is skipped all the same.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 
 from .jsonio import json_text, write_text_atomic
 
-FORMAT = "dop-policy/1"
+FORMAT = "dop-policy/1"  # depth only; what every policy without skips writes, byte for byte
+FORMAT_SKIP = "dop-policy/2"  # depth plus per-layer skips (docs/design.md, "Per-layer skips")
+FORMATS = (FORMAT, FORMAT_SKIP)
 POLICY_FILE = "dop_policy.json"  # beside a checkpoint's config.json (Policy.save_pretrained)
 OP_KINDS = ("attn_q", "attn_kv", "mlp")
 KEYS = ("attn", "attn_q", "attn_kv", "mlp")
@@ -50,6 +54,15 @@ def transfer_depth(d: int, old: int, new: int) -> int:
     if d <= 0:
         return 0
     return max(1, min(new, (2 * d * new + old) // (2 * old)))  # floor(d * new / old + 1/2), exact
+
+
+def transfer_layer(j: int, old: int, new: int) -> int:
+    """The layer of an ``old``-layer model that layer ``j`` of a ``new``-layer model stands for:
+    the one holding the midpoint ``(j + 1/2) * old / new`` (a midpoint on a boundary goes to the
+    lower layer). A skip of the source at layer ``l`` becomes a skip at every new layer standing
+    for ``l``; with this rule the layers below a depth ``d`` stand for exactly the new layers
+    below :func:`transfer_depth` ``(d)`` (docs/design.md, "Per-layer skips")."""
+    return max(0, ((2 * j + 1) * old + 2 * new - 1) // (2 * new) - 1)
 
 
 def _is_int(x: Any) -> bool:
@@ -123,6 +136,65 @@ def _checked_depth(depth: Any, n_groups: int, num_layers: int) -> Mapping[str, t
     return MappingProxyType(out)
 
 
+def _effective_depth(depth: Mapping[str, tuple[int, ...]], kind: str, g: int, num_layers: int) -> int:
+    """The depth below which a skip of ``kind`` (``attn`` included) for group ``g`` changes anything."""
+    if kind == "attn":
+        return max(_effective_depth(depth, k, g, num_layers) for k in ("attn_q", "attn_kv"))
+    if kind in depth:
+        return depth[kind][g]
+    if kind in ("attn_q", "attn_kv") and "attn" in depth:
+        return depth["attn"][g]
+    return num_layers
+
+
+def _checked_layers(layers: Any, where: str, num_layers: int) -> list[int]:
+    if not isinstance(layers, (list, tuple)):
+        raise PolicyError(f"{where}: must be a list of layer indices, got {layers!r}")
+    if len(layers) > num_layers:
+        raise PolicyError(f"{where}: lists {len(layers)} layers, more than num_layers={num_layers}")
+    for i, l in enumerate(layers):
+        if not _is_int(l):
+            raise PolicyError(f"{where}[{i}]: must be an integer, got {l!r}")
+        if not (0 <= l < num_layers):
+            raise PolicyError(f"{where}[{i}]: must lie in [0, num_layers={num_layers}), got {l}")
+    if len(set(layers)) != len(layers):
+        dup = sorted({l for l in layers if layers.count(l) > 1})
+        raise PolicyError(f"{where}: layer(s) {dup} listed twice")
+    return [int(l) for l in layers]
+
+
+def _checked_skip(skip: Any, depth: Mapping[str, tuple[int, ...]], n_groups: int,
+                  num_layers: int) -> Mapping[str, tuple[tuple[int, ...], ...]]:
+    """Validate ``skip`` and return its canonical form (docs/design.md, "Per-layer skips"):
+    sorted layers, entries at or beyond the kind's depth dropped, kinds left empty dropped."""
+    if skip is None:
+        skip = {}
+    if not isinstance(skip, Mapping):
+        raise PolicyError(f"skip: must be an object mapping op kinds to lists, got {skip!r}")
+    for k in skip:
+        if k not in KEYS:
+            raise PolicyError(f"skip: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
+    if "attn" in skip and ("attn_q" in skip or "attn_kv" in skip):
+        raise PolicyError("skip: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+    out = {}
+    for k in KEYS:
+        if k not in skip:
+            continue
+        per_group = skip[k]
+        if not isinstance(per_group, (list, tuple)):
+            raise PolicyError(f"skip.{k}: must be a list with one list of layers per group, got {per_group!r}")
+        if len(per_group) != n_groups:
+            raise PolicyError(f"skip.{k}: needs one list of layers per group ({n_groups}), got {len(per_group)}")
+        kept = []
+        for g, layers in enumerate(per_group):
+            checked = _checked_layers(layers, f"skip.{k}[{g}]", num_layers)
+            below = _effective_depth(depth, k, g, num_layers)
+            kept.append(tuple(sorted(l for l in checked if l < below)))
+        if any(kept):
+            out[k] = tuple(kept)
+    return MappingProxyType(out)
+
+
 def _frozen_meta(meta: Any) -> Any:
     return MappingProxyType(dict(meta)) if isinstance(meta, Mapping) else meta
 
@@ -143,7 +215,8 @@ class Policy:
     groups: tuple[float, ...] = (1.0,)
     depth: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     ranker: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] | None = field(default_factory=dict)
+    skip: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -155,8 +228,11 @@ class Policy:
             raise PolicyError(f"num_layers: must be a positive integer (at most {MAX_LAYERS}), got {self.num_layers!r}")
         object.__setattr__(self, "groups", _checked_groups(self.groups))
         object.__setattr__(self, "depth", _checked_depth(self.depth, len(self.groups), self.num_layers))
+        object.__setattr__(self, "skip", _checked_skip(self.skip, self.depth, len(self.groups), self.num_layers))
         if self.ranker is not None and not isinstance(self.ranker, str):
             raise PolicyError(f"ranker: must be a string naming a ranker, got {self.ranker!r}")
+        if self.meta is None:
+            object.__setattr__(self, "meta", {})
         if not isinstance(self.meta, Mapping):
             raise PolicyError(f"meta: must be an object, got {self.meta!r}")
         object.__setattr__(self, "meta", _frozen_meta(self.meta))
@@ -167,14 +243,16 @@ class Policy:
 
     # ------------------------------------------------------------------ value semantics
     def __hash__(self) -> int:
-        return hash((self.num_layers, self.groups, tuple(sorted(self.depth.items())), self.ranker))
+        return hash((self.num_layers, self.groups, tuple(sorted(self.depth.items())),
+                     tuple(sorted(self.skip.items())), self.ranker))
 
     def __reduce__(self):  # read-only mappings do not pickle; the JSON form does
         return (Policy.from_dict, (self.to_dict(),))
 
     def __repr__(self) -> str:
+        skip = f", skip={dict(self.skip)}" if self.skip else ""
         return (f"Policy(num_layers={self.num_layers}, groups={self.groups}, depth={dict(self.depth)}, "
-                f"ranker={self.ranker!r}, meta={dict(self.meta)})")
+                f"ranker={self.ranker!r}, meta={dict(self.meta)}{skip})")
 
     def replace(self, **changes: Any) -> "Policy":
         """A new policy with ``changes`` (field=value) applied, validated like any other."""
@@ -186,6 +264,13 @@ class Policy:
         new = dict(self.depth if depth is None else depth)
         new.update(kinds)
         return self.replace(depth=new)
+
+    def with_skip(self, skip: Mapping[str, Any] | None = None, /, **kinds: Any) -> "Policy":
+        """A new policy whose per-layer skips are ``skip`` (all kinds, when given) updated by
+        ``kinds``: ``p.with_skip(mlp=[[3, 5], []])`` skips group 0's MLP at layers 3 and 5."""
+        new = dict(self.skip if skip is None else skip)
+        new.update(kinds)
+        return self.replace(skip=new)
 
     def with_meta(self, **entries: Any) -> "Policy":
         """A new policy whose ``meta`` holds ``entries`` on top of the current ones."""
@@ -232,18 +317,23 @@ class Policy:
             raise PolicyError(f"policy: must be a JSON object, got {type(data).__name__}")
         fmt = data.get("format")
         if fmt is None:
-            raise PolicyError(f"format: missing; expected {FORMAT!r}")
-        if fmt != FORMAT:
-            raise PolicyError(f"format: unknown format {fmt!r}; expected {FORMAT!r}")
+            raise PolicyError(f"format: missing; expected {FORMAT!r} or {FORMAT_SKIP!r}")
+        if fmt not in FORMATS:
+            raise PolicyError(f"format: unknown format {fmt!r}; expected {FORMAT!r} or {FORMAT_SKIP!r}")
+        if "skip" in data and fmt == FORMAT:
+            raise PolicyError(f"skip: per-layer skips need \"format\": {FORMAT_SKIP!r}, the file says {fmt!r}")
         for req in ("num_layers", "groups"):
             if req not in data:
                 raise PolicyError(f"{req}: missing (required)")
-        unknown = set(data) - {"format", "num_layers", "groups", "depth", "ranker", "meta"}
+        unknown = set(data) - {"format", "num_layers", "groups", "depth", "skip", "ranker", "meta"}
         if unknown:
             raise PolicyError(f"policy: unknown field(s) {', '.join(sorted(unknown))}")
         depth = data.get("depth", {})
         if not isinstance(depth, dict):
             raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {depth!r}")
+        skip = data.get("skip", {})
+        if not isinstance(skip, dict):
+            raise PolicyError(f"skip: must be an object mapping op kinds to lists, got {skip!r}")
         meta = data.get("meta")
         return cls(
             num_layers=data["num_layers"],
@@ -251,6 +341,7 @@ class Policy:
             depth=depth,
             ranker=data.get("ranker"),
             meta={} if meta is None else meta,
+            skip=skip,
         )
 
     @classmethod
@@ -298,11 +389,13 @@ class Policy:
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT_SKIP if self.skip else FORMAT,
             "num_layers": self.num_layers,
             "groups": list(self.groups),
             "depth": {k: list(v) for k, v in self.depth.items()},
         }
+        if self.skip:
+            out["skip"] = {k: [list(ls) for ls in v] for k, v in self.skip.items()}
         if self.ranker is not None:
             out["ranker"] = self.ranker
         out["meta"] = dict(self.meta)
@@ -363,21 +456,44 @@ class Policy:
                 out[r] = g
         return out
 
+    def kind_skip(self, kind: str) -> list[tuple[int, ...]]:
+        """Per group, the sorted layers below its depth where primitive op ``kind`` is skipped
+        all the same (docs/design.md, "Per-layer skips"); empty tuples for a depth-only policy."""
+        if kind not in OP_KINDS:
+            raise ValueError(f"unknown primitive op kind {kind!r}; expected one of {OP_KINDS}")
+        ds = self.kind_depths(kind)
+        per_group = self.skip.get(kind, self.skip.get("attn") if kind != "mlp" else None)
+        if per_group is None:
+            return [()] * len(self.groups)
+        return [tuple(l for l in ls if l < d) for ls, d in zip(per_group, ds)]
+
+    def processed(self, kind: str, group: int, layer: int) -> bool:
+        """Whether primitive op ``kind`` processes the visual tokens of ``group`` at ``layer``:
+        ``layer < depth[kind][group]`` and ``layer`` is not in ``skip[kind][group]``."""
+        if not 0 <= group < len(self.groups):
+            raise ValueError(f"group {group} out of range: the policy has {len(self.groups)} groups")
+        return layer < self.kind_depths(kind)[group] and layer not in self.kind_skip(kind)[group]
+
     def tokens_processed(self, kind: str, layer: int, n: int) -> int:
         """How many of an image's ``n`` visual tokens op ``kind`` processes at ``layer``."""
-        ds = self.kind_depths(kind)
-        return sum(e - s for (s, e), d in zip(self.group_bounds(n), ds) if layer < d)
+        ds, skips = self.kind_depths(kind), self.kind_skip(kind)
+        return sum(e - s for (s, e), d, sk in zip(self.group_bounds(n), ds, skips) if layer < d and layer not in sk)
 
     def is_unpruned(self) -> bool:
-        return all(d == self.num_layers for k in OP_KINDS for d in self.kind_depths(k))
+        return not self.skip and all(d == self.num_layers for k in OP_KINDS for d in self.kind_depths(k))
 
     def max_active_depth(self) -> int:
-        """The lowest layer from which some visual op is skipped (num_layers if none)."""
-        return min(min(self.kind_depths(k)) for k in OP_KINDS)
+        """The lowest layer at which some visual op is skipped (num_layers if none): below it,
+        every visual token is processed by every op."""
+        first_skip = [ls[0] for k in OP_KINDS for ls in self.kind_skip(k) if ls]
+        return min([min(self.kind_depths(k)) for k in OP_KINDS] + first_skip)
 
     def n_keep(self, n: int) -> int:
-        """Visual tokens (of ``n``) that any op of the policy processes at layer 0."""
-        return max(self.tokens_processed(k, 0, n) for k in OP_KINDS)
+        """The budget a ranker selects for: the most visual tokens (of ``n``) that one op kind
+        processes at some layer (for a depth-only policy: at layer 0)."""
+        bounds = self.group_bounds(n)
+        return max(sum(e - s for (s, e), d, sk in zip(bounds, self.kind_depths(k), self.kind_skip(k)) if d > len(sk))
+                   for k in OP_KINDS)
 
     def transfer(self, num_layers: int) -> "Policy":
         """Rescale depths to a model with ``num_layers`` layers (rule: :func:`transfer_depth`).
@@ -394,7 +510,22 @@ class Policy:
             warnings.warn(TransferWarning(
                 f"transfer {old} -> {num_layers} layers: distinct depths collapse ({shown}); the rescaled "
                 "policy cannot tell those groups or kinds apart"), stacklevel=2)
-        return self.replace(num_layers=num_layers, depth=depth, meta={**self.meta, "transferred_from_layers": old})
+        skip = self._transferred_skip(num_layers)
+        return self.replace(num_layers=num_layers, depth=depth, skip=skip,
+                            meta={**self.meta, "transferred_from_layers": old})
+
+    def _transferred_skip(self, num_layers: int) -> dict[str, list[list[int]]]:
+        """The skips on a ``num_layers``-layer model (rule: :func:`transfer_layer`); warns when
+        every skip of some kind and group falls between the new layers' midpoints."""
+        old = self.num_layers
+        source = [transfer_layer(j, old, num_layers) for j in range(num_layers)]
+        skip = {k: [[j for j, l in enumerate(source) if l in set(ls)] for ls in v] for k, v in self.skip.items()}
+        lost = [f"{k}[{g}]" for k, v in self.skip.items() for g, ls in enumerate(v) if ls and not skip[k][g]]
+        if lost:
+            warnings.warn(TransferWarning(
+                f"transfer {old} -> {num_layers} layers: every skipped layer of skip.{', skip.'.join(lost)} "
+                "falls between the new layers; the rescaled policy performs those operations"), stacklevel=3)
+        return skip
 
     def check_layers(self, num_layers: int, transfer: bool = False) -> "Policy":
         """Return a policy for a model of ``num_layers`` layers, or raise if they differ."""
