@@ -16,13 +16,15 @@ from typing import Callable, Sequence
 import torch
 
 from ... import distributed as dd
+from ...batching import collate, pad_token_id
 from ...models import get_adapter
 from ...names import loaded_model_name
 from ...policy import Policy
 from ...rankers import resolve_for_model
-from ...runtime.replay import last_logits
+from ...runtime import apply_policy
+from ...runtime.replay import batch_last_logits, last_logits
 from ..cost import Budget, CostModel, parse_budget
-from ..divergence import PreparedSample, prepare_samples, reference_shape
+from ..divergence import PreparedSample, kl_divergence, prepare_samples, reference_shape
 from ..verify import sharded_true_divergence
 
 CONVENTIONS = ("dop", "paper")
@@ -135,24 +137,53 @@ def resolve_ranker_for(model, ranker):
 
 class KLMeter:
     """Mean first-token KL of policies on the samples against the unpruned model's logits
-    (:func:`dop.search.verify.sharded_true_divergence`: each rank runs its share), counting
-    the decoder-layer evaluations spent."""
+    (one prompt per forward: :func:`dop.search.verify.sharded_true_divergence`; with
+    ``batch_size`` > 1, that many prompts per forward, padded on the left as the divergence
+    table batches them), each rank running its share of the samples (:mod:`dop.distributed`);
+    counts the decoder-layer evaluations spent."""
 
-    def __init__(self, model, prepared: Sequence[PreparedSample], ranker):
+    def __init__(self, model, prepared: Sequence[PreparedSample], ranker, batch_size: int = 1):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.prepared, self.ranker = model, list(prepared), ranker
         self.num_layers = get_adapter(model).num_layers
-        mine = set(dd.shard(len(self.prepared)))
+        self.mine = dd.shard(len(self.prepared))
         with torch.inference_mode():
-            self.refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(self.prepared)]
+            self.refs = [last_logits(model, s.inputs) if i in self.mine else None for i, s in enumerate(self.prepared)]
+        self.batches = [] if batch_size == 1 else [
+            (chunk, _batched(model, [self.prepared[i].inputs for i in chunk]))
+            for chunk in (self.mine[j:j + batch_size] for j in range(0, len(self.mine), batch_size))]
         self.layer_evals = self.naive_layer_evals = self.num_layers * len(self.prepared)
         self.evaluations = 0
 
     def __call__(self, policy: Policy) -> float:
-        mean, _ = sharded_true_divergence(self.model, self.prepared, self.refs, policy, self.ranker)
+        if self.batches:
+            per = self._batched_kl(policy)
+        else:
+            _, per = sharded_true_divergence(self.model, self.prepared, self.refs, policy, self.ranker)
         self.layer_evals += self.num_layers * len(self.prepared)
         self.naive_layer_evals += self.num_layers * len(self.prepared)
         self.evaluations += 1
-        return mean
+        return sum(per) / len(per)
+
+    @torch.inference_mode()
+    def _batched_kl(self, policy: Policy) -> list[float]:
+        local = {}
+        with apply_policy(self.model, policy, ranker=self.ranker):
+            for chunk, inputs in self.batches:
+                q = batch_last_logits(self.model, inputs)
+                local.update((i, kl_divergence(self.refs[i], q[row])) for row, i in enumerate(chunk))
+        return dd.gather_ordered(local, len(self.prepared))
+
+
+def _batched(model, prompts: list[dict]) -> dict:
+    """Prompts padded on the left into one batch, with the family's position ids for padding."""
+    inputs = collate(prompts, pad_token_id(model))
+    if len(prompts) > 1:
+        pos = get_adapter(model).padded_position_ids(inputs["attention_mask"])
+        if pos is not None:
+            inputs["position_ids"] = pos
+    return inputs
 
 
 def progress_bar(total: int, desc: str, progress: bool):

@@ -134,7 +134,7 @@ def greedy_path(space: OpSpace, loss, cost: Callable[[Policy], int], done: Calla
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            ranker="vispruner", groups: Sequence[float] = DEFAULT_GROUPS, kinds: Sequence[str] = DEFAULT_KINDS,
            block: int = DEFAULT_BLOCK, metric: str = "kl", convention: str = "dop", seed: int = 0,
-           build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None,
+           build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None, batch_size: int = 1,
            max_new_tokens: int = 10) -> common.MethodResult:
     """GSOP's greedy path and its policy at each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). Operations: ``kinds`` x rank ``groups`` (cumulative
@@ -148,7 +148,7 @@ def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequenc
                       seed=seed, method=NAME, meta=meta)
     rk = common.resolve_ranker_for(model, ranker)
     space = OpSpace(st.num_layers, groups, kinds, block)
-    kl = common.KLMeter(model, st.prepared, rk)
+    kl = common.KLMeter(model, st.prepared, rk, batch_size)
     meter = kl
     if metric == "accuracy":
         if isinstance(list(samples)[0], common.PreparedSample):

@@ -46,7 +46,7 @@ def fewest_frozen(st: common.Setup, order: list[int], conv: str, limit: int) -> 
 
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            convention: str = "dop", seed: int = 0, build_prompt: Callable | None = None, progress: bool = True,
-           meta: dict | None = None, ranker=None) -> common.MethodResult:
+           meta: dict | None = None, batch_size: int = 1, ranker=None) -> common.MethodResult:
     """ShortV's frozen layers under each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). ``ranker`` is accepted for a common call shape and ignored:
     ShortV freezes every visual token of a layer, whatever their order."""
@@ -54,7 +54,7 @@ def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequenc
     st = common.setup(model, processor, samples, budget, budgets, convention=convention, build_prompt=build_prompt,
                       seed=seed, method=NAME, meta=meta)
     L = st.num_layers
-    meter = common.KLMeter(model, st.prepared, "identity")
+    meter = common.KLMeter(model, st.prepared, "identity", batch_size)
     bar = common.progress_bar(L + len(st.limits), "shortv", progress)
     contribution = {}
     for l in range(L):

@@ -44,7 +44,7 @@ def choose(kl: dict[int, float], k_max: int, threshold: float | None = None) -> 
 
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            convention: str = "dop", threshold: float | None = None, seed: int = 0,
-           build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None,
+           build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None, batch_size: int = 1,
            ranker=None) -> common.MethodResult:
     """VTW's withdrawal layer under each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). ``threshold``: the paper's rule (the smallest fitting K whose
@@ -56,7 +56,7 @@ def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequenc
     L = st.num_layers
     k_max = {i: deepest_fitting(st, conv, lim) for i, (_, conv, lim) in enumerate(st.limits)}
     deepest = max((k for k in k_max.values() if k is not None), default=0)
-    meter = common.KLMeter(model, st.prepared, "identity")
+    meter = common.KLMeter(model, st.prepared, "identity", batch_size)
     kl = {L: 0.0}
     bar = common.progress_bar(min(deepest, L - 1) + 1, "vtw", progress)
     for k in range(min(deepest, L - 1) + 1):  # K = L is the unpruned model (KL 0)
