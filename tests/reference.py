@@ -15,17 +15,22 @@ import torch
 
 
 def token_flags(policy: dict, perms: list[list[int]], counts: list[int]):
-    """Per image: bool tensors (n, L) for attn_q, attn_kv, mlp, straight from docs/design.md, "Policies"."""
+    """Per image: bool tensors (n, L) for attn_q, attn_kv, mlp, straight from docs/design.md,
+    "Policies" and "Per-layer skips": processed at ``l`` iff ``l < depth`` and ``l`` not skipped."""
     L = policy["num_layers"]
     fr = policy["groups"]
     depth = policy.get("depth", {})
+    skip = policy.get("skip", {})
+
+    def kind_entry(table, kind, g, default):
+        if kind in table:
+            return table[kind][g]
+        if kind in ("attn_q", "attn_kv") and "attn" in table:
+            return table["attn"][g]
+        return default
 
     def kind_depth(kind, g):
-        if kind in depth:
-            return depth[kind][g]
-        if kind in ("attn_q", "attn_kv") and "attn" in depth:
-            return depth["attn"][g]
-        return L
+        return kind_entry(depth, kind, g, L)
 
     out = []
     for perm, n in zip(perms, counts):
@@ -36,6 +41,8 @@ def token_flags(policy: dict, perms: list[list[int]], counts: list[int]):
                 g += 1
             for k in flags:
                 flags[k][tok, : kind_depth(k, g)] = True
+                for layer in kind_entry(skip, k, g, []):
+                    flags[k][tok, layer] = False
         out.append(flags)
     return out
 

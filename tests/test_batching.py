@@ -32,6 +32,17 @@ def _policies(L):
     return [
         dop.Policy(L, [0.25, 0.5, 1.0], {"attn_q": [L, 2, 1], "attn_kv": [L, 1, 0], "mlp": [L, 3, 0]}),
         dop.Policy(L, [0.5, 1.0], {"attn": [L, 1], "mlp": [2, 0]}),
+        *_skip_policies(L),
+    ]
+
+
+def _skip_policies(L):
+    """Per-layer skips (docs/design.md, "Per-layer skips"): ShortV-like (attn_q and mlp skipped
+    at layers 1 and 2, keys kept) and GSOP-like (holes per group and kind, keys included)."""
+    return [
+        dop.Policy(L, [1.0], {}, skip={"attn_q": [[1, 2]], "mlp": [[1, 2]]}),
+        dop.Policy(L, [0.25, 0.5, 1.0], {"attn_q": [L, 3, 2], "attn_kv": [L, 2, 1], "mlp": [L, 3, 1]},
+                   skip={"attn_q": [[1], [0, 2], []], "attn_kv": [[2], [0], []], "mlp": [[0, 3], [1], [0]]}),
     ]
 
 
@@ -72,11 +83,11 @@ def test_batched_generation_equals_rows_one_by_one(setup):
     fam, model, prompts = setup
     L = get_adapter(model).num_layers
     batch = collate(prompts, "left")
-    pol = dop.Policy(L, [0.25, 1.0], {"attn": [L, 0], "mlp": [1, 0]})
-    with dop.apply_policy(model, pol, ranker="random:seed=1"):
-        single = [model.generate(**p, max_new_tokens=5, do_sample=False)[0, -5:].tolist() for p in prompts]
-        batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:].tolist()
-    assert batched == single, f"{fam}: batched greedy {batched} != single {single}"
+    for pol in (dop.Policy(L, [0.25, 1.0], {"attn": [L, 0], "mlp": [1, 0]}), *_skip_policies(L)):
+        with dop.apply_policy(model, pol, ranker="random:seed=1"):
+            single = [model.generate(**p, max_new_tokens=5, do_sample=False)[0, -5:].tolist() for p in prompts]
+            batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:].tolist()
+        assert batched == single, f"{fam} {pol}: batched greedy {batched} != single {single}"
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

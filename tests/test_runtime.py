@@ -25,6 +25,24 @@ def random_policy(rng: random.Random, L: int, kinds=None) -> dict:
             "depth": {k: [rng.randint(0, L) for _ in groups] for k in kinds}}
 
 
+SKIP_CASES = ("attn", "attn_q", "attn_kv", "mlp", "shortv", "gsop")
+
+
+def random_skip_policy(rng: random.Random, L: int, case: str) -> dict:
+    """A policy with per-layer skips (docs/design.md, "Per-layer skips"): one op kind alone with
+    holes; ShortV-like (attn_q and mlp skipped at chosen layers, attn_kv kept, one group); or
+    GSOP-like (holes per group and kind, the shallow ranks kept densest)."""
+    if case == "shortv":
+        layers = sorted(rng.sample(range(L), rng.randint(1, L - 1)))
+        return {"format": "dop-policy/2", "num_layers": L, "groups": [1.0], "depth": {},
+                "skip": {"attn_q": [layers], "mlp": [layers]}}
+    pd = random_policy(rng, L, (case,) if case != "gsop" else ("attn_q", "attn_kv", "mlp"))
+    pd["depth"] = {k: [max(d, L - 1) if g == 0 else d for g, d in enumerate(ds)] for k, ds in pd["depth"].items()}
+    holes = {k: [sorted(rng.sample(range(d), rng.randint(g == 0, max(d - 1, 0)))) for g, d in enumerate(ds)]
+             for k, ds in pd["depth"].items()}
+    return dict(pd, format="dop-policy/2", skip=holes)
+
+
 def _double(inputs):
     return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
 
@@ -42,6 +60,21 @@ def _perms(counts, seed):
     return [torch.randperm(n, generator=g).tolist() for n in counts]
 
 
+def _against_reference(model, inputs, counts, pd: dict, perms) -> tuple[float, torch.Tensor]:
+    """Prefill logits of the runtime vs the masked reference (largest difference, returned with
+    the reference logits); greedy decoding must match token for token."""
+    adapter = get_adapter(model)
+    with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
+                          adapter.image_token_id, pd, counts, perms):
+        ref = model(**inputs, use_cache=False).logits
+        ref_tokens = reference_greedy(model, inputs, 5)
+    with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
+    assert gen == ref_tokens, f"policy {pd}: greedy {gen} != reference {ref_tokens}"
+    return (out - ref).abs().max().item(), ref
+
+
 @torch.no_grad()
 def test_pruned_equals_masked_reference(setup64):
     """Prefill logits to 1e-6 and greedy decoding token for token, random policies of every op kind."""
@@ -52,21 +85,28 @@ def test_pruned_equals_masked_reference(setup64):
     worst, moved = 0.0, 0.0
     for trial, kinds in enumerate(KIND_SETS):
         pd = random_policy(rng, adapter.num_layers, kinds)
-        perms = _perms(counts, trial)
-        with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
-                              adapter.image_token_id, pd, counts, perms):
-            ref = model(**inputs, use_cache=False).logits
-            ref_tokens = reference_greedy(model, inputs, 5)
-        with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
-            out = model(**inputs).logits
-            gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
-        diff = (out - ref).abs().max().item()
+        diff, ref = _against_reference(model, inputs, counts, pd, _perms(counts, trial))
         worst = max(worst, diff)
         moved = max(moved, (ref - vanilla).abs().max().item())
         assert diff < 1e-6, f"{fam} policy {pd}: max |logit diff| {diff:.3g}"
-        assert gen == ref_tokens, f"{fam} policy {pd}: greedy {gen} != reference {ref_tokens}"
     assert moved > 1e-2, "the reference policies should change the logits, else the check is empty"
     print(f"{fam}: largest logit difference vs reference {worst:.3g} (policies move logits by up to {moved:.3g})")
+
+
+@pytest.mark.parametrize("case", SKIP_CASES)
+@torch.no_grad()
+def test_per_layer_skips_equal_masked_reference(setup64, case):
+    """Policies that skip ops at chosen layers (format 2) against the masked reference, as above."""
+    fam, model, inputs, counts = setup64
+    L = get_adapter(model).num_layers
+    rng = random.Random(f"{fam}-{case}")
+    vanilla = model(**inputs).logits
+    for trial in range(2):
+        pd = random_skip_policy(rng, L, case)
+        assert dop.Policy.from_dict(pd).skip, f"the {case} policy should keep some skip: {pd}"
+        diff, ref = _against_reference(model, inputs, counts, pd, _perms(counts, trial))
+        assert diff < 1e-6, f"{fam} {case} policy {pd}: max |logit diff| {diff:.3g}"
+        assert (ref - vanilla).abs().max().item() > 1e-3, f"{case} policy {pd} should move the logits"
 
 
 @torch.no_grad()

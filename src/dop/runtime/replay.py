@@ -130,8 +130,7 @@ def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]
     st = ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs),
                       record=None, present=present, device=ids.device)
     if st.has_visual and not s.unpruned:
-        st.ranks = [r.clone() for r in ranks[start]]
-        st.depths = s._depths_from_ranks(st, st.ranks)
+        s.assign_ranks(st, [r.clone() for r in ranks[start]])
     s.current = st
     try:
         h = prefix.hidden[start]

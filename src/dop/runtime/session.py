@@ -5,9 +5,10 @@ model's entry module (the one that receives `input_ids`) tells it what the new t
 each forward are; the patched decoder layers then ask it which rows each op kind processes.
 
 Every new token carries, per primitive op kind, a *depth*: it is processed by that op at layer
-``l`` iff ``l < depth``. Text and generated tokens have depth ``num_layers``; padding tokens
-(``attention_mask == 0``) have depth 0 for every kind, so they are never computed and never
-become keys. Batches are handled row by row in the bookkeeping and packed in the
+``l`` iff ``l < depth``, and, for a policy with per-layer skips, its group's skips are taken
+out (docs/design.md, "Per-layer skips"). Text and generated tokens have depth ``num_layers``;
+padding tokens (``attention_mask == 0``) have depth 0 for every kind, so they are never
+computed and never become keys. Batches are handled row by row in the bookkeeping and packed in the
 computation: see :class:`RowSet`.
 
 Every tensor made here follows the device of the inputs it describes.
@@ -97,6 +98,7 @@ class ForwardState:
     present: torch.Tensor  # (B, S) bool: not padding
     device: torch.device
     depths: dict[str, torch.Tensor] | None = None  # kind -> (B, S) int64
+    groups: torch.Tensor | None = None  # (B, S) int64: policy group of each visual token, -1 for the rest
     ranks: list[torch.Tensor] | None = None  # per span
     rows_cache: dict = field(default_factory=dict)
     compiled: bool = False  # traced by torch.compile: dense rows, columns read from the static cache
@@ -127,17 +129,22 @@ class PruneSession:
         self.bypass = False
         self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
         # every depth a token can have, per kind (padding 0, text num_layers): the rows of
-        # layers l and l' are the same set unless some such depth d has l < d <= l'
+        # layers l and l' are the same set unless some such depth d has l < d <= l', or the
+        # groups skipped at l and l' differ (per-layer skips: _skipped)
         self._bands = {k: sorted({0, self.num_layers, *v}) for k, v in self._kind_depths.items()}
+        self._skipped = _skipped_groups(policy, self.num_layers) if policy.skip else None
+        # per kind and group, the layer below which the group is processed at every layer
+        self._clean = {k: [min([d, *sk]) for d, sk in zip(self._kind_depths[k], policy.kind_skip(k))]
+                       for k in OP_KINDS}
         self.unpruned = policy.is_unpruned()
         self.rerank_layers = rerank_layers(ranker)
         if self.rerank_layers and not self.unpruned:
             first = self.rerank_layers[0]
-            low = min(min(v) for v in policy_depths(policy).values())
+            low = policy.max_active_depth()
             if low < first:
                 raise ValueError(
                     f"ranker {ranker.name!r} ranks inside the LLM at layer {first}, so every visual "
-                    f"token must stay active below it; the policy skips some op from layer {low}"
+                    f"token must stay active below it; the policy skips some op at layer {low}"
                 )
 
     # ------------------------------------------------------------------ hook
@@ -238,23 +245,26 @@ class PruneSession:
         else:
             ctx = RankContext(self.model, self.adapter, st.inputs, st.spans, hidden, n_keep, present=st.present)
             ranks = run_ranker(self.ranker, ctx)
-        st.ranks = [r.to(st.device) for r in ranks]
-        st.depths = self._depths_from_ranks(st, st.ranks)
+        self.assign_ranks(st, [r.to(st.device) for r in ranks])
 
-    def _depths_from_ranks(self, st: ForwardState, ranks) -> dict[str, torch.Tensor]:
+    def assign_ranks(self, st: ForwardState, ranks) -> None:
+        """Set the ranks of every image of ``st`` and derive each new token's group and depths."""
         dev = st.device
         full = torch.full((st.batch, st.n_new), self.num_layers, dtype=torch.long, device=dev)
         full = torch.where(st.present, full, 0)  # padding: never processed
         depths = {k: full.clone() for k in OP_KINDS}
+        groups = torch.full((st.batch, st.n_new), -1, dtype=torch.long, device=dev)
         per_group = {k: torch.tensor(self._kind_depths[k], dtype=torch.long, device=dev) for k in OP_KINDS}
         for span, perm in zip(st.spans, ranks):
             group = torch.tensor(self.policy.group_of_rank(span.n), dtype=torch.long, device=dev)
             token_group = torch.empty_like(group)
             token_group[perm] = group  # token perm[r] sits at rank r
             pos = span.positions.to(dev)
+            groups[span.row, pos] = token_group
             for k in OP_KINDS:
                 depths[k][span.row, pos] = per_group[k][token_group]
-        return depths
+        st.ranks, st.depths, st.groups = list(ranks), depths, groups
+        st.rows_cache.clear()
 
     def maybe_rerank(self, st: ForwardState, layer_idx: int, hidden, layer, position_embeddings, rotary_fn):
         """In-LLM rankers decide per prompt: each batch row is shown to them without its padding."""
@@ -270,23 +280,24 @@ class PruneSession:
                 for i, p in zip(idx, perms):
                     new_ranks[i] = p
         if changed:
-            st.ranks = new_ranks
-            st.depths = self._depths_from_ranks(st, new_ranks)
-            st.rows_cache.clear()
+            self.assign_ranks(st, new_ranks)
 
     def _rerank_row(self, st, view, idx, layer_idx, hidden, layer, position_embeddings, rotary_fn):
         spans = [st.spans[i] for i in idx]
         ranks = [st.ranks[i] for i in idx]
         # a token may move iff every op processed it at every layer below this one: its state
-        # is then that of an unpruned token, whichever group it joins from here on
+        # is then that of an unpruned token, whichever group it joins from here on (a per-layer
+        # skip below this layer freezes the token in its group, as a depth below it does)
         active, processed = [], []
+        clean = {k: torch.tensor(v, dtype=torch.long, device=st.device) for k, v in self._clean.items()}
         for span in spans:
             pos = span.positions.to(st.device)
+            token_group = st.groups[span.row, pos]
             act = torch.ones(span.n, dtype=torch.bool, device=st.device)
             here = torch.zeros(span.n, dtype=torch.bool, device=st.device)
             for k in OP_KINDS:
-                act &= st.depths[k][span.row, pos] >= layer_idx
-                here |= st.depths[k][span.row, pos] > layer_idx
+                act &= clean[k][token_group] >= layer_idx
+                here |= self._keep(st, k, layer_idx)[span.row, pos]
             active.append(act)
             processed.append(int(here.sum()))
         # n_keep: per image, the visual tokens some op processes at this layer
@@ -315,11 +326,21 @@ class PruneSession:
         if st.depths is None:
             key = (kind, None)
         else:
-            key = (kind, bisect.bisect_right(self._bands[kind], layer_idx))
+            skipped = self._skipped[kind][layer_idx] if self._skipped is not None else None
+            key = (kind, bisect.bisect_right(self._bands[kind], layer_idx), skipped)
         if key not in st.rows_cache:
-            keep = st.present if st.depths is None else st.depths[kind] > layer_idx
-            st.rows_cache[key] = RowSet.from_keep(keep)
+            st.rows_cache[key] = RowSet.from_keep(self._keep(st, kind, layer_idx))
         return st.rows_cache[key]
+
+    def _keep(self, st: ForwardState, kind: str, layer_idx: int) -> torch.Tensor:
+        """(B, S) bool: the new tokens op ``kind`` processes at ``layer_idx``."""
+        if st.depths is None:
+            return st.present
+        keep = st.depths[kind] > layer_idx
+        skipped = self._skipped[kind][layer_idx] if self._skipped is not None else ()
+        if skipped:
+            keep &= ~torch.isin(st.groups, torch.tensor(skipped, dtype=torch.long, device=st.device))
+        return keep
 
 
 class _RowView:
@@ -383,8 +404,17 @@ def _cache_batch(cache) -> int:
     return 1
 
 
-def policy_depths(policy: Policy) -> dict[str, list[int]]:
-    return {k: policy.kind_depths(k) for k in OP_KINDS}
+def _skipped_groups(policy: Policy, num_layers: int) -> dict[str, list[tuple[int, ...]]]:
+    """Per kind and layer, the groups a per-layer skip takes out there (docs/design.md,
+    "Per-layer skips"); built once per applied policy, for policies that have skips."""
+    out = {}
+    for k in OP_KINDS:
+        per_layer = [[] for _ in range(num_layers)]
+        for g, layers in enumerate(policy.kind_skip(k)):
+            for l in layers:
+                per_layer[l].append(g)
+        out[k] = [tuple(gs) for gs in per_layer]
+    return out
 
 
 def _patch_cache(cache, record: CacheRecord) -> None:
