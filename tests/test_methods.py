@@ -187,3 +187,39 @@ def test_withdrawal_and_frozen_policies():
     p = shortv.frozen_policy(8, [5, 1])
     assert [l for l in range(8) if not p.processed("mlp", 0, l)] == [1, 5]
     assert shortv.frozen_policy(8, []) == Policy.unpruned(8)
+
+
+# ---------------------------------------------------------------------- the demo, briefly
+@pytest.fixture(scope="module")
+def demo():
+    from dop.evaluate.datasets import load_dataset
+    from dop.evaluate.loading import load_model
+
+    model, processor = load_model("demo")
+    return model, processor, load_dataset("shapes:val", limit=3)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("vtw", {}),
+    ("shortv", {}),
+    ("gsop", dict(groups=(0.5, 1.0), block=4, ranker="vispruner", batch_size=2)),
+])
+def test_demo_short_run(demo, method, kw):
+    model, processor, samples = demo
+    res = search(method, model, processor, samples, budgets=["tokens:48", "tokens:96"], progress=False, **kw)
+    assert [r.budget.spec for r in res.results] == ["tokens:48", "tokens:96"]
+    for r in res.results:
+        assert r.met and r.flops["paper"]["fraction"] <= (48 if r.budget.spec == "tokens:48" else 96) / 144 + 1e-3
+        assert r.policy.meta["method"] == method and r.policy.meta["budget"] == r.budget.spec
+        assert r.divergence >= 0 and r.policy.meta["true_divergence"] == r.divergence
+    assert res.evaluations > 0 and res.layer_evals == res.naive_layer_evals > 0
+    assert res.shape["visual_tokens"] == [144]
+
+
+def test_demo_gsop_accuracy_metric(demo):
+    model, processor, samples = demo
+    kw = dict(groups=(1.0,), block=4, kinds=("attn", "mlp"), ranker="identity", progress=False, max_new_tokens=4)
+    res = gsop.search(model, processor, samples[:2], budget="tokens:48", metric="accuracy", **kw)
+    assert res.results[0].met and res.trace
+    assert all(0.0 <= s["loss"] <= 1.0 for s in res.trace)  # one minus the mean accuracy
+    assert res.policy.meta["params"]["metric"] == "accuracy"
