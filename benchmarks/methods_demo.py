@@ -2,7 +2,7 @@
 each budget, its in-sample first-token KL, its FLOPs, and the search's wall time and layer
 evaluations, on ``shapes:val`` (25 samples, as ``dop run`` searches).
 
-    OMP_NUM_THREADS=1 python benchmarks/methods_demo.py [--methods vtw,shortv,gsop] [--samples 25]
+    OMP_NUM_THREADS=1 python benchmarks/methods_demo.py [--methods vtw,shortv,gsop] [--samples 25] [--batch-size 1]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="tokens:16,tokens:32,tokens:48")
     ap.add_argument("--ranker", default="vispruner", help="GSOP's ranker (VTW and ShortV use none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward while measuring KL")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = load_model("demo")
@@ -32,6 +33,7 @@ def main() -> None:
     print(f"{'method':7} {'budget':10} {'KL':>9} {'paper':>6} {'dop':>6}  params")
     for name in args.methods.split(","):
         kw = {"ranker": args.ranker} if name == "gsop" else {}
+        kw["batch_size"] = args.batch_size
         res = search(name, model, processor, samples, budgets=budgets, progress=False, **kw)
         for r in res.results:
             params = {k: v for k, v in r.policy.meta["params"].items() if v is not None}

@@ -17,6 +17,7 @@ import torch
 
 from ... import distributed as dd
 from ...batching import collate, pad_token_id
+from ...flops import CONVENTIONS
 from ...models import get_adapter
 from ...names import loaded_model_name
 from ...policy import Policy
@@ -26,8 +27,6 @@ from ...runtime.replay import batch_last_logits, last_logits
 from ..cost import Budget, CostModel, parse_budget
 from ..divergence import PreparedSample, kl_divergence, prepare_samples, reference_shape
 from ..verify import sharded_true_divergence
-
-CONVENTIONS = ("dop", "paper")
 
 
 @dataclass
@@ -111,7 +110,7 @@ def setup(model, processor, samples: Sequence, budget=None, budgets: Sequence | 
         raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
     parsed = [parse_budget(b) for b in specs]
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     samples = list(samples)
     if not samples:
         raise ValueError(f"{method or 'search'}: no samples")
