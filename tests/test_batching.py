@@ -99,12 +99,16 @@ def test_batched_in_llm_ranker_equals_rows_one_by_one(fam):
     L = get_adapter(model).num_layers
     pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 2], "mlp": [L, 1]})
     batch = collate(prompts, "left")
-    with dop.apply_policy(model, pol, ranker="fastv:K=1"):
-        single = [model(**p).logits[0] for p in prompts]
-        batched = model(**batch).logits
-    for row, ref in enumerate(single):
-        got = batched[row, -ref.shape[0]:]
-        assert (got - ref).abs().max().item() < 1e-6
+    # per-layer skips at or past the ranker's layer (FastV K=1 ranks before layer 0)
+    for p in (pol, pol.with_skip(mlp=[[1, 3], []], attn_q=[[2], [1]])):
+        with dop.apply_policy(model, p, ranker="fastv:K=1"):
+            single = [model(**x).logits[0] for x in prompts]
+            batched = model(**batch).logits
+        for row, ref in enumerate(single):
+            got = batched[row, -ref.shape[0]:]
+            assert (got - ref).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="ranks inside the LLM at layer 2.*skips some op at layer 1"):
+        dop.apply_policy(model, dop.Policy(L, [0.5, 1.0], skip={"mlp": [[1], []]}), ranker="fastv:K=3")
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -221,6 +221,11 @@ def test_qwen_vision_window_attention_merger_lm_head_match_flop_counter(qwen7b):
 
 
 # --------------------------------------------------------------------------- (c) pruned runtime vs analytic
+SKIP_POLICIES = {  # per-layer skips (docs/design.md, "Per-layer skips"): holes below the depths
+    "shortv-like": Policy(2, [1.0], {}, skip={"attn_q": [[1]], "mlp": [[1]]}),
+    "gsop-like": Policy(2, [0.25, 0.5, 1.0], {"attn_q": [2, 2, 1]},
+                        skip={"attn_q": [[1], [0], []], "attn_kv": [[0], [1], [0, 1]], "mlp": [[], [0, 1], [1]]}),
+}
 POLICIES = {
     "token-pruning": Policy(2, [0.25, 1.0], {"attn": [2, 0], "mlp": [2, 0]}),
     "all-kinds-3-groups": Policy(2, [0.25, 0.5, 1.0], {"attn_q": [2, 1, 0], "attn_kv": [2, 2, 1], "mlp": [2, 1, 1]}),
@@ -229,6 +234,7 @@ POLICIES = {
     "mlp-only": Policy(2, [0.5, 1.0], {"mlp": [2, 0]}),
     "everything-skipped": Policy(2, [1.0], {"attn": [0], "mlp": [0]}),
     "full-depth": Policy(2, [0.5, 1.0], {"attn": [2, 2], "mlp": [2, 2]}),
+    **{"per-layer-" + k: v for k, v in SKIP_POLICIES.items()},
 }
 
 
@@ -295,6 +301,22 @@ def test_multiple_images_grouped_each_on_its_own():
     assert two.decoder == count_flops("llava-1.5-7b", pol, num_visual_tokens=[5, 5], convention="paper").decoder
 
 
+@pytest.mark.parametrize("convention", ["dop", "paper"])
+def test_cost_model_prices_per_layer_skips_as_count_flops(convention):
+    """search.cost.CostModel.policy_cost equals count_flops exactly under per-layer skips, and a
+    skip removes exactly its rows: the ShortV-like policy of 32 layers saves 8 layers' attn_q + mlp."""
+    from dop.search.cost import CostModel
+
+    cost = CostModel("llava-1.5-7b", [576, 100], 40, convention=convention)
+    shortv = Policy(32, [1.0], {}, skip={"attn_q": [list(range(8, 32, 3))], "mlp": [list(range(8, 32, 3))]})
+    gsop = SKIP_POLICIES["gsop-like"].transfer(32).with_skip(mlp=[[0, 31], [5], [2, 3]])
+    for pol in (shortv, gsop, gsop.with_skip({})):
+        want = count_flops("llava-1.5-7b", pol, num_visual_tokens=[576, 100], num_text_tokens=40, convention=convention)
+        assert cost.policy_cost(pol) == want.decoder, pol
+    full = cost.layer(676, 676, 676)
+    assert cost.unpruned - cost.policy_cost(shortv) == 8 * (full - cost.layer(0, 676, 0))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="known presets: .*llava-1.5-7b"):
         count_flops("llava-9b", num_visual_tokens=576, num_text_tokens=0)
@@ -329,6 +351,7 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
 QWEN_POLICIES = {
     "all-kinds-3-groups": Policy(2, [0.25, 0.5, 1.0], {"attn_q": [2, 1, 0], "attn_kv": [2, 2, 1], "mlp": [2, 1, 1]}),
     "attn-mlp-2-groups": Policy(2, [0.5, 1.0], {"attn": [2, 1], "mlp": [1, 0]}),
+    "per-layer-gsop-like": SKIP_POLICIES["gsop-like"],
 }
 
 

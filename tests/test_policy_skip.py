@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from dop import Policy, PolicyError
+from dop.flops import count_flops
 from dop.policy import TransferWarning, transfer_depth, transfer_layer
 
 SKIP = {
@@ -152,3 +153,31 @@ def test_pickle_and_repr():
     p = Policy.from_dict(SKIP)
     assert pickle.loads(pickle.dumps(p)) == p
     assert "skip=" in repr(p) and "skip=" not in repr(Policy.unpruned(8))
+
+
+def test_policy_map_marks_the_holes(tmp_path):
+    from dop.report.plots import policy_map, skip_cells
+
+    p = Policy.from_dict(SKIP)  # attn_q holes at 2 and 5 (group 0), mlp at 1 and 3 (group 1)
+    assert skip_cells(p) == [(0, 2), (0, 5), (2, 1), (2, 3)]  # rows: attn_q, attn_kv, mlp
+    assert skip_cells(p.with_skip({})) == []
+    policy_map(p, 16, tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 1000
+
+
+def test_cli_reads_format2(tmp_path, capsys):
+    """`dop flops` and `dop transfer` read per-layer policies through Policy.from_json."""
+    from dop.cli import main
+
+    path = tmp_path / "p.json"
+    big = Policy(32, [0.25, 1.0], {"attn": [32, 16]}, skip={"mlp": [[4, 9], [1, 2, 3]]})
+    big.to_json(path)
+    assert main(["flops", "--model", "llava-1.5-7b", "--policy", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["dop"]
+    shape = dict(num_visual_tokens=out["num_visual_tokens"], num_text_tokens=out["num_text_tokens"])
+    want = count_flops("llava-1.5-7b", big, **shape).decoder
+    assert out["decoder"] == want < count_flops("llava-1.5-7b", big.with_skip({}), **shape).decoder
+    dest = tmp_path / "q.json"
+    assert main(["transfer", str(path), "--num-layers", "16", "-o", str(dest)]) == 0
+    assert Policy.from_json(dest) == big.transfer(16)
+    assert json.loads(dest.read_text())["format"] == "dop-policy/2"

@@ -155,14 +155,16 @@ def test_kv_cache_holds_only_computed_entries(fam):
     L = get_adapter(model).num_layers
     n_img = sum(counts)
     S = inputs["input_ids"].shape[1]
-    pol = dop.Policy(L, [0.25, 0.5, 1.0], {"attn_kv": [L, 2, 0], "attn_q": [1, 1, 1], "mlp": [L, 3, 1]})
-    with dop.apply_policy(model, pol, ranker="spatial"):
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
-    for layer in range(L):
-        kept = sum(pol.tokens_processed("attn_kv", layer, n) for n in counts)
-        expected = S - n_img + kept + 2  # the last generated token is not fed back yet
-        assert cache.layers[layer].keys.shape[-2] == expected, f"layer {layer}"
+    depth_only = dop.Policy(L, [0.25, 0.5, 1.0], {"attn_kv": [L, 2, 0], "attn_q": [1, 1, 1], "mlp": [L, 3, 1]})
+    # a skipped attn_kv layer holds no entry for the token, below its depth too
+    for pol in (depth_only, depth_only.with_skip(attn_kv=[[1, 3], [0], []])):
+        with dop.apply_policy(model, pol, ranker="spatial"):
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        for layer in range(L):
+            kept = sum(pol.tokens_processed("attn_kv", layer, n) for n in counts)
+            expected = S - n_img + kept + 2  # the last generated token is not fed back yet
+            assert cache.layers[layer].keys.shape[-2] == expected, f"{pol}: layer {layer}"
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -252,3 +254,27 @@ def test_images_are_ranked_and_grouped_on_their_own(fam):
         model(**inputs)
     assert seen["counts"] == counts
     assert seen["keep"] == [int(0.25 * n + 1e-9) for n in counts]
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_replay_from_a_layer_below_every_skip(fam):
+    """Early start (dop.runtime.replay) under per-layer skips: a policy whose first skip is at or
+    past ``start`` replays to the full forward's logits; one that skips below it is refused."""
+    from dop.runtime.replay import capture_prefix, capture_ranks, last_logits, replay_from
+
+    model = build_model(fam).double()
+    inputs, _ = build_inputs(model, fam, num_images=2)
+    inputs = _double(inputs)
+    L = get_adapter(model).num_layers
+    groups = [0.5, 1.0]
+    pol = dop.Policy(L, groups, {"attn_q": [L, 3]}, skip={"mlp": [[2], [2, 3]], "attn_kv": [[3], [2]]})
+    prefix = capture_prefix(model, inputs)
+    ranks = capture_ranks(model, inputs, "random:seed=3", groups)
+    with dop.apply_policy(model, pol, ranker="random:seed=3") as handle:
+        full = last_logits(model, inputs)
+        fast = replay_from(handle, prefix, ranks, start=2)[0]
+        assert (fast - full).abs().max().item() < 1e-6
+        assert (full - prefix.logits[0]).abs().max().item() > 1e-3
+        with pytest.raises(ValueError, match="skips an op from layer 2, below start=3"):
+            replay_from(handle, prefix, ranks, start=3)

@@ -17,6 +17,11 @@ def _pol(L):
     return dop.Policy(L, [0.25, 0.5, 1.0], {"attn_q": [L, 2, 1], "attn_kv": [L, 1, 0], "mlp": [L, 3, 0]})
 
 
+def _skip_pol(L):
+    """_pol with per-layer holes (docs/design.md, "Per-layer skips"), keys included."""
+    return _pol(L).with_skip(attn_q=[[1], [0], []], attn_kv=[[2, 3], [], []], mlp=[[0, 2], [1], []])
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("ranker", ["random", "spatial", "vispruner", "cdpruner", "fastv:K=1", "dart:K=1"])
 @torch.no_grad()
@@ -27,7 +32,7 @@ def test_no_tensor_without_a_device(fam, ranker):
     b, _ = build_inputs(model, fam, num_images=1, text_len=3, seed=2)
     batch = collate([a, text_only_inputs(), b], "left")
     L = get_adapter(model).num_layers
-    pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 2], "mlp": [L, 1]})
+    pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 2], "mlp": [L, 1]}, skip={"mlp": [[2], []], "attn_q": [[3], [1]]})
     guard = DeviceGuard()
     with dop.apply_policy(model, pol, ranker=ranker), guard:
         model.generate(**batch, max_new_tokens=2, do_sample=False)
@@ -222,12 +227,13 @@ def test_static_cache_generation_equals_dynamic(fam):
     inputs = _double(inputs)
     L = get_adapter(model).num_layers
     kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with dop.apply_policy(model, _pol(L), ranker="random"):
-        dyn = model.generate(**inputs, **kw)
-        static = model.generate(**inputs, cache_implementation="static", **kw)
-    assert torch.equal(dyn.sequences, static.sequences)
-    for a, b in zip(dyn.logits, static.logits):
-        assert (a - b).abs().max().item() < 1e-6
+    for pol in (_pol(L), _skip_pol(L)):
+        with dop.apply_policy(model, pol, ranker="random"):
+            dyn = model.generate(**inputs, **kw)
+            static = model.generate(**inputs, cache_implementation="static", **kw)
+        assert torch.equal(dyn.sequences, static.sequences)
+        for a, b in zip(dyn.logits, static.logits):
+            assert (a - b).abs().max().item() < 1e-6
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -263,6 +269,8 @@ def test_compiled_decoding_full_graph_without_recompiles(fam, pruning):
     inputs, _ = build_inputs(model, fam, num_images=1)
     L = get_adapter(model).num_layers
     pol = dop.Policy(L, [0.5, 1.0], {"attn": [L, 2], "mlp": [L, 2]} if pruning else {"attn": [L, L], "mlp": [L, L]})
+    if pruning:  # holes below the depths too: the static cache keeps them as holes
+        pol = pol.with_skip(attn_kv=[[1], []], mlp=[[0, 3], [1]])
     cc = CompileConfig(fullgraph=True, dynamic=False)
     cc._compile_all_devices = True  # compile on CPU too
     kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
@@ -303,6 +311,14 @@ def test_attentions_for_every_layer(fam):
     assert torch.allclose(rows[rows != 0], torch.ones_like(rows[rows != 0]))
     cols = out[1][0, 0].sum(0)
     assert int((cols == 0).sum()) == sum(n - int(0.5 * n + 1e-9) for n in counts)  # attn_kv skipped from layer 1
+    # per-layer skips: group 1's keys are missing at layer 1 only, its queries at layer 2 only
+    holes = dop.Policy(L, [0.5, 1.0], {}, skip={"attn_kv": [[], [1]], "attn_q": [[], [2]]})
+    with dop.apply_policy(model, holes, ranker="random"):
+        out = model(**inputs, output_attentions=True).attentions
+    n_group1 = sum(n - int(0.5 * n + 1e-9) for n in counts)
+    zero_rows = [int((out[l][0, 0].sum(-1) == 0).sum()) for l in range(L)]
+    zero_cols = [int((out[l][0, 0].sum(0) == 0).sum()) for l in range(L)]
+    assert zero_rows == [0, 0, n_group1, 0] and zero_cols == [0, n_group1, 0, 0]
 
 
 

@@ -113,14 +113,19 @@ def _checked_groups(groups: Any) -> tuple[float, ...]:
     return tuple(float(f) for f in groups)
 
 
-def _checked_depth(depth: Any, n_groups: int, num_layers: int) -> Mapping[str, tuple[int, ...]]:
-    if not isinstance(depth, Mapping):
-        raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {depth!r}")
-    for k in depth:
+def _check_kinds(table: Any, name: str) -> None:
+    """``table`` (``depth`` or ``skip``) maps known op kinds, ``attn`` not beside its parts."""
+    if not isinstance(table, Mapping):
+        raise PolicyError(f"{name}: must be an object mapping op kinds to lists, got {table!r}")
+    for k in table:
         if k not in KEYS:
-            raise PolicyError(f"depth: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
-    if "attn" in depth and ("attn_q" in depth or "attn_kv" in depth):
-        raise PolicyError("depth: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+            raise PolicyError(f"{name}: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
+    if "attn" in table and ("attn_q" in table or "attn_kv" in table):
+        raise PolicyError(f"{name}: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+
+
+def _checked_depth(depth: Any, n_groups: int, num_layers: int) -> Mapping[str, tuple[int, ...]]:
+    _check_kinds(depth, "depth")
     out = {}
     for k, ds in depth.items():
         if not isinstance(ds, (list, tuple)):
@@ -167,15 +172,8 @@ def _checked_skip(skip: Any, depth: Mapping[str, tuple[int, ...]], n_groups: int
                   num_layers: int) -> Mapping[str, tuple[tuple[int, ...], ...]]:
     """Validate ``skip`` and return its canonical form (docs/design.md, "Per-layer skips"):
     sorted layers, entries at or beyond the kind's depth dropped, kinds left empty dropped."""
-    if skip is None:
-        skip = {}
-    if not isinstance(skip, Mapping):
-        raise PolicyError(f"skip: must be an object mapping op kinds to lists, got {skip!r}")
-    for k in skip:
-        if k not in KEYS:
-            raise PolicyError(f"skip: unknown op kind {k!r}; known kinds are {', '.join(KEYS)}")
-    if "attn" in skip and ("attn_q" in skip or "attn_kv" in skip):
-        raise PolicyError("skip: 'attn' may not be combined with 'attn_q' or 'attn_kv'")
+    skip = {} if skip is None else skip
+    _check_kinds(skip, "skip")
     out = {}
     for k in KEYS:
         if k not in skip:
@@ -328,12 +326,9 @@ class Policy:
         unknown = set(data) - {"format", "num_layers", "groups", "depth", "skip", "ranker", "meta"}
         if unknown:
             raise PolicyError(f"policy: unknown field(s) {', '.join(sorted(unknown))}")
-        depth = data.get("depth", {})
-        if not isinstance(depth, dict):
-            raise PolicyError(f"depth: must be an object mapping op kinds to lists, got {depth!r}")
-        skip = data.get("skip", {})
-        if not isinstance(skip, dict):
-            raise PolicyError(f"skip: must be an object mapping op kinds to lists, got {skip!r}")
+        depth, skip = data.get("depth", {}), data.get("skip", {})
+        _check_kinds(depth, "depth")
+        _check_kinds(skip, "skip")
         meta = data.get("meta")
         return cls(
             num_layers=data["num_layers"],

@@ -67,8 +67,16 @@ def pareto_plot(points: Sequence[dict], path, *, title: str = "", budgets: Seque
     plt.close(fig)
 
 
+def skip_cells(policy: Policy) -> list[tuple[int, int]]:
+    """(row of ``OP_KINDS``, layer) of every cell of the policy map where a per-layer skip takes
+    some group out below its depth (docs/design.md, "Per-layer skips"): the map's holes."""
+    return [(r, l) for r, k in enumerate(OP_KINDS) for l in range(policy.num_layers)
+            if any(l in skipped for skipped in policy.kind_skip(k))]
+
+
 def policy_map(policy: Policy, num_visual_tokens: int, path, *, title: str = "") -> None:
-    """Layers (x) by op kind (rows): how many of an image's visual tokens each module processes."""
+    """Layers (x) by op kind (rows): how many of an image's visual tokens each module processes;
+    cells where a per-layer skip makes a hole are hatched and outlined in red."""
     import numpy as np  # lazy: spares numpy until used
 
     plt = _pyplot()
@@ -86,9 +94,12 @@ def policy_map(policy: Policy, num_visual_tokens: int, path, *, title: str = "")
                 v = int(data[r, c])
                 ax.text(c, r, str(v), ha="center", va="center", fontsize=6.5,
                         color="white" if v < 0.6 * num_visual_tokens else "black")
+    holes = skip_cells(policy)
+    for r, c in holes:
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="red", lw=1.0))
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label(f"visual tokens processed (of {num_visual_tokens})", fontsize=8)
-    ax.set_title(title or "Policy map", fontsize=10)
+    ax.set_title((title or "Policy map") + (" (hatched: per-layer skips)" if holes else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -133,9 +133,9 @@ class PruneSession:
         # groups skipped at l and l' differ (per-layer skips: _skipped)
         self._bands = {k: sorted({0, self.num_layers, *v}) for k, v in self._kind_depths.items()}
         self._skipped = _skipped_groups(policy, self.num_layers) if policy.skip else None
-        # per kind and group, the layer below which the group is processed at every layer
-        self._clean = {k: [min([d, *sk]) for d, sk in zip(self._kind_depths[k], policy.kind_skip(k))]
-                       for k in OP_KINDS}
+        extents = {k: [_extent(d, sk) for d, sk in zip(self._kind_depths[k], policy.kind_skip(k))] for k in OP_KINDS}
+        self._clean = {k: [e[0] for e in v] for k, v in extents.items()}
+        self._last = {k: [e[1] for e in v] for k, v in extents.items()}
         self.unpruned = policy.is_unpruned()
         self.rerank_layers = rerank_layers(ranker)
         if self.rerank_layers and not self.unpruned:
@@ -289,7 +289,8 @@ class PruneSession:
         # is then that of an unpruned token, whichever group it joins from here on (a per-layer
         # skip below this layer freezes the token in its group, as a depth below it does)
         active, processed = [], []
-        clean = {k: torch.tensor(v, dtype=torch.long, device=st.device) for k, v in self._clean.items()}
+        clean, last = ({k: torch.tensor(v, dtype=torch.long, device=st.device) for k, v in table.items()}
+                       for table in (self._clean, self._last))
         for span in spans:
             pos = span.positions.to(st.device)
             token_group = st.groups[span.row, pos]
@@ -297,10 +298,10 @@ class PruneSession:
             here = torch.zeros(span.n, dtype=torch.bool, device=st.device)
             for k in OP_KINDS:
                 act &= clean[k][token_group] >= layer_idx
-                here |= self._keep(st, k, layer_idx)[span.row, pos]
+                here |= last[k][token_group] >= layer_idx
             active.append(act)
             processed.append(int(here.sum()))
-        # n_keep: per image, the visual tokens some op processes at this layer
+        # n_keep: per image, the visual tokens some op processes at this layer or a later one
         ctx = RankContext(self.model, self.adapter, st.inputs, [view.span(s) for s in spans], None, processed)
         pe = tuple(view.take(t) for t in position_embeddings) if position_embeddings is not None else None
         state = LayerState(layer_idx, view.take(hidden), layer, pe, rotary_fn, active, ranks)
@@ -402,6 +403,13 @@ def _cache_batch(cache) -> int:
         if isinstance(keys, torch.Tensor) and keys.dim() == 4:
             return int(keys.shape[0])
     return 1
+
+
+def _extent(depth: int, skipped: tuple[int, ...]) -> tuple[int, int]:
+    """For one kind and group: the layer below which every layer processes the group, and the
+    last layer that processes it (-1: none); ``depth`` and ``depth - 1`` without skips."""
+    last = next((l for l in range(depth - 1, -1, -1) if l not in skipped), -1)
+    return min([depth, *skipped]), last
 
 
 def _skipped_groups(policy: Policy, num_layers: int) -> dict[str, list[tuple[int, ...]]]:

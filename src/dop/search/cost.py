@@ -74,15 +74,13 @@ class CostModel:
             v = sum(self.counts)
             return self.L * self.layer(v, v, v)
         sizes = self.group_sizes(policy)
-        dq, dkv, dm = (policy.kind_depths(k) for k in ("attn_q", "attn_kv", "mlp"))
-        total = 0
-        for l in range(self.L):
-            total += self.layer(
-                sum(s for s, d in zip(sizes, dq) if l < d),
-                sum(s for s, d in zip(sizes, dkv) if l < d),
-                sum(s for s, d in zip(sizes, dm) if l < d),
-            )
-        return total
+        # per kind: (depth, layers skipped below it) of each group (docs/design.md, "Per-layer skips")
+        q, kv, m = (list(zip(policy.kind_depths(k), policy.kind_skip(k))) for k in ("attn_q", "attn_kv", "mlp"))
+
+        def rows(kind, l):
+            return sum(s for s, (d, skipped) in zip(sizes, kind) if l < d and l not in skipped)
+
+        return sum(self.layer(rows(q, l), rows(kv, l), rows(m, l)) for l in range(self.L))
 
     @property
     def unpruned(self) -> int:
