@@ -156,6 +156,15 @@ def test_gsop_deterministic(tiny):
     assert a.trace == b.trace and a.policy == b.policy
 
 
+def test_gsop_budget_below_its_reach_is_noted(tiny):
+    model, prepared, _ = tiny
+    kw = {**GSOP_KW, "groups": (1.0,), "block": 4}
+    res = gsop.search(model, None, prepared, budget=0.05, **kw)  # the text alone costs more
+    r = res.results[0]
+    assert not r.met and "cannot meet 0.05" in r.note
+    assert len(res.trace) == 2 and r.policy.meta["params"]["steps"] == 2  # every operation removed
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(metric="loss"), "metric must be one of"),
     (dict(block=0), "block must be an integer"),
