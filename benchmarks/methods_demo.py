@@ -22,6 +22,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--budgets", default="tokens:16,tokens:32,tokens:48")
     ap.add_argument("--ranker", default="vispruner", help="GSOP's ranker (VTW and ShortV use none)")
+    ap.add_argument("--gsop-groups", default=None, help="GSOP's rank groups, e.g. 0.125,0.25,0.5,1.0")
+    ap.add_argument("--gsop-block", type=int, default=None, help="GSOP's layers per operation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward while measuring KL")
     args = ap.parse_args()
@@ -33,6 +35,10 @@ def main() -> None:
     print(f"{'method':7} {'budget':10} {'KL':>9} {'paper':>6} {'dop':>6}  params")
     for name in args.methods.split(","):
         kw = {"ranker": args.ranker} if name == "gsop" else {}
+        if name == "gsop" and args.gsop_groups:
+            kw["groups"] = [float(x) for x in args.gsop_groups.split(",")]
+        if name == "gsop" and args.gsop_block:
+            kw["block"] = args.gsop_block
         kw["batch_size"] = args.batch_size
         res = search(name, model, processor, samples, budgets=budgets, progress=False, **kw)
         for r in res.results:
