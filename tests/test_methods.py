@@ -228,7 +228,12 @@ def test_demo_short_run(demo, method, kw):
 def test_demo_gsop_accuracy_metric(demo):
     model, processor, samples = demo
     kw = dict(groups=(1.0,), block=4, kinds=("attn", "mlp"), ranker="identity", progress=False, max_new_tokens=4)
-    res = gsop.search(model, processor, samples[:2], budget="tokens:48", metric="accuracy", **kw)
+    res = gsop.search(model, processor, samples, budget="tokens:48", metric="accuracy", **kw)
     assert res.results[0].met and res.trace
     assert all(0.0 <= s["loss"] <= 1.0 for s in res.trace)  # one minus the mean accuracy
     assert res.policy.meta["params"]["metric"] == "accuracy"
+    from dop.evaluate import evaluate
+
+    again = evaluate(model, processor, samples, res.policy, "identity", max_new_tokens=4, progress=False,
+                     run_baseline=False, time_prefill=False)
+    assert res.policy.meta["params"]["loss"] == pytest.approx(1.0 - again.average)  # the loss is 1 - accuracy
