@@ -9,6 +9,7 @@ measured on the way, and the decoder-layer evaluations it spent.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -92,11 +93,6 @@ class Setup:
 
     def cost(self, policy: Policy, convention: str) -> int:
         return self.costs[convention].policy_cost(policy)
-
-    @property
-    def tightest(self) -> int:
-        """The smallest limit as a fraction of the unpruned cost (in each budget's convention)."""
-        return min(lim / self.costs[conv].unpruned for _, conv, lim in self.limits)
 
 
 def setup(model, processor, samples: Sequence, budget=None, budgets: Sequence | None = None, *,
@@ -187,7 +183,6 @@ def _batched(model, prompts: list[dict]) -> dict:
 
 def progress_bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm  # spares tqdm until a bar is shown
-    import sys
 
     return tqdm(total=total, desc=desc, unit="policy", disable=not progress or not dd.is_main(), file=sys.stderr,
                 leave=False)
