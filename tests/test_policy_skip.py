@@ -119,6 +119,7 @@ def test_with_skip_replaces_and_validates():
     q = p.with_skip(mlp=[[3], []])
     assert q.skip == {"mlp": ((3,), ())} and p.skip == {}
     assert q.with_skip({}) == p
+    assert Policy(8, [0.5, 1.0], {"attn": [8, 2]}, None, None, {"mlp": [[3], []]}) == q  # the agreed signature
     with pytest.raises(PolicyError, match=r"skip.mlp\[0\]\[0\]"):
         p.with_skip(mlp=[[8], []])
     with pytest.raises(TypeError):
