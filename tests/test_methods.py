@@ -3,6 +3,8 @@ each checked against a brute-force recomputation of its rule, and a short demo r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -223,6 +225,9 @@ def test_demo_short_run(demo, method, kw):
         assert r.divergence >= 0 and r.policy.meta["true_divergence"] == r.divergence
     assert res.evaluations > 0 and res.layer_evals == res.naive_layer_evals > 0
     assert res.shape["visual_tokens"] == [144]
+    back = json.loads(json.dumps(res.to_dict()))  # what a command writes
+    assert back["method"] == method and len(back["results"]) == 2 and back["trace"]
+    assert Policy.from_dict(back["results"][0]["policy"]) == res.policy
 
 
 def test_demo_gsop_accuracy_metric(demo):
