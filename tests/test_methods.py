@@ -158,6 +158,15 @@ def test_gsop_deterministic(tiny):
     assert a.trace == b.trace and a.policy == b.policy
 
 
+def test_gsop_default_block_is_a_quarter_of_the_depth(tiny):
+    model, prepared, _ = tiny
+    kw = {**GSOP_KW, "groups": (1.0,), "kinds": ("mlp",)}
+    del kw["block"]
+    res = gsop.search(model, None, prepared, budget="tokens:12", **kw)
+    assert res.trace and all(len(s["op"]["layers"]) == L // 4 for s in res.trace)
+    assert res.trace[0]["candidates"] == 4
+
+
 def test_gsop_budget_below_its_reach_is_noted(tiny):
     model, prepared, _ = tiny
     kw = {**GSOP_KW, "groups": (1.0,), "block": 4}

@@ -25,7 +25,7 @@ from . import common
 NAME = "gsop"
 DEFAULT_GROUPS = (0.25, 0.5, 1.0)
 DEFAULT_KINDS = ("attn", "mlp")
-DEFAULT_BLOCK = 2
+DEFAULT_BLOCKS = 4  # layer blocks when block is not given: ceil(L / 4) layers each (2 on the 8-layer demo)
 METRICS = ("kl", "accuracy")
 
 
@@ -133,12 +133,13 @@ def greedy_path(space: OpSpace, loss, cost: Callable[[Policy], int], done: Calla
 
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            ranker="vispruner", groups: Sequence[float] = DEFAULT_GROUPS, kinds: Sequence[str] = DEFAULT_KINDS,
-           block: int = DEFAULT_BLOCK, metric: str = "kl", convention: str = "dop", seed: int = 0,
+           block: int | None = None, metric: str = "kl", convention: str = "dop", seed: int = 0,
            build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None, batch_size: int = 1,
            max_new_tokens: int = 10) -> common.MethodResult:
     """GSOP's greedy path and its policy at each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). Operations: ``kinds`` x rank ``groups`` (cumulative
-    fractions, ranked by ``ranker``) x blocks of ``block`` layers. ``metric``: ``"kl"``
+    fractions, ranked by ``ranker``) x blocks of ``block`` layers (default: the depth in
+    four blocks, so the number of operations, and the cost, do not grow with it). ``metric``: ``"kl"``
     (joint first-token KL) or ``"accuracy"`` (task accuracy of greedy answers of at most
     ``max_new_tokens`` tokens; needs samples with answers, not prepared ones)."""
     t0 = time.perf_counter()
@@ -147,6 +148,7 @@ def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequenc
     st = common.setup(model, processor, samples, budget, budgets, convention=convention, build_prompt=build_prompt,
                       seed=seed, method=NAME, meta=meta)
     rk = common.resolve_ranker_for(model, ranker)
+    block = -(-st.num_layers // DEFAULT_BLOCKS) if block is None else block
     space = OpSpace(st.num_layers, groups, kinds, block)
     kl = common.KLMeter(model, st.prepared, rk, batch_size)
     meter = kl
