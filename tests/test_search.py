@@ -522,3 +522,41 @@ def test_layer_evals_per_sample_is_what_the_table_spends(ranker, space_name, kw)
     t = build_table(model, prepared, sp, ranker, _key(sp, str(ranker)), progress=False)
     fast, naive = layer_evals_per_sample(sp, ranker)
     assert (t.layer_evals, t.naive_layer_evals) == (2 * fast, 2 * naive) and fast < naive
+
+
+@pytest.mark.parametrize("space_name", ["dop", "multigroup"])
+def test_value_batch_changes_the_layer_calls_not_the_table(space_name):
+    """Entries of one start layer share a batched forward (docs/design.md, "Table cost"): the
+    table equals one entry per forward (float64, 1e-12) while the layer calls are what
+    layer_evals_per_sample prices, fewer with larger batches."""
+    from dop.search.table import layer_evals_per_sample
+
+    model = build_model("qwen2_5_vl", num_layers=L)
+    model, prepared = _float64(model, _prepared(model, "qwen2_5_vl", 2))
+    kw = {"nv_stride": 3} if space_name == "dop" else {"groups": [0.5, 1.0]}
+    sp = _space(space_name, prepared, **kw)
+    tables = {vb: build_table(model, prepared, sp, "random:seed=2", _key(sp), progress=False, value_batch=vb)
+              for vb in (1, 3, 64)}
+    for vb, t in tables.items():
+        worst = max(abs(a - b) for n in t.entries for v in t.entries[n]
+                    for a, b in zip(t.entries[n][v], tables[1].entries[n][v]))
+        assert worst < 1e-12, f"value_batch={vb}: entries differ by {worst:.3g}"
+        assert (t.layer_evals, t.naive_layer_evals) == tuple(2 * x for x in layer_evals_per_sample(sp, "random", vb))
+        assert t.token_layers < t.naive_token_layers
+    assert tables[64].layer_evals < tables[3].layer_evals < tables[1].layer_evals
+    assert tables[64].naive_layer_evals == tables[1].naive_layer_evals
+    # the batched replay does the same work: the MLP token rows do not depend on the batching
+    assert tables[64].token_layers == tables[3].token_layers == tables[1].token_layers
+    with pytest.raises(ValueError, match="value_batch"):
+        build_table(model, prepared, sp, "random", _key(sp), progress=False, value_batch=0)
+
+
+@pytest.mark.parametrize("num_layers,n_visual", [(8, 144), (32, 576), (28, 1024)])
+def test_dop_table_spends_at_most_half_the_naive_layer_calls(num_layers, n_visual):
+    """Issue 17: the `dop` space's table at the demo's and the 7B models' shapes."""
+    from dop.search.table import layer_evals_per_sample
+
+    for ranker in ("vispruner", "fastv"):
+        sp = make_space("dop", num_layers, n_visual, min_depth=3 if ranker == "fastv" else 0)
+        fast, naive = layer_evals_per_sample(sp, ranker)
+        assert fast <= 0.5 * naive, f"{ranker}: {fast} of {naive}"
