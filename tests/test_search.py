@@ -269,6 +269,32 @@ def test_random_feasible_policies_fit_the_budget():
     assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
 
 
+@pytest.mark.parametrize("groups", [[0.25, 0.5, 1.0], [0.125, 0.25, 0.5, 1.0]])
+def test_draws_of_random_policies(groups):
+    """draw_feasible: "uniform" is the draw --verify makes today (the same policies for a
+    seed); "ordered" keeps each kind's depths non-increasing over the rank groups."""
+    from dop.search.spaces import draw_feasible
+
+    config = make_config("llava", num_layers=6)
+    space = make_space("multigroup", 6, 16, groups=groups)
+    cost = CostModel(config, [16], 7)
+    solver = Solver(space, _random_proxy(space, 0), cost)
+    limit = int(0.4 * cost.unpruned)
+    assert draw_feasible(space, cost.policy_cost, limit, 30, seed=5) == random_feasible(space, solver, limit, 30, seed=5)
+    got = draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="ordered")
+    assert len(got) == 30 and len({tuple(sorted(a.items())) for a in got}) == 30
+    assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
+    G = len(groups)
+    for a in got:
+        for k in ("attn", "mlp"):
+            depths = [a[f"{k}[{g}]"] for g in range(G)]
+            assert depths == sorted(depths, reverse=True), a
+    uniform = draw_feasible(space, cost.policy_cost, limit, 30, seed=5)
+    assert any(a[f"attn[{G - 1}]"] > a["attn[0]"] for a in uniform)  # the uniform draw is not ordered
+    with pytest.raises(SpaceError, match="unknown draw"):
+        draw_feasible(space, cost.policy_cost, limit, 3, draw="sorted")
+
+
 # ---------------------------------------------------------------------- API
 def test_one_table_serves_several_budgets():
     model = build_model("llava", num_layers=L)
