@@ -63,5 +63,6 @@ def main(argv=None) -> None:
         worst, rel = largest_difference(tables[name], tables["naive"])
         print(f"{name} vs naive: largest |difference| {worst:.3g}, largest relative (entries > 1e-4) {rel:.3g}")
 
+
 if __name__ == "__main__":
     main()
