@@ -23,18 +23,32 @@ import torch
 from dop.evaluate.datasets import load_dataset
 from dop.evaluate.loading import load_model
 from dop.policy import Policy
-from dop.runtime.replay import last_logits
+from dop.runtime import apply_policy
+from dop.runtime.replay import batch_last_logits, last_logits
 from dop.search import search
 from dop.search.cost import CostModel
-from dop.search.divergence import prepare_samples, reference_shape, true_divergence
+from dop.search.divergence import kl_divergence, prepare_samples, reference_shape
 from dop.search.solver import Solver
 from dop.search.spaces import draw_feasible
+from dop.search.table import collated
 from dop.search.verify import _spearman
+
+
+def true_batched(model, prepared, refs, policy, ranker, batch: int = 8) -> float:
+    """Mean true divergence of ``policy``, ``batch`` samples per padded forward (equal to one
+    at a time within float32 noise, docs/benchmarks.md "Table cost")."""
+    per = []
+    with torch.inference_mode(), apply_policy(model, policy, ranker=ranker):
+        for first in range(0, len(prepared), batch):
+            chunk = prepared[first:first + batch]
+            q = batch_last_logits(model, collated(model, [s.inputs for s in chunk]))
+            per += [kl_divergence(p, row) for p, row in zip(refs[first:first + batch], q)]
+    return sum(per) / len(per)
 
 
 def truths(model, sets: dict, policies: list[Policy], ranker) -> dict[str, list[float]]:
     """True divergence of every policy on every sample set (``{name: (prepared, refs)}``)."""
-    return {name: [true_divergence(model, prep, refs, pol, ranker)[0] for pol in policies]
+    return {name: [true_batched(model, prep, refs, pol, ranker) for pol in policies]
             for name, (prep, refs) in sets.items()}
 
 

@@ -376,6 +376,17 @@ def _rank_files(path: str) -> dict[int, str]:
     return found
 
 
+def collated(model, prompts: Sequence[dict]) -> dict:
+    """Prompts padded on the left into one batch, with the position ids of padded rows for
+    families that need them (docs/design.md, "Batches")."""
+    inputs = collate(list(prompts), pad_token_id(model))
+    if len(prompts) > 1:
+        pos = get_adapter(model).padded_position_ids(inputs["attention_mask"])
+        if pos is not None:
+            inputs["position_ids"] = pos
+    return inputs
+
+
 def _fill(model, prepared, space, ranker, table, indices, path, naive, bar, checkpoint_s, on_entry,
           close: bool = True, batch_size: int = 1, value_batch: int = VALUE_BATCH) -> None:
     """Compute the missing entries of samples ``indices`` into ``table``, saving it to
@@ -406,7 +417,6 @@ class _Filling:
         self.checkpoint_s, self.on_entry, self.value_batch = checkpoint_s, on_entry, value_batch
         self.adapter = get_adapter(model)
         self.L = self.adapter.num_layers
-        self.pad_id = pad_token_id(model)
         self.t0 = self.last_save = time.perf_counter()
         self.wall0, self.done = table.wall_s, 0
         self.first_replay = _first_replay(ranker, self.L, naive)  # entries starting below it: full forwards
@@ -421,11 +431,7 @@ class _Filling:
                   if any(t.get(p.name, v, i) is None for p, v in chunk for i in rows)]
         if not chunks:
             return
-        inputs = collate([self.prepared[i].inputs for i in rows], self.pad_id)
-        if len(rows) > 1:
-            pos = self.adapter.padded_position_ids(inputs["attention_mask"])
-            if pos is not None:
-                inputs["position_ids"] = pos
+        inputs = collated(self.model, [self.prepared[i].inputs for i in rows])
         prefix = capture_prefix(self.model, inputs)
         tokens = [int(x) for x in inputs["attention_mask"].sum(1)] if "attention_mask" in inputs \
             else [int(inputs["input_ids"].shape[1])] * len(rows)
