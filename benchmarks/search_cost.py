@@ -2,9 +2,12 @@
 
     time = ceil(samples / GPUs) x (decoder-layer evaluations per sample) x (time of one layer)
 
-- Layer evaluations per sample: :func:`dop.search.table.layer_evals_per_sample`, the count
-  ``build_table`` adds up (one unpruned forward, the ranker's probe, then every table entry
-  from the first layer it changes), for the space laid out at the preset's visual tokens.
+- Layer evaluations per sample: :func:`dop.search.table.layer_evals_per_sample` with
+  ``value_batch=1``, the count ``build_table`` adds up when every entry has a forward of its
+  own (one unpruned forward, the ranker's probe, then every table entry from the first layer
+  it changes), for the space laid out at the preset's visual tokens: one evaluation is one
+  sequence through one layer. The default table batches entries (docs/design.md, "Table
+  cost"): fewer layer calls, the same sequences, so this count still prices the work.
 - Time of one layer: with ``--prefill-json`` (the output of ``benchmarks/prefill.py --device
   cuda --dtype bfloat16 --widths llava-7b --json prefill.json`` on the GPU in question), the
   unpruned prefill's median divided by the layer count: measured. Without it: the layer's
@@ -45,7 +48,7 @@ def rows(args, prefill):
         L, n_visual = d["decoder"]["num_layers"], d["visual_tokens"]["default"]
         t_layer, how = per_layer_seconds(preset, n_visual, args.text, args.tflops, prefill)
         for space in args.spaces:
-            evals, naive = layer_evals_per_sample(make_space(space, L, n_visual), args.ranker)
+            evals, naive = layer_evals_per_sample(make_space(space, L, n_visual), args.ranker, value_batch=1)
             for n in args.samples:
                 times = {w: math.ceil(n / w) * evals * t_layer for w in args.gpus}
                 out.append(dict(model=preset, space=space, visual=n_visual, samples=n, evals_per_sample=evals,

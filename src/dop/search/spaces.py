@@ -16,7 +16,9 @@ that every op processes at every layer: no module ever sees fewer than M visual 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..policy import KEYS, Policy
 
@@ -249,3 +251,68 @@ def make_space(name: str, num_layers: int, n_ref: int, *, groups=None, kinds=Non
         return MultiGroupSpace(num_layers, n_ref, groups=groups or DEFAULT_GROUPS, kinds=kinds or DEFAULT_KINDS,
                                min_tokens=min_tokens, stride=stride, min_depth=min_depth)
     raise SpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")
+
+
+DRAWS = ("uniform", "ordered")
+
+
+def draw_feasible(space: Space, policy_cost: Callable[[Policy], float], limit: float, k: int, seed: int = 0,
+                  draw: str = "uniform", max_tries: int = 20000) -> list[dict]:
+    """Up to ``k`` distinct random assignments of ``space`` whose policy costs at most ``limit``
+    (``policy_cost``), to check the proxy against the truth (docs/design.md, "Search").
+
+    ``uniform``: every parameter drawn uniformly, then randomly chosen parameters lowered at
+    random until the policy fits. ``ordered``: the same, with the depths of each op kind
+    non-increasing over the rank groups (a group of more important tokens is processed at
+    least as deep as a later one: drawn values sorted, a lowered depth caps the later
+    groups'). A uniform draw spends most of its policies on cutting the top-ranked tokens'
+    attention early, which is as far from the unpruned model as the blind policy and leaves
+    their order noise (docs/benchmarks.md, "Proxy quality"). Spaces without rank groups draw
+    the same either way."""
+    if draw not in DRAWS:
+        raise SpaceError(f"unknown draw {draw!r}; use one of {', '.join(DRAWS)}")
+    rng = random.Random(seed)
+    ordered = draw == "ordered"
+    out, seen = [], set()
+    for _ in range(max_tries):
+        if len(out) >= k:
+            break
+        a = {p.name: rng.choice(p.values) for p in space.params}
+        if ordered:
+            _sort_groups(space, a)
+        c = policy_cost(space.policy(a))
+        while c > limit:
+            lowerable = [p for p in space.params if a[p.name] > min(p.values)]
+            if not lowerable:
+                break
+            p = rng.choice(lowerable)
+            a[p.name] = rng.choice([v for v in p.values if v < a[p.name]])
+            if ordered:
+                _cap_later_groups(space, a, p)
+            c = policy_cost(space.policy(a))
+        key = tuple(sorted(a.items()))
+        if c <= limit and key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def _sort_groups(space: Space, a: dict[str, int]) -> None:
+    """Each op kind's group depths of ``a`` sorted non-increasing over the groups (in place)."""
+    by_kind: dict[str, list[Param]] = {}
+    for p in space.params:
+        if p.group is not None:
+            by_kind.setdefault(p.kind, []).append(p)
+    for params in by_kind.values():
+        params.sort(key=lambda p: p.group)
+        for p, v in zip(params, sorted((a[p.name] for p in params), reverse=True)):
+            a[p.name] = v
+
+
+def _cap_later_groups(space: Space, a: dict[str, int], lowered: Param) -> None:
+    """Depths of ``lowered``'s kind in later groups capped at its new value (in place)."""
+    if lowered.group is None:
+        return
+    for p in space.params:
+        if p.kind == lowered.kind and p.group is not None and p.group > lowered.group:
+            a[p.name] = min(a[p.name], a[lowered.name])
