@@ -19,7 +19,7 @@ def heldout_samples(data: str, searched: int, n: int, verify_data: str | None = 
     if verify_data:
         rows = load_dataset(verify_data, limit=n, columns=columns if is_hf_spec(verify_data) else None)
         return rows, f"{verify_data} ({len(rows)} samples)"
-    rows = load_dataset(data, limit=searched + n, columns=columns if is_hf_spec(data) else None)[:n]
+    rows = load_dataset(data, limit=searched + n, columns=columns if is_hf_spec(data) else None)[searched:]
     if not rows:
         return [], f"none: {data} holds no samples after the {searched} searched"
     return rows, f"{data}, samples {searched + 1}-{searched + len(rows)} (after the {searched} searched)"
