@@ -123,7 +123,7 @@ def test_cli_reports_in_sample_and_heldout_side_by_side(saved, capsys):
     text = capsys.readouterr().out
     assert "in-sample (3)" in text and "held-out (3)" in text and "held-out verification on 3 samples" in text
     doc = json.loads((out / "s.json").read_text())
-    assert doc["verify_data"].endswith("samples 4-6 (after the 3 searched)") and doc["heldout_samples"] == 3
+    assert doc["verify_data"].endswith("samples 4-6, after the 3 searched") and doc["heldout_samples"] == 3
     r = doc["results"][0]
     assert r["verification"]["samples"] == 3 and r["verification_heldout"]["samples"] == 3
     assert r["policy"]["meta"]["heldout_true_divergence"] == r["verification_heldout"]["chosen_true"]

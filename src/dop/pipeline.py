@@ -10,9 +10,9 @@ import datetime as _dt
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -129,6 +129,35 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         return _run_locked(opts, out, _quiet)
     with output_lock([out]):
         return _run_locked(opts, out, log)
+
+
+def run_models(opts: RunOptions, models: Sequence[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`dop run --model A,B`: the whole main job per model, each in ``OUT/<model>/`` (resumable
+    on its own: a rerun with the same ``out`` reuses every model's finished stages), then one
+    report with the models side by side: ``OUT/report.md`` and ``OUT/results.json`` (keyed
+    per model). Every model's options are checked before any work."""
+    models = list(models)
+    dirs = {m: _slug(m) for m in models}
+    if len(set(dirs.values())) != len(models):
+        raise ValueError(f"--model: give each model once (the output folders would clash: {', '.join(models)})")
+    for m in models:
+        validate_options(replace(opts, model=m, out=None))
+    out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
+    if opts.out:
+        check_output_dir("--out", opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log if dd.is_main() else _quiet
+    with output_lock([out]):  # rank 0 alone locks (and writes)
+        per = {}
+        for i, m in enumerate(models, 1):
+            log(f"[model] {m} ({i} of {len(models)}): the whole job in {out / dirs[m]}")
+            per[m] = run_main_job(replace(opts, model=m, out=str(out / dirs[m])), log)
+        results = dict(format="dop-run-models/1", models=per, dirs=dirs, out=str(out),
+                       finished=_dt.datetime.now().isoformat(timespec="seconds"))
+        if dd.is_main():
+            write_json_atomic(out / "results.json", results)
+            markdown.write_models_report(results, out / "report.md")
+    return results
 
 
 @dataclass(frozen=True)

@@ -22,4 +22,4 @@ def heldout_samples(data: str, searched: int, n: int, verify_data: str | None = 
     rows = load_dataset(data, limit=searched + n, columns=columns if is_hf_spec(data) else None)[searched:]
     if not rows:
         return [], f"none: {data} holds no samples after the {searched} searched"
-    return rows, f"{data}, samples {searched + 1}-{searched + len(rows)} (after the {searched} searched)"
+    return rows, f"{data} samples {searched + 1}-{searched + len(rows)}, after the {searched} searched"
