@@ -73,18 +73,19 @@ def test_run_reports_heldout_divergences(tiny, tmp_path):
     in-sample and held-out figures reach results.json and report.md."""
     out = tmp_path / "v"
     args = _args(tiny, out) + ["--verify", "2", "--verify-samples", "3"]
-    args[args.index("tokens:1/3,0.9")] = "0.9"
+    args[args.index("tokens:1/3,0.9")] = "0.7"
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     t = res["tables"]["dop"]
     assert t["verify_data"] == "shapes:val samples 3-5, after the 2 searched"
-    v = t["verification"]["0.9"]
+    v = t["verification"]["0.7"]
     assert v["in_sample"]["samples"] == 2 and v["held_out"]["samples"] == 3 and v["held_out"]["random"] == 2
     dop_row = res["budgets"][0]["methods"][0]
     assert dop_row["policy"]["meta"]["heldout_true_divergence"] == v["held_out"]["chosen_true"]
     report = (out / "report.md").read_text()
     assert "## Divergence from the unpruned model: in-sample and held-out" in report
-    row = next(x for x in report.splitlines() if x.startswith("| 0.9 |")).split(" | ")
+    row = next(x for x in report.splitlines() if x.startswith("| 0.7 |")).split(" | ")
+    assert v["in_sample"]["chosen_true"] != v["held_out"]["chosen_true"]
     assert row[2] == f"{v['in_sample']['chosen_true']:.4g}" and row[3] == f"{v['held_out']['chosen_true']:.4g}"
 
 
