@@ -35,8 +35,9 @@ def register(subparsers) -> None:
             "decoder FLOPs fit the budget."
         ),
     )
-    p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
-                   help="'demo', a hub id (owner/name) or a local checkpoint folder")
+    p.add_argument("--model", required=True, metavar="demo|demo-base|HUB_ID|PATH",
+                   help="'demo', 'demo-base' (its control, not trained for pruning), a hub id (owner/name) "
+                        "or a local checkpoint folder")
     p.add_argument("--data", required=True, metavar=DATA_METAVAR,
                    help="validation data: the synthetic benchmark split, a JSONL file / folder, or a Hugging "
                         "Face data set (parquet, save_to_disk folder, hf:OWNER/NAME[:CONFIG]:SPLIT)")
