@@ -23,7 +23,8 @@ from .evaluate.datasets import as_sample, load_dataset
 from .evaluate.heldout import heldout_samples
 from .evaluate.hf import is_hf_spec
 from .evaluate.inputs import prompt_shape, sample_inputs
-from .evaluate.loading import load_model, prompt_builder_for
+from .evaluate import loading
+from .evaluate.loading import prompt_builder_for
 from .evaluate.runner import EvalResult, evaluate
 from .flops import count_flops, resolve_arch
 from .models import get_adapter
@@ -260,7 +261,8 @@ def _load_job(opts: RunOptions, out: Path, log: Callable[[str], None], stages: S
         opts.data, opts.samples, opts.heldout_n, opts.verify_data, opts.columns)
     if opts.verify and not heldout:
         log(f"[load] no held-out samples ({where}): the searches are verified in-sample only")
-    model, processor = _load_model(opts, load_model)
+    # looked up when called, not bound at import: a test that replaces it for a while leaves no trace here
+    model, processor = _load_model(opts, loading.load_model)
     if dd.is_distributed():
         model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
     build_prompt = prompt_builder_for(opts.model)
