@@ -3,10 +3,14 @@
     dop search --model demo --data shapes:val --samples 25 --budget 0.14 --ranker vispruner -o policy.json
     dop search --model demo --data shapes:val --budgets 0.1,0.14,0.25 --table table.json -o policy.json
     dop search --model llava-hf/llava-1.5-7b-hf --data val.jsonl --budget tokens:64 --space multigroup --verify 50
+    dop search --model demo --data shapes:val --budget 0.25 --verify 50 --verify-data shapes:val:7 -o policy.json
 
 With several budgets, ``-o policy.json`` becomes ``policy.<budget>.json`` per budget (or put
 ``{budget}`` in the name). ``--table`` checkpoints the divergence table as it fills; running
 the same command again resumes it (or, once complete, solves new budgets at no model cost).
+``--verify K`` measures the same policies on the searched samples and on held-out ones
+(``--verify-data``, default the samples of ``--data`` after the searched ones) and prints
+both side by side (docs/design.md, "Held-out verification").
 """
 
 from __future__ import annotations
