@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .demo import DEMOS
+from .demo import DEMOS, demo_dir
 
 DEMO = "demo"  # the bundled demo model, as every command's --model accepts it
 DEMO_BASE = "demo-base"  # its from-scratch control, before the pruning fine-tunes
@@ -32,7 +32,8 @@ def looks_like_path(name: str | os.PathLike) -> bool:
 
 def bundled_dir(name: str | os.PathLike) -> Path | None:
     """The weights folder of a bundled demo model's name (``demo``, ``demo-base``), else None."""
-    return DEMOS.get(os.fspath(name).strip()) if isinstance(name, (str, os.PathLike)) else None
+    text = os.fspath(name).strip() if isinstance(name, (str, os.PathLike)) else None
+    return demo_dir(text) if text in DEMOS else None
 
 
 def loaded_model_name(model: Any) -> str | None:

@@ -11,17 +11,23 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "weights"
 DEMO_BASE_DIR = Path(__file__).resolve().parent / "weights-base"
-DEMOS = {"demo": DEMO_DIR, "demo-base": DEMO_BASE_DIR}  # the names every command's --model accepts
+DEMOS = ("demo", "demo-base")  # the names every command's --model accepts
 
-__all__ = ["DEMOS", "DEMO_BASE_DIR", "DEMO_DIR", "load_demo", "build_prompt"]
+__all__ = ["DEMOS", "DEMO_BASE_DIR", "DEMO_DIR", "demo_dir", "load_demo", "build_prompt"]
+
+
+def demo_dir(name: str = "demo") -> Path:
+    """The weights folder of a bundled demo model (``demo`` or ``demo-base``), looked up when
+    called."""
+    if name not in DEMOS:
+        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(DEMOS)}")
+    return DEMO_DIR if name == "demo" else DEMO_BASE_DIR
 
 
 def load_demo(attn_implementation: str = "sdpa", name: str = "demo"):
     """Load a bundled demo model (``name``: ``demo`` or ``demo-base``) and its processor:
     ``(LlavaForConditionalGeneration, LlavaProcessor)``, in eval mode and float32."""
-    if name not in DEMOS:
-        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(DEMOS)}")
-    folder = DEMOS[name]
+    folder = demo_dir(name)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{name} weights not found in {folder}; train them with "
