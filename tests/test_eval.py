@@ -317,10 +317,13 @@ def test_demo_name_routes_to_the_demo_loader_and_prompt(monkeypatch, loaded):
     from dop.evaluate.loading import prompt_builder_for
 
     calls = []
-    monkeypatch.setattr(dop.demo, "load_demo", lambda attn_implementation="sdpa": calls.append(attn_implementation) or loaded)
+    monkeypatch.setattr(dop.demo, "load_demo",
+                        lambda attn_implementation="sdpa", name="demo": calls.append((attn_implementation, name)) or loaded)
     model, processor = load_model("demo", attn_implementation="eager")
-    assert calls == ["eager"] and model is loaded[0] and processor is loaded[1]
+    assert calls == [("eager", "demo")] and model is loaded[0] and processor is loaded[1]
     assert prompt_builder_for("demo") is dop.demo.build_prompt
+    load_model("demo-base")  # the control model of issue 17 goes the same way
+    assert calls[-1] == ("sdpa", "demo-base") and prompt_builder_for("demo-base") is dop.demo.build_prompt
 
 
 def test_retrained_demo_folder_gets_the_demo_prompt(tmp_path):

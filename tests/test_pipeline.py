@@ -66,3 +66,75 @@ def test_run_bad_budget_is_a_clear_error(tiny, tmp_path, capsys):
     args[args.index("tokens:1/3,0.9")] = "1.5"
     assert main(args) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_run_reports_heldout_divergences(tiny, tmp_path):
+    """Issue 17, item 2: each search is verified on the samples after the searched ones; the
+    in-sample and held-out figures reach results.json and report.md."""
+    out = tmp_path / "v"
+    args = _args(tiny, out) + ["--verify", "2", "--verify-samples", "3"]
+    args[args.index("tokens:1/3,0.9")] = "0.7"
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    t = res["tables"]["dop"]
+    assert t["verify_data"] == "shapes:val samples 3-5, after the 2 searched"
+    v = t["verification"]["0.7"]
+    assert v["in_sample"]["samples"] == 2 and v["held_out"]["samples"] == 3 and v["held_out"]["random"] == 2
+    dop_row = res["budgets"][0]["methods"][0]
+    assert dop_row["policy"]["meta"]["heldout_true_divergence"] == v["held_out"]["chosen_true"]
+    report = (out / "report.md").read_text()
+    assert "## Divergence from the unpruned model: in-sample and held-out" in report
+    row = next(x for x in report.splitlines() if x.startswith("| 0.7 |")).split(" | ")
+    assert v["in_sample"]["chosen_true"] != v["held_out"]["chosen_true"]
+    assert row[2] == f"{v['in_sample']['chosen_true']:.4g}" and row[3] == f"{v['held_out']['chosen_true']:.4g}"
+
+
+@pytest.fixture(scope="module")
+def tiny_two(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    return [str(build_tiny_llava(root / name, seed=i)) for i, name in enumerate(("a", "b"))]
+
+
+def test_run_two_models_side_by_side_and_resume(tiny_two, tmp_path, capsys):
+    """Issue 17, item 5: `dop run --model A,B` runs the whole job per model in OUT/<model>/,
+    writes one report with both models and results.json keyed per model; a rerun reuses
+    every model's stages."""
+    from dop.pipeline import _slug
+
+    out = tmp_path / "both"
+    args = _args(",".join(tiny_two), out) + ["--verify", "0"]
+    args[args.index("tokens:1/3,0.9")] = "0.9"
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"model {m}" in printed for m in tiny_two)
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["models"]) == tiny_two and res["dirs"] == {m: _slug(m) for m in tiny_two}
+    report = (out / "report.md").read_text()
+    head = next(x for x in report.splitlines() if x.startswith("| method |"))
+    assert all(f"{m}: Rel. Avg." in head for m in tiny_two)
+    for m in tiny_two:
+        own = json.loads((out / _slug(m) / "results.json").read_text())
+        assert own["options"]["model"] == m and own["budgets"] == res["models"][m]["budgets"]
+        assert f"]({_slug(m)}/report.md)" in report and (out / _slug(m) / "report.md").is_file()
+    # the DOP row holds each model's own FLOPs reduction, in the models' order
+    row = next(x for x in report.splitlines() if x.startswith("| DOP (dop) |")).split(" | ")
+    fractions = [res["models"][m]["budgets"][0]["methods"][0]["flops_fraction"] for m in tiny_two]
+    assert [row[1], row[3]] == [f"{100 * (1 - f):.1f}%" for f in fractions]
+    assert main(args) == 0
+    for m in tiny_two:
+        again = json.loads((out / _slug(m) / "results.json").read_text())
+        assert set(again["reused"]) >= {"search-dop", "eval-unpruned"}
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--verify", "0", "--verify-data", "shapes:val"], "apply only with --verify"),
+    (["--verify-samples", "0"], "--verify-samples must be a positive integer"),
+])
+def test_run_verify_bad_inputs(tiny, tmp_path, capsys, extra, match):
+    assert main(_args(tiny, tmp_path / "bad") + extra) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_run_same_model_twice_is_refused(tiny, tmp_path, capsys):
+    assert main(_args(f"{tiny},{tiny}", tmp_path / "twice")) == 2
+    assert "give each model once" in capsys.readouterr().err

@@ -38,8 +38,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
-from .demo import DEMO_DIR
-from .names import DEMO, looks_like_path
+from .names import bundled_dir, looks_like_path
 from .policy import OP_KINDS, Policy
 
 CONVENTIONS = ("dop", "paper")
@@ -208,10 +207,11 @@ def resolve_arch(model: Any) -> Arch:
         return model
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
-        if text == DEMO:
-            if not (DEMO_DIR / "config.json").is_file():
-                raise ValueError(f"the demo model's config is missing ({DEMO_DIR / 'config.json'})")
-            return arch_from_config_folder(str(DEMO_DIR), name=DEMO)
+        folder = bundled_dir(text)  # demo, demo-base
+        if folder is not None:
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"the {text} model's config is missing ({folder / 'config.json'})")
+            return arch_from_config_folder(str(folder), name=text)
         if _preset_key(text) is not None:
             return preset_arch(text)
         if os.path.isdir(text) or (os.path.isfile(text) and text.endswith(".json")):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
-from .demo import DEMO_DIR
+from .demo import DEMOS, demo_dir
 
 DEMO = "demo"  # the bundled demo model, as every command's --model accepts it
+DEMO_BASE = "demo-base"  # its from-scratch control, before the pruning fine-tunes
 # "owner/name" as the hub spells repository ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -28,6 +30,12 @@ def looks_like_path(name: str | os.PathLike) -> bool:
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
 
 
+def bundled_dir(name: str | os.PathLike) -> Path | None:
+    """The weights folder of a bundled demo model's name (``demo``, ``demo-base``), else None."""
+    text = os.fspath(name).strip() if isinstance(name, (str, os.PathLike)) else None
+    return demo_dir(text) if text in DEMOS else None
+
+
 def loaded_model_name(model: Any) -> str | None:
     """The name a loaded model was loaded from (``config._name_or_path``), or None if unknown."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -38,8 +46,8 @@ def canonical_model_name(name: str | os.PathLike) -> str:
     """One spelling per model: ``demo`` and folders become their real path, hub ids lower case
     (the hub matches repository names without regard to case)."""
     text = os.fspath(name).strip()
-    if text == DEMO:
-        return os.path.realpath(DEMO_DIR)
+    if bundled_dir(text) is not None:
+        return os.path.realpath(bundled_dir(text))
     if os.path.isdir(text):
         return os.path.realpath(text)
     return text.rstrip("/").lower()

@@ -10,9 +10,9 @@ import datetime as _dt
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,9 +20,11 @@ from . import baselines as bl, distributed as dd
 from .baselines import METHODS, resolve_budget, token_policy
 from .evaluate.bootstrap import Bootstrap
 from .evaluate.datasets import as_sample, load_dataset
+from .evaluate.heldout import heldout_samples
 from .evaluate.hf import is_hf_spec
 from .evaluate.inputs import prompt_shape, sample_inputs
-from .evaluate.loading import load_model, prompt_builder_for
+from .evaluate import loading
+from .evaluate.loading import prompt_builder_for
 from .evaluate.runner import EvalResult, evaluate
 from .flops import count_flops, resolve_arch
 from .models import get_adapter
@@ -39,6 +41,7 @@ from .search.cost import DEFAULT_CONVENTION, parse_budget
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
 DEFAULT_SPACES = ("dop", "multigroup")
+DEFAULT_VERIFY = 10  # random policies per search and budget in the held-out verification
 
 
 @dataclass
@@ -58,14 +61,24 @@ class RunOptions:
     progress: bool = True
     attn_implementation: str = "sdpa"
     columns: str | None = None  # Hugging Face data sets: "role=column,..." (dop.evaluate.hf)
+    # held-out verification of each search (docs/design.md, "Search"): K random policies, on
+    # verify_data (default: the samples of data after the searched ones), verify_samples of them
+    verify: int = DEFAULT_VERIFY
+    verify_data: str | None = None
+    verify_samples: int | None = None  # default: as many as samples
 
     def key(self) -> dict:
         d = asdict(self)
         d.pop("out")
         d.pop("progress")
-        if d["columns"] is None:
-            d.pop("columns")  # keeps the stage keys of runs made before the option existed
+        for name in ("columns", "verify_data", "verify_samples"):
+            if d[name] is None:
+                d.pop(name)  # keeps the keys of runs made before the option existed
         return d
+
+    @property
+    def heldout_n(self) -> int:
+        return self.samples if self.verify_samples is None else self.verify_samples
 
 
 def _machine() -> str:
@@ -76,10 +89,15 @@ def _machine() -> str:
 def validate_options(opts: RunOptions) -> None:
     """Every option that can be checked without the model, before any work (issue 16)."""
 
-    for name in ("samples", "test_samples", "max_new_tokens"):
+    for name in ("samples", "test_samples", "max_new_tokens", "heldout_n"):
         v = getattr(opts, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            flag = "verify_samples" if name == "heldout_n" else name
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {v!r}")
+    if isinstance(opts.verify, bool) or not isinstance(opts.verify, int) or opts.verify < 0:
+        raise ValueError(f"--verify must be a non-negative integer, got {opts.verify!r}")
+    if not opts.verify and (opts.verify_data or opts.verify_samples is not None):
+        raise ValueError("--verify-data and --verify-samples apply only with --verify K > 0")
     if not opts.budgets:
         raise ValueError("--budgets: give at least one budget")
     for b in opts.budgets:
@@ -112,6 +130,35 @@ def run_main_job(opts: RunOptions, log: Callable[[str], None] = print) -> dict[s
         return _run_locked(opts, out, _quiet)
     with output_lock([out]):
         return _run_locked(opts, out, log)
+
+
+def run_models(opts: RunOptions, models: Sequence[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`dop run --model A,B`: the whole main job per model, each in ``OUT/<model>/`` (resumable
+    on its own: a rerun with the same ``out`` reuses every model's finished stages), then one
+    report with the models side by side: ``OUT/report.md`` and ``OUT/results.json`` (keyed
+    per model). Every model's options are checked before any work."""
+    models = list(models)
+    dirs = {m: _slug(m) for m in models}
+    if len(set(dirs.values())) != len(models):
+        raise ValueError(f"--model: give each model once (the output folders would clash: {', '.join(models)})")
+    for m in models:
+        validate_options(replace(opts, model=m, out=None))
+    out = Path(opts.out or dd.broadcast(f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"))
+    if opts.out:
+        check_output_dir("--out", opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log if dd.is_main() else _quiet
+    with output_lock([out]):  # rank 0 alone locks (and writes)
+        per = {}
+        for i, m in enumerate(models, 1):
+            log(f"[model] {m} ({i} of {len(models)}): the whole job in {out / dirs[m]}")
+            per[m] = run_main_job(replace(opts, model=m, out=str(out / dirs[m])), log)
+        results = dict(format="dop-run-models/1", models=per, dirs=dirs, out=str(out),
+                       finished=_dt.datetime.now().isoformat(timespec="seconds"))
+        if dd.is_main():
+            write_json_atomic(out / "results.json", results)
+            markdown.write_models_report(results, out / "report.md")
+    return results
 
 
 @dataclass(frozen=True)
@@ -155,6 +202,8 @@ class _Job:
     processor: Any
     val: list
     test: list
+    heldout: list  # samples of the held-out verification (empty: none)
+    heldout_where: str
     build_prompt: Callable
     num_layers: int
     n_visual: int
@@ -208,15 +257,20 @@ def _load_job(opts: RunOptions, out: Path, log: Callable[[str], None], stages: S
 
     val = load_dataset(opts.data, limit=opts.samples, columns=columns(opts.data))
     test = load_dataset(opts.test_data, limit=opts.test_samples, columns=columns(opts.test_data))
-    model, processor = _load_model(opts, load_model)
+    heldout, where = ([], "none: --verify 0") if not opts.verify else heldout_samples(
+        opts.data, opts.samples, opts.heldout_n, opts.verify_data, opts.columns)
+    if opts.verify and not heldout:
+        log(f"[load] no held-out samples ({where}): the searches are verified in-sample only")
+    # looked up when called, not bound at import: a test that replaces it for a while leaves no trace here
+    model, processor = _load_model(opts, loading.load_model)
     if dd.is_distributed():
         model = model.to(dd.device_for())  # one device per rank: cuda:LOCAL_RANK, or the CPU
     build_prompt = prompt_builder_for(opts.model)
     adapter = get_adapter(model)
     n_visual, n_text = _prompt_shape(processor, adapter, build_prompt, test[0])
     stages.times["load"] = time.perf_counter() - t0
-    return _Job(opts, out, log, stages, model, processor, val, test, build_prompt, adapter.num_layers,
-                n_visual, n_text, load_before)
+    return _Job(opts, out, log, stages, model, processor, val, test, heldout, where, build_prompt,
+                adapter.num_layers, n_visual, n_text, load_before)
 
 
 def _run_searches(job: _Job, n_budgets: int) -> dict[str, dict]:
@@ -224,31 +278,51 @@ def _run_searches(job: _Job, n_budgets: int) -> dict[str, dict]:
     (job.out / "tables").mkdir(exist_ok=True)
     searches = {}
     for space in job.opts.spaces:
-        job.log(f"[search] space {space!r}: divergence table on {len(job.val)} samples, then {n_budgets} budgets")
+        job.log(f"[search] space {space!r}: divergence table on {len(job.val)} samples, then {n_budgets} budgets"
+                + (f", verified on {len(job.heldout)} held-out samples" if job.heldout else ""))
         searches[space] = job.stages.run(
-            f"search-{space}",
-            lambda space=space: _search(job.model, job.processor, job.val, space, job.opts, job.build_prompt, job.out),
-            key=dict(job.common, space=space, budgets=list(job.opts.budgets)),
+            f"search-{space}", lambda space=space: _search(job, space),
+            key=dict(job.common, space=space, budgets=list(job.opts.budgets), **_verify_key(job)),
         )
     return searches
 
 
 def _plan_methods(job: _Job, budgets: list[BudgetPlan], searches: dict) -> tuple[list[MethodPlan], list[dict]]:
-    """Per budget: DOP per space, then the token-pruning baselines (those that cannot meet the
-    budget are skipped, with the reason)."""
+    """Per budget, the plans of every planner of :data:`PLANNERS` in order (DOP per space,
+    then the token-pruning baselines); a method that cannot meet a budget is skipped, with
+    the reason."""
     plan, skipped = [], []
     for b in budgets:
-        for space in job.opts.spaces:
-            plan.append(MethodPlan(b, f"DOP ({space})", "dop", searches[space]["policies"][b.spec], job.opts.ranker))
-        for method in job.opts.baselines:
-            try:
-                pol, ranker = _baseline(job.model, method, b, job.n_visual, job.n_text, job.num_layers)
-            except ValueError as e:
-                job.log(f"[baseline] {method} at {b.spec}: skipped ({e})")
-                skipped.append(dict(budget=b.spec, method=method, reason=str(e)))
-                continue
-            plan.append(MethodPlan(b, method, "baseline", pol.to_dict(), ranker))
+        for planner in PLANNERS:
+            plans, why = planner(job, b, searches)
+            plan += plans
+            skipped += why
     return plan, skipped
+
+
+def _dop_plans(job: _Job, b: BudgetPlan, searches: dict) -> tuple[list[MethodPlan], list[dict]]:
+    """The searched DOP policy of each space."""
+    return [MethodPlan(b, f"DOP ({space})", "dop", searches[space]["policies"][b.spec], job.opts.ranker)
+            for space in job.opts.spaces], []
+
+
+def _baseline_plans(job: _Job, b: BudgetPlan, searches: dict) -> tuple[list[MethodPlan], list[dict]]:
+    """The token-pruning baselines fitted to the budget."""
+    plans, skipped = [], []
+    for method in job.opts.baselines:
+        try:
+            pol, ranker = _baseline(job.model, method, b, job.n_visual, job.n_text, job.num_layers)
+        except ValueError as e:
+            job.log(f"[baseline] {method} at {b.spec}: skipped ({e})")
+            skipped.append(dict(budget=b.spec, method=method, reason=str(e)))
+            continue
+        plans.append(MethodPlan(b, method, "baseline", pol.to_dict(), ranker))
+    return plans, skipped
+
+
+# Who plans the evaluations at one budget: ``planner(job, budget, searches) -> (plans,
+# skipped)``. A new method of `dop run` is one more function here.
+PLANNERS = (_dop_plans, _baseline_plans)
 
 
 def _eval_stage(job: _Job, name: str, policy=None, ranker=None, baseline=None) -> Callable[[], dict]:
@@ -308,7 +382,8 @@ def _results(job: _Job, unpruned_d: dict, boot, results_budgets: list[dict], sea
         unpruned=unpruned_row,
         timing=_timing_note([unpruned_row, *(m for b in results_budgets for m in b["methods"])], job.load_before),
         budgets=results_budgets,
-        tables={s: dict(summary=r["summary"]) for s, r in searches.items()},
+        tables={s: dict(summary=r["summary"], verification=r.get("verification"), verify_data=r.get("verify_data"))
+                for s, r in searches.items()},
         skipped=skipped,
     )
 
@@ -489,10 +564,33 @@ def _num_layers(model) -> int:
     return resolve_arch(model).decoder.num_layers
 
 
-def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
-    res = search(model, processor, val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
-                 table=str(out / "tables" / f"table-{space}.json"), seed=opts.seed,
-                 build_prompt=build_prompt, progress=opts.progress, meta={"model": opts.model})
+def _verify_key(job: _Job) -> dict:
+    """The verification options of the search stages' key (none with --verify 0, so that the
+    keys of runs made before held-out verification stay valid)."""
+    o = job.opts
+    return dict(verify=o.verify, verify_data=o.verify_data, verify_samples=len(job.heldout)) if o.verify else {}
+
+
+def _verifications(res) -> dict:
+    """Per budget, the in-sample and held-out verification without the random policies'
+    rows (their count stays): what results.json and the report show."""
+    def brief(v):
+        if v is None:
+            return None
+        d = v.to_dict()
+        d["random"] = len(v.random)
+        return d
+
+    return {r.budget.spec: {"predicted": r.solution.predicted, "in_sample": brief(r.verification),
+                            "held_out": brief(r.heldout)} for r in res.results}
+
+
+def _search(job: _Job, space: str) -> dict:
+    opts = job.opts
+    res = search(job.model, job.processor, job.val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
+                 table=str(job.out / "tables" / f"table-{space}.json"), seed=opts.seed,
+                 verify_k=opts.verify, verify_samples=job.heldout or None,
+                 build_prompt=job.build_prompt, progress=opts.progress, meta={"model": opts.model})
     proxy = res.table.proxy(res.space)
     summary = (f"{len(res.space.params)} parameters, {res.table.total()} table entries, "
                f"{res.layer_evals} decoder-layer evaluations (naive: {res.naive_layer_evals}), "
@@ -502,6 +600,7 @@ def _search(model, processor, val, space, opts, build_prompt, out) -> dict:
         predicted={r.budget.spec: r.solution.predicted for r in res.results},
         curves={name: {str(v): kl for v, kl in pts.items()} for name, pts in proxy.items()},
         summary=summary, layer_evals=res.layer_evals, naive_layer_evals=res.naive_layer_evals, wall_s=res.wall_s,
+        verification=_verifications(res) if opts.verify else None, verify_data=job.heldout_where,
     )
 
 

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("method", choices=METHODS)
-    p.add_argument("--model", required=True, help="a preset name, 'demo', a checkpoint folder or a hub id (config only)")
+    p.add_argument("--model", required=True, help="a preset name, 'demo', 'demo-base', a checkpoint folder or a hub id (config only)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokens", type=int, help="visual tokens kept per image (FastV/DART: from layer K on)")
     g.add_argument("--budget", metavar="B", help="FLOPs budget: " + BUDGET_HELP.replace("%", "%%"))

@@ -37,8 +37,9 @@ def register(subparsers) -> None:
             "policy is given, decoder FLOPs in both conventions and the mean prefill time."
         ),
     )
-    p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
-                   help="'demo', a hub id (owner/name) or a local checkpoint folder")
+    p.add_argument("--model", required=True, metavar="demo|demo-base|HUB_ID|PATH",
+                   help="'demo', 'demo-base' (its control, not trained for pruning), a hub id (owner/name) "
+                        "or a local checkpoint folder")
     p.add_argument("--data", required=True, metavar=DATA_METAVAR,
                    help="the synthetic benchmark split, a JSONL file (or folder holding data.jsonl), or a "
                         "Hugging Face data set: parquet files, a save_to_disk folder or a hub id with a split")

@@ -4,14 +4,17 @@ model on a test split, and writes a report (report.md, pareto.png, policy_map.pn
 results.json, every policy file). Rerun with the same --out to reuse finished stages.
 
     dop run                                   # the bundled demo model, defaults below
+    dop run --model demo,demo-base            # one job per model, one report side by side
     dop run --model llava-hf/llava-1.5-7b-hf --data my_val.jsonl --test-data my_test.jsonl
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import os
 import sys
+from dataclasses import replace
 
 from ..report.markdown import comparison_line, timing_note
 from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
@@ -19,7 +22,7 @@ from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
 def register(subparsers) -> None:
     # lazy: spares numpy, torch, transformers until used
-    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, RunOptions
+    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, DEFAULT_VERIFY, RunOptions
     from ..search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
 
     d = RunOptions()
@@ -27,7 +30,9 @@ def register(subparsers) -> None:
         "run", help="the main job: search, apply, compare with token pruners, report",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", default=d.model, metavar="demo|HUB_ID|PATH", help="model (default: demo)")
+    p.add_argument("--model", default=d.model, metavar="demo|demo-base|HUB_ID|PATH[,...]",
+                   help="model (default: demo); several, comma-separated (demo,demo-base), run the whole job "
+                        "per model in OUT/<model>/ and report them side by side in OUT/report.md")
     p.add_argument("--data", default=d.data, metavar="SPEC", help="validation data for the search (default: shapes:val)")
     p.add_argument("--test-data", default=d.test_data, metavar="SPEC", help="test data (default: shapes:test)")
     p.add_argument("--columns", default=None, metavar="ROLE=COL,...", help=COLUMNS_HELP)
@@ -41,6 +46,14 @@ def register(subparsers) -> None:
                    help="search spaces (default: dop,multigroup)")
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), metavar="M1,M2",
                    help="token-pruning baselines to compare with ('none' for none)")
+    p.add_argument("--verify", type=int, default=DEFAULT_VERIFY, metavar="K",
+                   help="verify each search: the true divergence of the chosen policy, token pruning, the blind "
+                        f"policy and K random policies, on the searched and on held-out samples (default {DEFAULT_VERIFY}; "
+                        "0: none)")
+    p.add_argument("--verify-data", default=None, metavar="SPEC",
+                   help="held-out samples for --verify (default: the samples of --data after the searched ones)")
+    p.add_argument("--verify-samples", type=int, default=None, metavar="N",
+                   help="held-out samples for --verify (default: as many as --samples)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<timestamp>/)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -55,7 +68,7 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..pipeline import RunOptions, run_main_job  # lazy: spares numpy, torch, transformers until used
+    from ..pipeline import RunOptions, run_main_job, run_models  # lazy: spares numpy, torch, transformers until used
 
     apply_image_limit(args)
 
@@ -64,28 +77,36 @@ def run(args) -> int:
         test_samples=args.test_samples, budgets=_split(args.budgets), ranker=args.ranker,
         spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
+        verify=args.verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
     )
+    models = _split(args.model)
+    if not models:
+        raise ValueError("--model: give at least one model")
 
     if opts.out is None:
         opts.out = f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    kept = (f"the finished stages are kept in {opts.out}/stages; run the same command again "
+    stages = "stages" if len(models) == 1 else "<model>/stages"
+    kept = (f"the finished stages are kept in {opts.out}/{stages}; run the same command again "
             "(same --out) to resume from them")
     try:
-        res = run_main_job(opts)  # checks every option (validate_options) before any work
+        # both check every option (validate_options) before any work
+        res = run_main_job(replace(opts, model=models[0])) if len(models) == 1 else run_models(opts, models)
     except KeyboardInterrupt:
         print(kept, file=sys.stderr)
         raise
     except OSError as e:  # a late system failure (disk full, folder gone): say what is kept
-        if not os.path.isdir(os.path.join(opts.out, "stages")):
+        if not glob.glob(os.path.join(glob.escape(opts.out), stages.replace("<model>", "*"))):
             raise
         raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
     from ..distributed import is_main  # lazy: spares torch until used
 
     if not is_main():
         return 0  # rank 0 prints the headline
-    print()
-    print(headline(res))
-    print(f"\nreport: {res['out']}/report.md  (pareto.png, policy_map.png, results.json, policies/)")
+    for name, r in res.get("models", {"": res}).items():
+        print(f"\nmodel {name}" if name else "")
+        print(headline(r))
+    where = "one folder per model" if "models" in res else "pareto.png, policy_map.png, results.json, policies/"
+    print(f"\nreport: {res['out']}/report.md  ({where})")
     return 0
 
 

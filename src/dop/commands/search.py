@@ -3,10 +3,14 @@
     dop search --model demo --data shapes:val --samples 25 --budget 0.14 --ranker vispruner -o policy.json
     dop search --model demo --data shapes:val --budgets 0.1,0.14,0.25 --table table.json -o policy.json
     dop search --model llava-hf/llava-1.5-7b-hf --data val.jsonl --budget tokens:64 --space multigroup --verify 50
+    dop search --model demo --data shapes:val --budget 0.25 --verify 50 --verify-data shapes:val:7 -o policy.json
 
 With several budgets, ``-o policy.json`` becomes ``policy.<budget>.json`` per budget (or put
 ``{budget}`` in the name). ``--table`` checkpoints the divergence table as it fills; running
 the same command again resumes it (or, once complete, solves new budgets at no model cost).
+``--verify K`` measures the same policies on the searched samples and on held-out ones
+(``--verify-data``, default the samples of ``--data`` after the searched ones) and prints
+both side by side (docs/design.md, "Held-out verification").
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def register(subparsers) -> None:
             "decoder FLOPs fit the budget."
         ),
     )
-    p.add_argument("--model", required=True, metavar="demo|HUB_ID|PATH",
-                   help="'demo', a hub id (owner/name) or a local checkpoint folder")
+    p.add_argument("--model", required=True, metavar="demo|demo-base|HUB_ID|PATH",
+                   help="'demo', 'demo-base' (its control, not trained for pruning), a hub id (owner/name) "
+                        "or a local checkpoint folder")
     p.add_argument("--data", required=True, metavar=DATA_METAVAR,
                    help="validation data: the synthetic benchmark split, a JSONL file / folder, or a Hugging "
                         "Face data set (parquet, save_to_disk folder, hf:OWNER/NAME[:CONFIG]:SPLIT)")
@@ -62,7 +67,12 @@ def register(subparsers) -> None:
     p.add_argument("--table", metavar="table.json", help="checkpoint / resume the divergence table here")
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="measure the true divergence of the chosen policy, K random feasible ones (Spearman) "
-                        "and token pruning at the same budget")
+                        "and token pruning at the same budget, on the searched samples and on held-out ones")
+    p.add_argument("--verify-data", metavar="SPEC",
+                   help="held-out samples for --verify (same grammar as --data; default: the samples of --data "
+                        "after the searched ones)")
+    p.add_argument("--verify-samples", type=int, default=None, metavar="N",
+                   help="held-out samples for --verify (default: as many as --samples)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -99,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.verify < 0:
         raise ValueError(f"--verify must be a non-negative integer, got {args.verify}")
+    if not args.verify and (args.verify_data or args.verify_samples is not None):
+        raise ValueError("--verify-data and --verify-samples apply only together with --verify K")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     groups = check_groups(args.groups.split(",")) if args.groups else None
@@ -121,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_ranker(args.ranker)
 
     samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
+    heldout = _heldout(args) if args.verify else (None, None)
     if args.table and os.path.exists(args.table):
         from dop.search.table import DivergenceTable  # lazy: spares numpy, torch, transformers until used
 
@@ -133,12 +146,26 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         with output_lock([*outputs, args.table, args.json]):
-            return _run_loaded(args, samples, budgets, outputs, groups, kinds)
+            return _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
+def _heldout(args) -> tuple[list | None, str]:
+    """The held-out samples of --verify (None, with a note, where --data has none left) and
+    where they come from."""
+    from dop.distributed import is_main  # lazy: spares torch until used
+    from dop.evaluate.heldout import heldout_samples  # lazy: spares torch until used
+
+    n = args.samples if args.verify_samples is None else args.verify_samples
+    rows, where = heldout_samples(args.data, args.samples, n, args.verify_data, args.columns)
+    if not rows and is_main():
+        print(f"note: no held-out samples ({where}); --verify reports in-sample figures only "
+              "(give --verify-data)", file=sys.stderr)
+    return rows or None, where
+
+
+def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
     import torch  # lazy: spares torch until used
 
     from dop import distributed  # lazy: spares torch until used
@@ -152,7 +179,7 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
             groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
-            convention=args.convention, table=args.table, verify_k=args.verify, seed=args.seed,
+            convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0], seed=args.seed,
             build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
             meta={"model": args.model, "data": args.data}, batch_size=args.batch_size,
         )
@@ -169,7 +196,7 @@ def _run_loaded(args, samples, budgets, outputs, groups, kinds) -> int:
         write_or_rescue("-o", out, r.policy.to_json)
     if args.json:
         doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
-               "seed": args.seed, "wall_s": wall, **result.to_dict(), "outputs": outputs}
+               "seed": args.seed, "verify_data": heldout[1], "wall_s": wall, **result.to_dict(), "outputs": outputs}
         write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
     return 0
 
@@ -192,6 +219,8 @@ def format_summary(result, args, outputs, wall: float) -> str:
         f"divergence table: {result.layer_evals} decoder-layer evaluations (naive: {result.naive_layer_evals}, "
         f"{result.layer_evals / max(1, result.naive_layer_evals):.0%})" + (f", saved in {args.table}" if args.table else ""),
     ]
+    if result.heldout_samples:
+        lines.append(f"held-out verification on {result.heldout_samples} samples the search did not use")
     for r, out in zip(result.results, outputs):
         f = r.flops
         lines += [
@@ -206,28 +235,68 @@ def format_summary(result, args, outputs, wall: float) -> str:
         ]
         if r.note:
             lines.append(f"  note: {r.note}")
-        v = r.verification
-        if v is not None:
-            lines.append(f"  true divergence: {v.chosen_true:.5g}")
-            if v.spearman is not None:
-                lines.append(f"  Spearman proxy vs truth over {len(v.random)} random feasible policies: {v.spearman:.3f}")
-            elif v.random:
-                lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
-            if v.blind_true is not None and v.random:
-                lines.append(f"  blind policy (no visual operation at all): true divergence {v.blind_true:.5g}; "
-                             f"{v.n_at_least_blind} of {len(v.random)} random policies are at least as far"
-                             + (f" (Spearman over the others: {v.spearman_below_blind:.3f})"
-                                if v.spearman_below_blind is not None else ""))
-            tp = v.token_pruning
-            if tp:
-                lines.append(f"  token pruning at the same budget (keep {tp['n_keep']} of {sp.n_ref}, same ranker): "
-                             f"true divergence {tp['true']:.5g}")
-            worse = [name for name, ref in (("token pruning at the same budget", tp["true"] if tp else None),
-                                            ("the blind policy", v.blind_true))
-                     if ref is not None and v.chosen_true > ref]
-            if worse:
-                lines.append(f"  warning: the chosen policy is further from the unpruned model than {' and '.join(worse)}; "
-                             "the proxy does not rank this model's policies well here (see the Spearman above)")
+        lines += _verification_lines(r, sp.n_ref)
     lines += ["", f"wall time {wall:.1f} s (divergence table {result.table_s:.1f} s, verification {result.verify_s:.1f} s, "
                   f"the rest loading and solving)"]
     return "\n".join(lines)
+
+
+def _verification_lines(r, n_ref: int) -> list[str]:
+    """The true divergences of ``--verify``: one column per sample set (in-sample, and
+    held-out where measured), then a warning when the choice is further from the unpruned
+    model than token pruning or the blind policy (on the held-out samples when measured)."""
+    sets = [v for v in (r.verification, r.heldout) if v is not None]
+    if not sets:
+        return []
+    lines = _single_set_lines(sets[0], n_ref) if len(sets) == 1 else _side_by_side_lines(sets, n_ref)
+    v = sets[-1]
+    tp = v.token_pruning
+    worse = [name for name, ref in (("token pruning at the same budget", tp["true"] if tp else None),
+                                    ("the blind policy", v.blind_true))
+             if ref is not None and v.chosen_true > ref]
+    if worse:
+        where = " on the held-out samples" if len(sets) > 1 else ""
+        lines.append(f"  warning: the chosen policy is further from the unpruned model than {' and '.join(worse)}"
+                     f"{where}; the proxy does not rank this model's policies well here (see the Spearman above)")
+    return lines
+
+
+def _single_set_lines(v, n_ref: int) -> list[str]:
+    lines = [f"  true divergence: {v.chosen_true:.5g}"]
+    if v.spearman is not None:
+        lines.append(f"  Spearman proxy vs truth over {len(v.random)} random feasible policies: {v.spearman:.3f}")
+    elif v.random:
+        lines.append(f"  Spearman: undefined over {len(v.random)} random policies (constant values)")
+    if v.blind_true is not None and v.random:
+        lines.append(f"  blind policy (no visual operation at all): true divergence {v.blind_true:.5g}; "
+                     f"{v.n_at_least_blind} of {len(v.random)} random policies are at least as far"
+                     + (f" (Spearman over the others: {v.spearman_below_blind:.3f})"
+                        if v.spearman_below_blind is not None else ""))
+    tp = v.token_pruning
+    if tp:
+        lines.append(f"  token pruning at the same budget (keep {tp['n_keep']} of {n_ref}, same ranker): "
+                     f"true divergence {tp['true']:.5g}")
+    return lines
+
+
+def _side_by_side_lines(sets, n_ref: int) -> list[str]:
+    """In-sample and held-out figures of the same policies, one column each."""
+    def g(x, fmt=".5g"):
+        return "-" if x is None else format(x, fmt)
+
+    tp = sets[0].token_pruning
+    k = len(sets[0].random)
+    rows = [("true divergence, chosen policy", [g(v.chosen_true) for v in sets])]
+    if tp:
+        rows.append((f"token pruning at the same budget (keep {tp['n_keep']} of {n_ref}, same ranker)",
+                     [g(v.token_pruning["true"]) for v in sets]))
+    rows.append(("blind policy (no visual operation at all)", [g(v.blind_true) for v in sets]))
+    if k:
+        rows += [(f"Spearman proxy vs truth over {k} random feasible policies", [g(v.spearman, ".3f") for v in sets]),
+                 ("random policies at least as far as the blind one", [f"{v.n_at_least_blind} of {k}" for v in sets]),
+                 ("Spearman over the others", [g(v.spearman_below_blind, ".3f") for v in sets])]
+    head = [f"in-sample ({sets[0].num_samples})", f"held-out ({sets[1].num_samples})"]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {'':<{width}}  {head[0]:>15}  {head[1]:>15}"]
+    lines += [f"  {name:<{width}}  {a:>15}  {b:>15}" for name, (a, b) in rows]
+    return lines

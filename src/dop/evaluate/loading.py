@@ -1,6 +1,6 @@
 """Load a model and its processor by name, and build the prompt for one image + question.
 
-``demo`` is the bundled demo model (``dop.demo.load_demo``). Anything else is a local folder
+``demo`` and ``demo-base`` are the bundled demo models (``dop.demo.load_demo``). Anything else is a local folder
 holding a saved checkpoint or a hub id (``owner/name``): the config's model type picks
 the family's class through ``dop.models.model_class_for`` and the processor comes from
 ``AutoProcessor``. Weights load from safetensors only; ``trust_remote_code`` stays off
@@ -20,7 +20,7 @@ import torch
 from .. import demo
 from ..jsonio import write_json_atomic
 from ..models import get_adapter, model_class_for
-from ..names import DEMO, is_hub_id, looks_like_path
+from ..names import DEMO, DEMO_BASE, bundled_dir, is_hub_id, looks_like_path
 
 PROMPT_MARKER = "dop_prompt.json"  # a checkpoint folder's declared prompt format (write_prompt_marker)
 PROMPT_FORMAT = "dop-prompt/1"
@@ -36,7 +36,7 @@ class ModelLoadError(ValueError):
 
 def _known_names() -> str:
     return (
-        f"{DEMO!r} (the bundled demo model), a local folder holding a saved checkpoint "
+        f"{DEMO!r} (the bundled demo model), {DEMO_BASE!r} (its control, not trained for pruning), a local folder holding a saved checkpoint "
         f"(config.json + safetensors + processor files), or a hub id such as 'llava-hf/llava-1.5-7b-hf'"
     )
 
@@ -47,12 +47,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """``(model, processor)`` for ``demo``, a local checkpoint folder or a hub id; the
-    model is in eval mode. Unknown names raise :class:`ModelLoadError` listing what works."""
+    """``(model, processor)`` for ``demo``, ``demo-base``, a local checkpoint folder or a hub
+    id; the model is in eval mode. Unknown names raise :class:`ModelLoadError` listing what
+    works."""
     name = str(name_or_path)
-    if name == DEMO:
+    if bundled_dir(name) is not None:
         with _weights_errors(name):
-            model, processor = demo.load_demo(attn_implementation=attn_implementation)
+            model, processor = demo.load_demo(attn_implementation=attn_implementation, name=name)
         if dtype is not None and dtype != torch.float32:
             model = model.to(dtype)
         return model.eval(), processor
@@ -167,9 +168,9 @@ def is_demo_export(path) -> bool:
 
 def prompt_builder_for(name_or_path: str) -> PromptBuilder:
     """The prompt builder to use with the model loaded from ``name_or_path``: the demo's
-    own format for ``demo`` and for a folder that declares it (``dop_prompt.json``, written by
-    ``scripts/train_demo.py``'s export), :func:`chat_prompt` otherwise."""
-    if str(name_or_path) == DEMO or is_demo_export(name_or_path):
+    own format for ``demo``, ``demo-base`` and a folder that declares it (``dop_prompt.json``,
+    written by ``scripts/train_demo.py``'s export), :func:`chat_prompt` otherwise."""
+    if bundled_dir(name_or_path) is not None or is_demo_export(name_or_path):
         return demo.build_prompt
     return chat_prompt
 
@@ -180,7 +181,8 @@ def prompt_builder_for_model(model) -> PromptBuilder:
     otherwise (what :func:`prompt_builder_for` picks from the name)."""
 
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if source and (os.path.abspath(source) == os.path.abspath(demo.DEMO_DIR) or is_demo_export(source)):
+    bundled = {os.path.abspath(demo.demo_dir(n)) for n in demo.DEMOS}
+    if source and (os.path.abspath(source) in bundled or is_demo_export(source)):
         return prompt_builder_for(DEMO)
     return chat_prompt
 

@@ -80,6 +80,7 @@ def write_report(results: dict[str, Any], path) -> None:
     for b in results["budgets"]:
         L.extend(_budget_section(results, b))
     L.extend(_chosen_policies(results))
+    L.extend(verification_section(results))
     L.extend(_tables_and_times(results))
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L))
@@ -151,5 +152,85 @@ def _tables_and_times(results: dict[str, Any]) -> list[str]:
     L += ["", "## Stage wall times", "", "| stage | seconds | reused |", "|---|---|---|"]
     for name, secs in results["stage_times"].items():
         L.append(f"| {name} | {secs:.1f} | {'yes' if name in results.get('reused', []) else ''} |")
+    L.append("")
+    return L
+
+
+def _kl(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def verification_section(results: dict[str, Any]) -> list[str]:
+    """Each search's chosen policy, token pruning at the same FLOPs and the blind policy, by
+    their true first-token KL on the searched samples and on held-out ones, beside the
+    proxy's prediction and its Spearman over random policies (docs/design.md, "Search")."""
+    tables = {s: t for s, t in results.get("tables", {}).items() if t.get("verification")}
+    if not tables:
+        return []
+    L = ["## Divergence from the unpruned model: in-sample and held-out", ""]
+    head = ["budget", "predicted (proxy)", "chosen: in-sample", "chosen: held-out", "token pruning: in-sample",
+            "token pruning: held-out", "blind: held-out", "Spearman: in-sample", "Spearman: held-out"]
+    for space, t in tables.items():
+        first = next(iter(t["verification"].values()))
+        ins, out = first["in_sample"], first["held_out"]
+        L.append(f"Space `{space}`: first-token KL (nats), mean over the {ins['samples']} searched samples "
+                 f"(in-sample) and over held-out samples ({t.get('verify_data')}); Spearman of proxy vs "
+                 f"truth over {ins['random']} random feasible policies at the same budget.")
+        L += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+        for spec, v in t["verification"].items():
+            ins, out = v["in_sample"], v["held_out"] or {}
+            tp_in, tp_out = ins.get("token_pruning") or {}, out.get("token_pruning") or {}
+            cells = [spec, _kl(v["predicted"]), _kl(ins["chosen_true"]), _kl(out.get("chosen_true")),
+                     _kl(tp_in.get("true")), _kl(tp_out.get("true")), _kl(out.get("blind_true")),
+                     _rho(ins.get("spearman")), _rho(out.get("spearman"))]
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
+def _rho(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def write_models_report(results: dict[str, Any], path) -> None:
+    """report.md of `dop run --model A,B`: the models side by side (Rel. Avg. and FLOPs per
+    budget and method, the held-out divergences), with links to each model's own report."""
+    models, dirs = results["models"], results["dirs"]
+    L = [f"# dop run report: {len(models)} models side by side", ""]
+    L.append("Each model ran the whole job with the same options; its own report (every task, both FLOPs "
+             "conventions, the policies and plots) is linked below. Rel. Avg. (95% bootstrap interval) is "
+             "against each model's own unpruned accuracy; FLOPs reduction is of the decoder, dop convention.")
+    L.append("")
+    L += [f"- `{m}`: [report]({dirs[m]}/report.md), unpruned average {_pct(r['unpruned']['average'])}%, "
+          f"{r['num_test_samples']} test samples" for m, r in models.items()]
+    L.append("")
+    specs = list(dict.fromkeys(b["spec"] for r in models.values() for b in r["budgets"]))
+    for spec in specs:
+        L.extend(_models_budget_table(models, spec))
+    for m, r in models.items():
+        section = verification_section(r)
+        if section:
+            L += [f"## `{m}`: divergences", "", *section[2:]]
+    L += ["## Pareto plots", ""] + [f"![{m}]({dirs[m]}/pareto.png)" for m in models] + [""]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(L))
+
+
+def _models_budget_table(models: dict[str, dict], spec: str) -> list[str]:
+    """One budget: a row per method, a FLOPs reduction and a Rel. Avg. column per model."""
+    budgets = {m: next((b for b in r["budgets"] if b["spec"] == spec), None) for m, r in models.items()}
+    label = next(b["label"] for b in budgets.values() if b)
+    rows = {m: {x["method"]: x for x in b["methods"]} if b else {} for m, b in budgets.items()}
+    methods = list(dict.fromkeys(name for r in rows.values() for name in r))
+    head = ["method"] + [f"{m}: {col}" for m in models for col in ("reduction", "Rel. Avg. (95% CI)")]
+    L = [f"## Budget: {label}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for name in methods:
+        cells = [name]
+        for m in models:
+            x = rows[m].get(name)
+            ff = None if x is None else x.get("flops_fraction")
+            cells += ["-" if ff is None else f"{100 * (1 - ff):.1f}%",
+                      "-" if x is None else _ci(x.get("rel_avg"), (x.get("ci") or {}).get("rel_avg"))]
+        L.append("| " + " | ".join(cells) + " |")
     L.append("")
     return L

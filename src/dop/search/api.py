@@ -11,6 +11,7 @@ extra model cost), or a finished table (``table=`` object or path) to skip the m
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,13 +23,12 @@ from ..names import loaded_model_name
 from ..policy import Policy
 from ..rankers import resolve_for_model
 from ..rankers.base import rerank_layers
-from ..runtime.replay import last_logits
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .solver import Solution, Solver
 from .spaces import Space, make_space
 from .table import DivergenceTable, build_table, samples_fingerprint
-from .verify import Verification, verify
+from .verify import Candidates, SampleSet, Verification, measure
 
 
 @dataclass
@@ -37,8 +37,9 @@ class BudgetResult:
     solution: Solution
     policy: Policy
     flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
-    verification: Verification | None = None
+    verification: Verification | None = None  # on the search's own samples (in-sample)
     note: str | None = None  # e.g. a budget at or above the unpruned cost
+    heldout: Verification | None = None  # the same policies on samples the search did not use
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +47,7 @@ class BudgetResult:
             "limit": self.solution.limit, "convention": self.solution.convention, "flops": self.flops,
             "policy": self.policy.to_dict(), "note": self.note,
             "verification": self.verification.to_dict() if self.verification else None,
+            "verification_heldout": self.heldout.to_dict() if self.heldout else None,
         }
 
 
@@ -58,6 +60,7 @@ class SearchResult:
     shape: dict = field(default_factory=dict)  # reference prompt shape
     table_s: float = 0.0  # building (or finishing) the table in this call
     verify_s: float = 0.0
+    heldout_samples: int = 0  # samples of the held-out verification (0: none)
 
     @property
     def policy(self):
@@ -78,7 +81,7 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {
             "space": self.space.key(), "shape": self.shape, "wall_s": self.wall_s,
-            "table_s": self.table_s, "verify_s": self.verify_s,
+            "table_s": self.table_s, "verify_s": self.verify_s, "heldout_samples": self.heldout_samples,
             "layer_evals": self.layer_evals, "naive_layer_evals": self.naive_layer_evals,
             "results": [r.to_dict() for r in self.results],
         }
@@ -86,6 +89,26 @@ class SearchResult:
 
 def _ranker_key(ranker) -> str:
     return ranker if isinstance(ranker, str) else f"callable:{getattr(ranker, 'name', getattr(ranker, '__name__', '?'))}"
+
+
+@dataclass
+class _Setup:
+    """What the steps of one search share, checked before any model work: the parsed budgets
+    with their conventions, the resolved ranker, the prepared samples, the space, the cost
+    models of both conventions and the table's key."""
+
+    limits: list  # (Budget, convention)
+    ranker: object  # as given (a name is recorded in the policies)
+    rk: object  # resolved for the model
+    prepared: list
+    space: Space
+    costs: dict
+    key: dict
+
+    @property
+    def shape(self) -> dict:
+        counts, text = reference_shape(self.prepared)
+        return {"visual_tokens": counts, "text_tokens": text}
 
 
 def search(
@@ -105,6 +128,7 @@ def search(
     convention: str = "dop",
     table: DivergenceTable | str | None = None,
     verify_k: int = 0,
+    verify_samples: Sequence | None = None,
     seed: int = 0,
     build_prompt: Callable | None = None,
     progress: bool = True,
@@ -119,12 +143,37 @@ def search(
     decoder TFLOPs (``"2.5T"``) or ``"tokens:64"`` (paper convention); fractions and TFLOPs
     use ``convention``. ``table``: a :class:`DivergenceTable`, or a path that is resumed
     if present and checkpointed as it fills. ``verify_k``: also measure the true divergence
-    of the chosen policy, of ``verify_k`` random feasible ones and of token pruning.
+    of the chosen policy, of ``verify_k`` random feasible ones and of token pruning, on the
+    search's samples and, when ``verify_samples`` are given (samples the search did not
+    use), on those too (:class:`BudgetResult` ``verification`` and ``heldout``).
     ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
 
     t0 = time.perf_counter()
+    if not isinstance(verify_k, int) or verify_k < 0:
+        raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
+    torch.manual_seed(seed)
+    setup = _setup(model, processor, samples, budget, budgets, space, ranker, convention, build_prompt,
+                   dict(groups=groups, kinds=kinds, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride))
+    heldout = _heldout(model, processor, verify_samples, build_prompt, verify_k, setup.prepared)
+    t_table = time.perf_counter()
+    tab = _filled_table(model, setup.prepared, setup.space, setup.rk, setup.key, table, progress, naive, batch_size)
+    t_table = time.perf_counter() - t_table
+    info = {"model": setup.key["model"], "ranker": setup.key["ranker"], "samples": len(setup.prepared),
+            "seed": seed, "space": setup.space.name, **(meta or {})}
+    solvers, results = _solve_all(setup, tab, info)
+    t_verify = time.perf_counter()
+    if verify_k:
+        _verify_all(model, setup, results, solvers, verify_k, heldout, seed, progress)
+    t_verify = time.perf_counter() - t_verify if verify_k else 0.0
+    return SearchResult(results, tab, setup.space, time.perf_counter() - t0, setup.shape, t_table, t_verify,
+                        len(heldout) if heldout else 0)
+
+
+def _setup(model, processor, samples, budget, budgets, space, ranker, convention, build_prompt, space_kw) -> _Setup:
+    """Every argument checked (budgets, ranker, convention, token counts) and the samples
+    prepared, before any divergence is measured."""
     specs = ([] if budget is None else [budget]) + list(budgets or [])
     if not specs:
         raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
@@ -132,16 +181,11 @@ def search(
     L = get_adapter(model).num_layers
     rk = resolve_for_model(ranker, L)  # unknown names fail before any work
     rerank = rerank_layers(rk)
-    if not isinstance(verify_k, int) or verify_k < 0:
-        raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
-    samples = list(samples)
-    if not samples:
+    prepared = _prepared(model, processor, samples, build_prompt)
+    if not prepared:
         raise ValueError("search: no samples")
-    torch.manual_seed(seed)
-    prepared = samples if isinstance(samples[0], PreparedSample) else prepare_samples(model, processor, samples, build_prompt)
     counts, text = reference_shape(prepared)
-    sp = make_space(space, L, max(counts), groups=groups, kinds=kinds, min_tokens=min_tokens,
-                    stride=stride, nv_stride=nv_stride, min_depth=rerank[0] + 1 if rerank else 0)
+    sp = make_space(space, L, max(counts), min_depth=rerank[0] + 1 if rerank else 0, **space_kw)
     costs = {c: CostModel(model, counts, text, c) for c in ("dop", "paper")}
     if convention not in costs:
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
@@ -150,21 +194,42 @@ def search(
         b.limit(costs[conv])  # token counts out of range fail before any work
     key = {"model": loaded_model_name(model) or type(model).__name__, "ranker": _ranker_key(ranker),
            "samples": len(prepared), "fingerprint": samples_fingerprint(prepared), **sp.key()}
-    t_table = time.perf_counter()
-    tab = _filled_table(model, prepared, sp, rk, key, table, progress, naive, batch_size)
-    t_table = time.perf_counter() - t_table
-    info = {"model": key["model"], "ranker": key["ranker"], "samples": len(prepared), "seed": seed,
-            "space": sp.name, **(meta or {})}
-    proxy = tab.proxy(sp)
-    solvers = {conv: Solver(sp, proxy, costs[conv]) for conv in dict.fromkeys(c for _, c in limits)}
-    results = [_solve_budget(b, conv, solvers[conv], costs, sp, ranker, info) for b, conv in limits]
-    t_verify = 0.0
-    if verify_k:
-        tv = time.perf_counter()
-        _verify_all(model, prepared, results, sp, solvers, verify_k, rk, seed, progress)
-        t_verify = time.perf_counter() - tv
-    shape = {"visual_tokens": counts, "text_tokens": text}
-    return SearchResult(results, tab, sp, time.perf_counter() - t0, shape, t_table, t_verify)
+    return _Setup(limits, ranker, rk, prepared, sp, costs, key)
+
+
+def _prepared(model, processor, samples, build_prompt) -> list[PreparedSample]:
+    """``samples`` as :class:`PreparedSample` (prepared already, or prepared here)."""
+    samples = list(samples)
+    if not samples or isinstance(samples[0], PreparedSample):
+        return samples
+    return prepare_samples(model, processor, samples, build_prompt)
+
+
+def _heldout(model, processor, samples, build_prompt, verify_k: int, searched: list) -> list | None:
+    """The held-out samples prepared (None without any); a warning when some of them are
+    samples the search ran on, which would make the held-out figures partly in-sample."""
+    if samples is None:
+        return None
+    if not verify_k:
+        raise ValueError("verify_samples applies only together with verify_k > 0")
+    prepared = _prepared(model, processor, samples, build_prompt)
+    if not prepared:
+        raise ValueError("search: verify_samples holds no samples")
+    seen = {samples_fingerprint([s]) for s in searched}
+    shared = sum(samples_fingerprint([s]) in seen for s in prepared)
+    if shared:
+        warnings.warn(f"{shared} of the {len(prepared)} held-out samples are also search samples; "
+                      "their held-out figures are partly in-sample", stacklevel=3)
+    return prepared
+
+
+def _solve_all(setup: _Setup, tab: DivergenceTable, info: dict) -> tuple[dict, list[BudgetResult]]:
+    """One solver per convention over the table's proxy, and the chosen policy per budget."""
+    proxy = tab.proxy(setup.space)
+    solvers = {conv: Solver(setup.space, proxy, setup.costs[conv]) for conv in dict.fromkeys(c for _, c in setup.limits)}
+    results = [_solve_budget(b, conv, solvers[conv], setup.costs, setup.space, setup.ranker, info)
+               for b, conv in setup.limits]
+    return solvers, results
 
 
 def _filled_table(model, prepared, sp, rk, key, table, progress, naive, batch_size) -> DivergenceTable:
@@ -205,13 +270,19 @@ def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, 
     return BudgetResult(b, sol, policy, flops, note=note)
 
 
-def _verify_all(model, prepared, results: list[BudgetResult], sp, solvers, verify_k, rk, seed, progress) -> None:
+def _verify_all(model, setup: _Setup, results: list[BudgetResult], solvers: dict, verify_k: int,
+                heldout: list | None, seed: int, progress: bool) -> None:
     """The true divergence of each chosen policy, of ``verify_k`` random feasible ones and of
-    token pruning (on this rank's samples); recorded in each result and its policy's meta."""
-    mine = set(dd.shard(len(prepared)))  # verify() runs this rank's samples only
-    with torch.inference_mode():
-        refs = [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
+    token pruning, on the search's samples and on the held-out ones (the same policies on
+    both); recorded in each result and its policy's meta."""
+    sets = {"in-sample": SampleSet.of(model, setup.prepared)}
+    if heldout:
+        sets["held-out"] = SampleSet.of(model, heldout)
     for res in results:
-        solver = solvers[res.solution.convention]
-        res.verification = verify(model, prepared, refs, sp, solver, res.solution, verify_k, rk, seed, progress)
-        res.policy = res.policy.with_meta(true_divergence=res.verification.chosen_true)
+        cand = Candidates.draw(setup.space, solvers[res.solution.convention], res.solution, verify_k, seed)
+        got = {name: measure(model, ss, cand, setup.rk, progress, desc=f"verify {name}") for name, ss in sets.items()}
+        res.verification, res.heldout = got["in-sample"], got.get("held-out")
+        extra = {"true_divergence": res.verification.chosen_true}
+        if res.heldout is not None:
+            extra.update(heldout_true_divergence=res.heldout.chosen_true, heldout_samples=res.heldout.num_samples)
+        res.policy = res.policy.with_meta(**extra)

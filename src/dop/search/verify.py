@@ -1,4 +1,4 @@
-"""Check the additive proxy against the truth (``--verify K``).
+"""Check the additive proxy against the truth (``--verify K``, docs/design.md, "Search").
 
 - the true joint divergence (full pruned forwards) of the chosen policy;
 - the proxy and true divergence of K random feasible policies of the space, and the Spearman
@@ -9,6 +9,10 @@
   the random policies are at least that far from the unpruned model. Such policies have lost
   what the image tells; their divergences bunch up near the blind one, so their order says
   little and a low Spearman over a sample made mostly of them is expected.
+
+The same policies (:class:`Candidates`, drawn once) are measured on each sample set: the
+samples the search ran on (in-sample) and, when given, samples it did not use (held-out),
+so that the two columns differ only by the samples (docs/design.md, "Held-out verification").
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
 from .. import distributed as dd
 from ..policy import Policy
+from ..runtime.replay import last_logits
 from .divergence import PreparedSample, true_divergence
 from .solver import Solution, Solver
 
 
 @dataclass
 class Verification:
+    """The true divergences of one verification on one sample set."""
+
     chosen_true: float
     chosen_proxy: float
     random: list[dict] = field(default_factory=list)  # {"assign", "proxy", "true", "cost"}
@@ -33,6 +42,7 @@ class Verification:
     spearman_p: float | None = None
     token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
     blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
+    num_samples: int | None = None  # the samples the true divergences are means over
 
     def closer_than_blind(self) -> list[dict]:
         """The random policies whose true divergence is below the blind policy's."""
@@ -52,12 +62,62 @@ class Verification:
 
     def to_dict(self) -> dict:
         return {
-            "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
+            "samples": self.num_samples, "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
             "spearman": self.spearman, "spearman_p": self.spearman_p,
             "random": self.random, "token_pruning": self.token_pruning,
             "blind_true": self.blind_true, "n_at_least_blind": self.n_at_least_blind,
             "spearman_below_blind": self.spearman_below_blind,
         }
+
+
+@dataclass
+class SampleSet:
+    """Samples to measure true divergences on, with the unpruned model's last-position
+    logits of this rank's share (None elsewhere; :func:`reference_logits`)."""
+
+    prepared: Sequence[PreparedSample]
+    refs: list
+
+    @classmethod
+    def of(cls, model, prepared: Sequence[PreparedSample]) -> "SampleSet":
+        return cls(prepared, reference_logits(model, prepared))
+
+
+def reference_logits(model, prepared: Sequence[PreparedSample]) -> list:
+    """The unpruned last-position logits of this rank's samples (:func:`dd.shard`), None for
+    the other ranks' (:func:`sharded_true_divergence` runs this rank's samples only)."""
+    mine = set(dd.shard(len(prepared)))
+    with torch.inference_mode():
+        return [last_logits(model, s.inputs) if i in mine else None for i, s in enumerate(prepared)]
+
+
+@dataclass
+class Candidates:
+    """The policies one verification measures: the chosen one, ``k`` random feasible ones
+    (with their proxy and cost), token pruning at the same budget and the blind policy."""
+
+    chosen: Policy
+    chosen_proxy: float
+    random: list[dict]  # {"assign", "proxy", "cost"}
+    policies: list[Policy]  # of the random assignments, in order
+    token_pruning: dict | None  # {"n_keep", "policy", "cost"}
+    token_policy: Policy | None
+    blind: Policy
+
+    @classmethod
+    def draw(cls, space, solver: Solver, solution: Solution, k: int, seed: int = 0) -> "Candidates":
+        cost = solver.cost
+        assigns = random_feasible(space, solver, solution.limit, k, seed)  # the one draw (swappable)
+        policies = [space.policy(a) for a in assigns]
+        rows = [{"assign": a, "proxy": solver.proxy_of(a), "cost": cost.policy_cost(p)}
+                for a, p in zip(assigns, policies)]
+        tp, tp_policy = None, None
+        found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
+        if found is not None:
+            n, tp_policy = found
+            tp = {"n_keep": n, "policy": tp_policy.to_dict(), "cost": cost.policy_cost(tp_policy)}
+        blind = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
+        return cls(solution.policy, solution.predicted, rows, policies, tp, tp_policy, blind)
 
 
 def random_feasible(space, solver: Solver, limit: int, k: int, seed: int = 0, max_tries: int = 20000) -> list[dict]:
@@ -116,35 +176,33 @@ def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, pol
     return sum(per) / len(per), per
 
 
-def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
-           k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
+def measure(model, samples: SampleSet, cand: Candidates, ranker, progress: bool = True,
+            desc: str = "verify") -> Verification:
+    """The true divergence of every candidate on ``samples`` (the ranks go policy by policy
+    together, each on its share of the samples)."""
     from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
-    cost = solver.cost
-    assigns = random_feasible(space, solver, solution.limit, k, seed)
-    bar = tqdm(total=len(assigns) + 3, desc="verify", unit="policy", disable=not progress or not dd.is_main(),
-               file=sys.stderr, leave=False)  # the ranks go policy by policy together
-    chosen_true, _ = sharded_true_divergence(model, prepared, refs, solution.policy, ranker)
-    bar.update(1)
-    rows = []
-    for a in assigns:
-        pol = space.policy(a)
-        t, _ = sharded_true_divergence(model, prepared, refs, pol, ranker)
-        rows.append({"assign": a, "proxy": solver.proxy_of(a), "true": t, "cost": cost.policy_cost(pol)})
+    policies = [cand.chosen, *cand.policies, cand.token_policy, cand.blind]
+    bar = tqdm(total=len(policies), desc=desc, unit="policy", disable=not progress or not dd.is_main(),
+               file=sys.stderr, leave=False)
+    truths = []
+    for pol in policies:
+        truths.append(None if pol is None else sharded_true_divergence(model, samples.prepared, samples.refs,
+                                                                         pol, ranker)[0])
         bar.update(1)
-    rho, pval = _spearman(rows)
-    tp = None
-    found = token_pruning_at(cost, space.num_layers, space.n_ref, solution.limit, space.min_depth)
-    if found is not None:
-        n, pol = found
-        t, _ = sharded_true_divergence(model, prepared, refs, pol, ranker)
-        tp = {"n_keep": n, "policy": pol.to_dict(), "cost": cost.policy_cost(pol), "true": t}
-    bar.update(1)
-    blind_policy = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
-    blind, _ = sharded_true_divergence(model, prepared, refs, blind_policy, ranker)
-    bar.update(1)
     bar.close()
-    return Verification(chosen_true, solution.predicted, rows, rho, pval, tp, blind)
+    chosen, *rand, tp_true, blind = truths
+    rows = [dict(r, true=t) for r, t in zip(cand.random, rand)]
+    rho, pval = _spearman(rows)
+    tp = None if cand.token_pruning is None else dict(cand.token_pruning, true=tp_true)
+    return Verification(chosen, cand.chosen_proxy, rows, rho, pval, tp, blind, len(samples.prepared))
+
+
+def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
+           k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
+    """:func:`measure` of freshly drawn :class:`Candidates` on one sample set."""
+    cand = Candidates.draw(space, solver, solution, k, seed)
+    return measure(model, SampleSet(prepared, refs), cand, ranker, progress)
 
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
