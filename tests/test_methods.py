@@ -251,3 +251,47 @@ def test_demo_gsop_accuracy_metric(demo):
     again = evaluate(model, processor, samples, res.policy, "identity", max_new_tokens=4, progress=False,
                      run_baseline=False, time_prefill=False)
     assert res.policy.meta["params"]["loss"] == pytest.approx(1.0 - again.average)  # the loss is 1 - accuracy
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from fixtures_eval import build_tiny_llava
+
+    return str(build_tiny_llava(tmp_path_factory.mktemp("tiny-ckpt") / "ckpt"))
+
+
+def test_dop_search_space_runs_the_method(tiny_ckpt, tmp_path, capsys):
+    """`dop search --space vtw|shortv|gsop` writes the method's policy per budget (that of
+    dop.search.methods on the same samples) and, with --verify, its held-out divergence."""
+    from dop.cli import main
+    from dop.evaluate import load_dataset, load_model, prompt_builder_for
+
+    args = ["search", "--model", tiny_ckpt, "--data", "shapes:val", "--samples", "2", "--budgets", "0.5,0.8",
+            "--ranker", "spatial", "--no-progress", "--verify", "1", "--verify-samples", "2"]
+    model, proc = load_model(tiny_ckpt)
+    for name in ("vtw", "gsop"):
+        out, js = tmp_path / f"{name}.json", tmp_path / f"{name}-summary.json"
+        assert main(args + ["--space", name, "-o", str(out), "--json", str(js)]) == 0
+        printed = capsys.readouterr().out
+        assert f"method {name}" in printed and "held-out" in printed
+        direct = search(name, model, proc, load_dataset("shapes:val", limit=2), budgets=["0.5", "0.8"],
+                        ranker="spatial", build_prompt=prompt_builder_for(tiny_ckpt), progress=False)
+        summary = json.loads(js.read_text())
+        assert len(summary["heldout_divergence"]) == 2 and None not in summary["heldout_divergence"]
+        for r, spec in zip(direct.results, ("0.5", "0.8")):
+            got = Policy.from_json(tmp_path / f"{name}.{spec}.json")
+            assert got.replace(meta=None) == r.policy.replace(meta=None), (name, spec)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--space", "gsop", "--table", "t.json"], "--table: the divergence table's options apply"),
+    (["--space", "vtw", "--metric", "accuracy"], "--metric applies to --space gsop only"),
+    (["--space", "dop", "--metric", "accuracy"], "--metric applies to --space gsop only"),
+])
+def test_dop_search_method_bad_options(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, msg):
+    from dop.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["search", "--model", tiny_ckpt, "--data", "shapes:val", "--samples", "2", "--budget", "0.5",
+               "-o", "p.json", "--no-progress", *extra])
+    assert rc == 2 and msg in capsys.readouterr().err

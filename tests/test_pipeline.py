@@ -17,8 +17,8 @@ def tiny(tmp_path_factory):
 
 def _args(model, out):
     return ["run", "--model", model, "--samples", "2", "--test-samples", "3", "--budgets", "tokens:1/3,0.9",
-            "--space", "dop", "--baselines", "spatial,random", "--ranker", "spatial", "--out", str(out),
-            "--no-progress"]
+            "--space", "dop", "--baselines", "spatial,random", "--methods", "none", "--ranker", "spatial",
+            "--out", str(out), "--no-progress"]
 
 
 def _fraction(model, policy: dict, convention: str, res: dict) -> float:
@@ -87,6 +87,53 @@ def test_run_reports_heldout_divergences(tiny, tmp_path):
     row = next(x for x in report.splitlines() if x.startswith("| 0.7 |")).split(" | ")
     assert v["in_sample"]["chosen_true"] != v["held_out"]["chosen_true"]
     assert row[2] == f"{v['in_sample']['chosen_true']:.4g}" and row[3] == f"{v['held_out']['chosen_true']:.4g}"
+
+
+def test_run_compares_the_methods_of_docs_methods(tiny, tmp_path):
+    """Issue 17, item 1: VTW, ShortV and GSOP run beside DOP: their policies are those of
+    dop.search.methods on the same samples and budgets, a budget a method cannot meet is
+    skipped with its note, and each policy's held-out divergence is its true divergence on
+    the samples after the searched ones."""
+    import torch
+
+    from dop import Policy
+    from dop.evaluate import load_dataset, load_model, prompt_builder_for
+    from dop.runtime.replay import last_logits
+    from dop.search import methods
+    from dop.search.divergence import prepare_samples, true_divergence
+
+    out = tmp_path / "m"
+    args = _args(tiny, out) + ["--verify", "1", "--verify-samples", "2"]
+    args[args.index("none")] = "vtw,shortv,gsop"
+    args[args.index("tokens:1/3,0.9")] = "tokens:1/9,0.9"  # ShortV cannot reach tokens:1/9 (its keys and values stay)
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    model, proc = load_model(tiny)
+    build = prompt_builder_for(tiny)
+    held = prepare_samples(model, proc, load_dataset("shapes:val", limit=4)[2:], build)
+    with torch.inference_mode():
+        refs = [last_logits(model, s.inputs) for s in held]
+    labels = {"vtw": "VTW", "shortv": "ShortV", "gsop": "GSOP"}
+    n_met = n_unmet = 0
+    for name, label in labels.items():
+        direct = methods.search(name, model, proc, load_dataset("shapes:val", limit=2), budgets=["tokens:1/9", "0.9"],
+                                ranker="spatial", build_prompt=build, progress=False)
+        for r in direct.results:
+            e = res["compared"][name]["budgets"][r.budget.spec]
+            assert e["in_sample"] == pytest.approx(r.divergence, rel=1e-6, abs=1e-9)
+            truth, _ = true_divergence(model, held, refs, r.policy, r.policy.ranker)
+            assert e["held_out"] == pytest.approx(truth, rel=1e-5, abs=1e-9), (name, r.budget.spec)
+            rows = [m for b in res["budgets"] if b["spec"] == r.budget.spec for m in b["methods"] if m["method"] == label]
+            if r.met:
+                n_met += 1
+                assert len(rows) == 1 and Policy.from_dict(rows[0]["policy"]) == r.policy.replace(meta=rows[0]["policy"]["meta"])
+            else:
+                n_unmet += 1
+                assert not rows
+                assert {"budget": r.budget.spec, "method": label, "reason": r.note} in res["skipped"]
+    assert n_met >= 3 and n_unmet >= 1
+    report = (out / "report.md").read_text()
+    assert "## Compared methods: divergence in-sample and held-out" in report and "| GSOP | 0.9 |" in report
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import datetime as _dt
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,12 +35,16 @@ from .rankers.pdrop import default_stage_layers
 from .report import markdown
 from .report.plots import divergence_curves, pareto_plot, policy_map
 from .report.stages import Stages, write_json_atomic
-from .search import search
+from .search import methods as compared, search
+from .search.divergence import prepare_samples
+from .search.verify import SampleSet, sharded_true_divergence
 from .search.cost import DEFAULT_CONVENTION, parse_budget
 
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
 DEFAULT_SPACES = ("dop", "multigroup")
+DEFAULT_METHODS = ("gsop", "shortv", "vtw")  # the compared methods of docs/methods.md
+METHOD_LABELS = {"gsop": "GSOP", "shortv": "ShortV", "vtw": "VTW"}
 DEFAULT_VERIFY = 10  # random policies per search and budget in the held-out verification
 
 
@@ -55,6 +59,7 @@ class RunOptions:
     ranker: str = "vispruner"
     spaces: tuple[str, ...] = DEFAULT_SPACES
     baselines: tuple[str, ...] = DEFAULT_BASELINES
+    methods: tuple[str, ...] = DEFAULT_METHODS  # searched by their own rules (dop.search.methods)
     out: str | None = None
     seed: int = 0
     max_new_tokens: int = 10
@@ -71,6 +76,8 @@ class RunOptions:
         d = asdict(self)
         d.pop("out")
         d.pop("progress")
+        if d["methods"] == ():
+            d.pop("methods")  # keeps the keys of runs made before the compared methods existed
         for name in ("columns", "verify_data", "verify_samples"):
             if d[name] is None:
                 d.pop(name)  # keeps the keys of runs made before the option existed
@@ -111,8 +118,12 @@ def validate_options(opts: RunOptions) -> None:
     if bad:
         raise ValueError(f"--baselines: unknown method(s) {', '.join(map(repr, bad))}; known: {', '.join(METHODS)} "
                          "(or 'none')")
-    if not opts.spaces and not opts.baselines:
-        raise ValueError("nothing to compare: give at least one search space or baseline")
+    bad = [m for m in opts.methods if m not in DEFAULT_METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown method(s) {', '.join(map(repr, bad))}; known: {', '.join(DEFAULT_METHODS)} "
+                         "(or 'none')")
+    if not opts.spaces and not opts.baselines and not opts.methods:
+        raise ValueError("nothing to compare: give at least one search space, baseline or method")
     resolve_ranker(opts.ranker)
     if opts.out:
         check_output_dir("--out", opts.out)
@@ -209,6 +220,8 @@ class _Job:
     n_visual: int
     n_text: int
     load_before: list
+    compared: dict = field(default_factory=dict)  # method -> its search (_method_search), once run
+    heldout_set: Any = None  # the held-out samples prepared, with their reference logits (SampleSet)
 
     @property
     def common(self) -> dict:
@@ -220,16 +233,18 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     (out / "policies").mkdir(exist_ok=True)
     # search stages, the unpruned evaluation, one evaluation per (budget, method); revised
     # once the baselines that cannot meet a budget are known
-    stages = Stages(out, log, total=len(opts.spaces) + 1 + len(opts.budgets) * (len(opts.spaces) + len(opts.baselines)))
-    stages.expected = {"search": len(opts.spaces), "eval": stages.total - len(opts.spaces)}
+    n_search = len(opts.spaces) + len(opts.methods)
+    stages = Stages(out, log, total=n_search + 1 + len(opts.budgets) * (n_search + len(opts.baselines)))
+    stages.expected = {"search": n_search, "eval": stages.total - n_search}
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
     job = _load_job(opts, out, log, stages)
     budgets = [budget_for_baselines(spec, job.model, job.n_visual, job.n_text) for spec in opts.budgets]
     searches = _run_searches(job, len(budgets))
+    job.compared = _run_method_searches(job)
     plan, skipped = _plan_methods(job, budgets, searches)
-    stages.total = len(opts.spaces) + 1 + len(plan)
-    stages.expected = {"search": len(opts.spaces), "eval": 1 + len(plan)}
+    stages.total = n_search + 1 + len(plan)
+    stages.expected = {"search": n_search, "eval": 1 + len(plan)}
     unpruned_d, boot, results_budgets = _evaluate_all(job, budgets, plan)
     if not dd.is_main():
         return dict(out=str(out), budgets=results_budgets,
@@ -287,6 +302,45 @@ def _run_searches(job: _Job, n_budgets: int) -> dict[str, dict]:
     return searches
 
 
+def _run_method_searches(job: _Job) -> dict[str, dict]:
+    """The compared methods (VTW, ShortV, GSOP: docs/methods.md), each searched once for
+    every budget on the validation samples, its policies then measured on the held-out ones."""
+    found = {}
+    for method in job.opts.methods:
+        job.log(f"[search] method {method!r} on {len(job.val)} samples, {len(job.opts.budgets)} budgets"
+                + (f", then its policies on {len(job.heldout)} held-out samples" if job.heldout else ""))
+        found[method] = job.stages.run(f"search-{method}", lambda method=method: _method_search(job, method),
+                                       key=dict(job.common, method=method, budgets=list(job.opts.budgets),
+                                                **_verify_key(job)))
+    return found
+
+
+def _method_search(job: _Job, method: str) -> dict:
+    o = job.opts
+    res = compared.search(method, job.model, job.processor, job.val, budgets=list(o.budgets), ranker=o.ranker,
+                          seed=o.seed, build_prompt=job.build_prompt, progress=o.progress, meta={"model": o.model})
+    heldout = _heldout_divergences(job, [(r.policy, r.policy.ranker) for r in res.results])
+    budgets = {r.budget.spec: dict(policy=r.policy.to_dict(), met=r.met, note=r.note, in_sample=r.divergence,
+                                   held_out=h, flops_fraction=r.flops[r.convention]["fraction"])
+               for r, h in zip(res.results, heldout)}
+    summary = (f"{res.evaluations} policies measured, {res.layer_evals} decoder-layer evaluations, "
+               f"{res.wall_s:.1f} s")
+    return dict(method=method, label=METHOD_LABELS[method], budgets=budgets, summary=summary, layer_evals=res.layer_evals,
+                evaluations=res.evaluations, wall_s=res.wall_s, verify_data=job.heldout_where)
+
+
+def _heldout_divergences(job: _Job, policies: list) -> list:
+    """The true first-token KL of each (policy, ranker) on the held-out samples (None each
+    without any), the samples shared among the ranks as the verification shares them."""
+    if not job.heldout:
+        return [None] * len(policies)
+    if job.heldout_set is None:  # prepared once per job, for every method
+        job.heldout_set = SampleSet.of(job.model, prepare_samples(job.model, job.processor, job.heldout,
+                                                                  job.build_prompt))
+    hs = job.heldout_set
+    return [sharded_true_divergence(job.model, hs.prepared, hs.refs, p, r)[0] for p, r in policies]
+
+
 def _plan_methods(job: _Job, budgets: list[BudgetPlan], searches: dict) -> tuple[list[MethodPlan], list[dict]]:
     """Per budget, the plans of every planner of :data:`PLANNERS` in order (DOP per space,
     then the token-pruning baselines); a method that cannot meet a budget is skipped, with
@@ -320,9 +374,23 @@ def _baseline_plans(job: _Job, b: BudgetPlan, searches: dict) -> tuple[list[Meth
     return plans, skipped
 
 
+def _method_plans(job: _Job, b: BudgetPlan, searches: dict) -> tuple[list[MethodPlan], list[dict]]:
+    """The compared methods' policies (docs/methods.md); one that cannot meet the budget is
+    skipped with its note."""
+    plans, skipped = [], []
+    for method, r in job.compared.items():
+        entry = r["budgets"][b.spec]
+        if not entry["met"]:
+            job.log(f"[method] {method} at {b.spec}: skipped ({entry['note']})")
+            skipped.append(dict(budget=b.spec, method=METHOD_LABELS[method], reason=entry["note"]))
+            continue
+        plans.append(MethodPlan(b, METHOD_LABELS[method], "method", entry["policy"], entry["policy"].get("ranker")))
+    return plans, skipped
+
+
 # Who plans the evaluations at one budget: ``planner(job, budget, searches) -> (plans,
 # skipped)``. A new method of `dop run` is one more function here.
-PLANNERS = (_dop_plans, _baseline_plans)
+PLANNERS = (_dop_plans, _method_plans, _baseline_plans)
 
 
 def _eval_stage(job: _Job, name: str, policy=None, ranker=None, baseline=None) -> Callable[[], dict]:
@@ -384,6 +452,9 @@ def _results(job: _Job, unpruned_d: dict, boot, results_budgets: list[dict], sea
         budgets=results_budgets,
         tables={s: dict(summary=r["summary"], verification=r.get("verification"), verify_data=r.get("verify_data"))
                 for s, r in searches.items()},
+        compared={m: {k: v for k, v in r.items() if k != "budgets"} | dict(budgets={
+            spec: {k: e[k] for k in ("met", "note", "in_sample", "held_out", "flops_fraction")}
+            for spec, e in r["budgets"].items()}) for m, r in job.compared.items()},
         skipped=skipped,
     )
 
@@ -405,7 +476,7 @@ def _draw_figures(job: _Job, results: dict, searches: dict) -> None:
             results["tables"][space]["plot"] = f"divergence_{space}.png"
     for b in budgets:
         for m in b["methods"]:
-            if m["kind"] == "dop":
+            if m["kind"] in ("dop", "method"):
                 m["policy_map"] = m["policy_file"].replace(".json", ".png")
                 policy_map(Policy.from_json(out / m["policy_file"]), n_visual, out / m["policy_map"],
                            title=_map_title(m, b, n_visual))

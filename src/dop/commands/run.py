@@ -22,7 +22,7 @@ from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
 def register(subparsers) -> None:
     # lazy: spares numpy, torch, transformers until used
-    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_SPACES, DEFAULT_VERIFY, RunOptions
+    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_METHODS, DEFAULT_SPACES, DEFAULT_VERIFY, RunOptions
     from ..search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
 
     d = RunOptions()
@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                    help="search spaces (default: dop,multigroup)")
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), metavar="M1,M2",
                    help="token-pruning baselines to compare with ('none' for none)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2",
+                   help="compared methods searched by their own rules, docs/methods.md ('none' for none; "
+                        "default: gsop,shortv,vtw)")
     p.add_argument("--verify", type=int, default=DEFAULT_VERIFY, metavar="K",
                    help="verify each search: the true divergence of the chosen policy, token pruning, the blind "
                         f"policy and K random policies, on the searched and on held-out samples (default {DEFAULT_VERIFY}; "
@@ -75,7 +78,7 @@ def run(args) -> int:
     opts = RunOptions(
         model=args.model, data=args.data, test_data=args.test_data, samples=args.samples,
         test_samples=args.test_samples, budgets=_split(args.budgets), ranker=args.ranker,
-        spaces=_split(args.space), baselines=_split(args.baselines), out=args.out, seed=args.seed,
+        spaces=_split(args.space), baselines=_split(args.baselines), methods=_split(args.methods), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
         verify=args.verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
     )

@@ -24,6 +24,7 @@ import time
 from ..commands.eval import _load_quietly, write_json_atomic
 from ..evaluate.datasets import load_dataset
 from ..outputs import check_output_file, output_lock, write_or_rescue
+from .method_search import METHOD_SPACES, check_method_options, format_method_summary, run_method
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
 
 
@@ -49,8 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
     p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
     p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
-    p.add_argument("--space", default="dop", choices=("dop", "multigroup"),
-                   help="dop: n_v, D_attn, D_mlp (the paper's); multigroup: one depth per (op kind, rank group)")
+    p.add_argument("--space", default="dop", choices=("dop", "multigroup", *METHOD_SPACES),
+                   help="dop: n_v, D_attn, D_mlp (the paper's); multigroup: one depth per (op kind, rank group); "
+                        "gsop, shortv, vtw: the compared methods by their own rules (docs/methods.md)")
+    p.add_argument("--metric", default="kl", choices=("kl", "accuracy"),
+                   help="gsop: what each greedy step minimises per FLOP saved, the first-token KL (default) or "
+                        "the loss of task accuracy on the samples' answers")
     p.add_argument("--groups", metavar="F1,F2,...",
                    help="multigroup: cumulative group fractions (default 0.125,0.25,0.5,1)")
     p.add_argument("--kinds", metavar="K1,K2,...", help="multigroup: op kinds, attn,mlp (default) or attn_q,attn_kv,mlp")
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = check_kinds(args.kinds) if args.kinds else None
     if args.space == "dop" and (groups or kinds):
         raise ValueError("--groups and --kinds apply to --space multigroup only")
+    check_method_options(args)
     outputs = _outputs(args.output, budgets)
     from dop.distributed import is_main  # lazy: spares torch until used
 
@@ -175,6 +181,8 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
     model = model.to(distributed.device_for(args.device))
+    if args.space in METHOD_SPACES:
+        return _run_method_loaded(args, model, processor, samples, heldout, budgets, outputs, t0)
     try:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
@@ -197,6 +205,26 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
     if args.json:
         doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
                "seed": args.seed, "verify_data": heldout[1], "wall_s": wall, **result.to_dict(), "outputs": outputs}
+        write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
+    return 0
+
+
+def _run_method_loaded(args, model, processor, samples, heldout, budgets, outputs, t0: float) -> int:
+    from dop import distributed  # lazy: spares torch until used
+    from dop.evaluate.loading import prompt_builder_for  # lazy: spares torch until used
+
+    result, held = run_method(args, model, processor, samples, heldout[0], budgets, outputs,
+                              prompt_builder_for(args.model))
+    wall = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and prints the summary
+    print(format_method_summary(result, held, args, outputs, wall))
+    for r, out in zip(result.results, outputs):
+        write_or_rescue("-o", out, r.policy.to_json)
+    if args.json:
+        doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
+               "seed": args.seed, "verify_data": heldout[1], "wall_s": wall, **result.to_dict(),
+               "heldout_divergence": held, "outputs": outputs}
         write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
     return 0
 

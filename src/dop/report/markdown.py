@@ -81,6 +81,7 @@ def write_report(results: dict[str, Any], path) -> None:
         L.extend(_budget_section(results, b))
     L.extend(_chosen_policies(results))
     L.extend(verification_section(results))
+    L.extend(compared_section(results))
     L.extend(_tables_and_times(results))
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L))
@@ -185,6 +186,26 @@ def verification_section(results: dict[str, Any]) -> list[str]:
                      _rho(ins.get("spearman")), _rho(out.get("spearman"))]
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
+    return L
+
+
+def compared_section(results: dict[str, Any]) -> list[str]:
+    """The compared methods' policies (docs/methods.md) by their true first-token KL on the
+    searched samples and on held-out ones, as the DOP searches' are shown above."""
+    compared = results.get("compared") or {}
+    if not compared:
+        return []
+    L = ["## Compared methods: divergence in-sample and held-out", "",
+         "First-token KL (nats) of each method's policy, mean over the searched samples (in-sample) and over "
+         "the held-out ones; the method's own search cost; a budget it cannot meet is not evaluated.", "",
+         "| method | budget | in-sample | held-out | decoder FLOPs (the budget's convention) | note |", "|---|---|---|---|---|---|"]
+    for method, r in compared.items():
+        for spec, e in r["budgets"].items():
+            L.append(f"| {r.get('label', method)} | {spec} | {_kl(e['in_sample'])} | {_kl(e.get('held_out'))} | "
+                     f"{_pct(e['flops_fraction'])}% | {e.get('note') or ''} |")
+    L.append("")
+    L += [f"- {r.get('label', m)}: {r['summary']}" for m, r in compared.items()]
+    L.append("")
     return L
 
 
