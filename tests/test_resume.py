@@ -96,12 +96,12 @@ def test_killed_run_resumes_to_identical_results(saved, tmp_path):
             "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     killed = base + ["--out", str(tmp_path / "b")]
-    _killed("stages", 2, killed)  # the search and the unpruned evaluation done, then SIGKILL
-    assert sorted(p.name for p in (tmp_path / "b" / "stages").iterdir()) == ["eval-unpruned.json", "search-dop.json"]
+    _killed("stages", 2, killed)  # DOP's search and GSOP's (the first compared method) done, then SIGKILL
+    assert sorted(p.name for p in (tmp_path / "b" / "stages").iterdir()) == ["search-dop.json", "search-gsop.json"]
     assert main(killed) == 0
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert set(b["reused"]) == {"search-dop", "eval-unpruned"}
+    assert set(b["reused"]) == {"search-dop", "search-gsop"}
 
     def figures(res):
         return [[(m["method"], m["tasks"], m["rel_avg"], m["flops_dop"], m["ci"]) for m in bb["methods"]]
