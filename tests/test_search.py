@@ -20,7 +20,7 @@ from dop.search import (
     BudgetError, CostModel, DivergenceTable, PreparedSample, SpaceError, Solver, TableError, build_table,
     kl_divergence, make_space, parse_budget, search, true_divergence,
 )
-from dop.search.verify import random_feasible
+from dop.search.spaces import draw_feasible
 from dop.runtime.replay import last_logits
 from tiny_models import FAMILIES, build_inputs, build_model, make_config
 
@@ -258,30 +258,27 @@ def test_infeasible_budget_names_the_cheapest_figure():
         solver.solve(int(0.05 * cost.unpruned), "0.05")
 
 
-def test_random_feasible_policies_fit_the_budget():
+@pytest.mark.parametrize("draw", ["uniform", "ordered"])
+def test_random_feasible_policies_fit_the_budget(draw):
     config = make_config("llava", num_layers=3)
     space = make_space("multigroup", 3, 16)
     cost = CostModel(config, [16], 7)
-    solver = Solver(space, _random_proxy(space, 0), cost)
     limit = int(0.5 * cost.unpruned)
-    got = random_feasible(space, solver, limit, 20, seed=3)
+    got = draw_feasible(space, cost.policy_cost, limit, 20, seed=3, draw=draw)
     assert len(got) == 20 and len({tuple(sorted(a.items())) for a in got}) == 20
     assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
 
 
 @pytest.mark.parametrize("groups", [[0.25, 0.5, 1.0], [0.125, 0.25, 0.5, 1.0]])
 def test_draws_of_random_policies(groups):
-    """draw_feasible: "uniform" is the draw --verify makes today (the same policies for a
-    seed); "ordered" keeps each kind's depths non-increasing over the rank groups."""
-    from dop.search.spaces import draw_feasible
-
+    """draw_feasible: "ordered" (the default) keeps each kind's depths non-increasing over
+    the rank groups; "uniform" does not."""
     config = make_config("llava", num_layers=6)
     space = make_space("multigroup", 6, 16, groups=groups)
     cost = CostModel(config, [16], 7)
-    solver = Solver(space, _random_proxy(space, 0), cost)
     limit = int(0.4 * cost.unpruned)
-    assert draw_feasible(space, cost.policy_cost, limit, 30, seed=5) == random_feasible(space, solver, limit, 30, seed=5)
-    got = draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="ordered")
+    got = draw_feasible(space, cost.policy_cost, limit, 30, seed=5)
+    assert got == draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="ordered")
     assert len(got) == 30 and len({tuple(sorted(a.items())) for a in got}) == 30
     assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
     G = len(groups)
@@ -289,7 +286,7 @@ def test_draws_of_random_policies(groups):
         for k in ("attn", "mlp"):
             depths = [a[f"{k}[{g}]"] for g in range(G)]
             assert depths == sorted(depths, reverse=True), a
-    uniform = draw_feasible(space, cost.policy_cost, limit, 30, seed=5)
+    uniform = draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="uniform")
     assert any(a[f"attn[{G - 1}]"] > a["attn[0]"] for a in uniform)  # the uniform draw is not ordered
     with pytest.raises(SpaceError, match="unknown draw"):
         draw_feasible(space, cost.policy_cost, limit, 3, draw="sorted")
