@@ -127,6 +127,32 @@ def test_early_start_table_equals_naive(tiny, space_name):
     assert any(x > 1e-6 for vals in fast.entries.values() for per in vals.values() for x in per)
 
 
+def test_batched_candidates_whose_depths_change_where_the_handles_do_not(tiny):
+    """replay_candidates: candidates whose depths change at layers where the applied policy
+    has no depth boundary (its row cache would hold the rows of an earlier layer) each give
+    the logits of their own full pruned forward, on a padded batch of two prompts."""
+    from dop.runtime import apply_policy
+    from dop.runtime.replay import batch_last_logits, capture_prefix, capture_ranks
+    from dop.search.candidates import candidate_depths, replay_candidates
+    from dop.search.table import collated
+
+    fam, model, prepared = tiny
+    model, prepared = _float64(model, prepared)
+    inputs = collated(model, [prepared[0].inputs, prepared[1].inputs])
+    start, ranker = 1, "random:seed=2"
+    handle_policy = dop.Policy(L, [1.0], {"mlp": [start]})
+    cands = [dop.Policy(L, [0.5, 1.0], {"mlp": [L, L - 1], "attn": [start + 1, L]}),
+             dop.Policy(L, [1.0], {"attn_kv": [L - 1]}), handle_policy]
+    prefix, ranks = capture_prefix(model, inputs), capture_ranks(model, inputs, ranker)
+    states = [candidate_depths(model, prefix, p, ranker, ranks, start) for p in cands]
+    with apply_policy(model, handle_policy, ranker=ranker) as h:
+        got = replay_candidates(h, prefix, states, start)
+    for p, q in zip(cands, got):
+        with apply_policy(model, p, ranker=ranker):
+            want = batch_last_logits(model, inputs)
+        assert torch.allclose(q, want, rtol=0, atol=1e-10), (fam, p)
+
+
 def test_early_start_with_reranking_ranker():
     """A ranker that re-ranks inside the LLM: depths start past its layer, ranks recorded by
     the probe forward, re-ranking at later layers done by the wrapped layers."""
