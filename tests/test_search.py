@@ -630,3 +630,18 @@ def test_demo_table_equals_the_naive_one_in_float32():
     worst = max(abs(a - b) for a, b in pairs)
     assert worst < 2e-5 and max(b for _, b in pairs) > 1.0, f"batched and naive demo tables differ by {worst:.3g}"
     assert fast.layer_evals <= 0.5 * fast.naive_layer_evals
+
+
+def test_public_names_of_dop_search():
+    """dop.search exports verify's classes, the random-policy draws and the compared methods
+    (``search_method`` is :func:`dop.search.methods.search`; ``search`` stays dop's)."""
+    import importlib
+
+    import dop.search as S
+    from dop.search import api, methods, spaces
+
+    verify = importlib.import_module("dop.search.verify")  # the name dop.search.verify is the function
+    assert all(hasattr(S, name) for name in S.__all__)
+    assert S.search is api.search and S.search_method is methods.search and S.MethodResult is methods.MethodResult
+    assert (S.Candidates, S.SampleSet, S.measure) == (verify.Candidates, verify.SampleSet, verify.measure)
+    assert S.draw_feasible is spaces.draw_feasible and S.DEFAULT_DRAW == "ordered" and S.DEFAULT_DRAW in S.DRAWS
