@@ -182,3 +182,21 @@ def test_cli_reads_format2(tmp_path, capsys):
     assert main(["transfer", str(path), "--num-layers", "16", "-o", str(dest)]) == 0
     assert Policy.from_json(dest) == big.transfer(16)
     assert json.loads(dest.read_text())["format"] == "dop-policy/2"
+    err = capsys.readouterr().err  # the skips are said
+    assert f"32 -> 16 layers, {big.transfer(16).describe()}; wrote" in err and "skip {'mlp': [[2], [1]]}" in err
+
+
+def test_describe_names_the_skips():
+    """Policy.describe: a policy with per-layer skips only is not "unpruned"; the skips are
+    said beside the depths, as layer runs per rank range."""
+    shortv = Policy(8, [1.0], {}, skip={"attn_q": [[2, 3, 4, 6]], "mlp": [[2, 3, 4, 6]]})
+    assert shortv.describe() == "groups [1.0] depth {} skip {'attn_q': [[2, 3, 4, 6]], 'mlp': [[2, 3, 4, 6]]}"
+    assert shortv.describe(144) == "attn_q skipped: ranks 0-143 at layers 2-4, 6; mlp skipped: ranks 0-143 at layers 2-4, 6"
+    both = Policy(8, [0.25, 1.0], {"attn": [8, 2]}, skip={"mlp": [[1, 5], []]})
+    assert both.describe(144) == "attn: ranks 0-35 to layer 8, ranks 36-143 to layer 2; mlp skipped: ranks 0-35 at layers 1, 5"
+    assert both.describe() == "groups [0.25, 1.0] depth {'attn': [8, 2]} skip {'mlp': [[1, 5], []]}"
+    depth_only = both.with_skip({})
+    assert depth_only.describe() == "groups [0.25, 1.0] depth {'attn': [8, 2]}"
+    assert depth_only.describe(144) == "attn: ranks 0-35 to layer 8, ranks 36-143 to layer 2"
+    assert Policy.unpruned(8).describe() == Policy.unpruned(8).describe(144) == "unpruned"
+    assert Policy(8, [1.0], {"mlp": [8]}).describe(144) == "unpruned"  # full depth prunes nothing

@@ -60,17 +60,17 @@ def _perms(counts, seed):
     return [torch.randperm(n, generator=g).tolist() for n in counts]
 
 
-def _against_reference(model, inputs, counts, pd: dict, perms) -> tuple[float, torch.Tensor]:
+def _against_reference(model, inputs, counts, pd: dict, perms, new_tokens: int = 5) -> tuple[float, torch.Tensor]:
     """Prefill logits of the runtime vs the masked reference (largest difference, returned with
-    the reference logits); greedy decoding must match token for token."""
+    the reference logits); greedy decoding of ``new_tokens`` must match token for token."""
     adapter = get_adapter(model)
     with masked_reference(model, adapter.decoder_layers(), adapter.entry_module(),
                           adapter.image_token_id, pd, counts, perms):
         ref = model(**inputs, use_cache=False).logits
-        ref_tokens = reference_greedy(model, inputs, 5)
+        ref_tokens = reference_greedy(model, inputs, new_tokens)
     with dop.apply_policy(model, dop.Policy.from_dict(pd), ranker=lambda ctx: perms):
         out = model(**inputs).logits
-        gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, -5:].tolist()
+        gen = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, -new_tokens:].tolist()
     assert gen == ref_tokens, f"policy {pd}: greedy {gen} != reference {ref_tokens}"
     return (out - ref).abs().max().item(), ref
 

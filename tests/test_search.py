@@ -20,7 +20,7 @@ from dop.search import (
     BudgetError, CostModel, DivergenceTable, PreparedSample, SpaceError, Solver, TableError, build_table,
     kl_divergence, make_space, parse_budget, search, true_divergence,
 )
-from dop.search.verify import random_feasible
+from dop.search.spaces import draw_feasible
 from dop.runtime.replay import last_logits
 from tiny_models import FAMILIES, build_inputs, build_model, make_config
 
@@ -125,6 +125,32 @@ def test_early_start_table_equals_naive(tiny, space_name):
     assert fast.naive_layer_evals == slow.naive_layer_evals
     assert fast.layer_evals < fast.naive_layer_evals
     assert any(x > 1e-6 for vals in fast.entries.values() for per in vals.values() for x in per)
+
+
+def test_batched_candidates_whose_depths_change_where_the_handles_do_not(tiny):
+    """replay_candidates: candidates whose depths change at layers where the applied policy
+    has no depth boundary (its row cache would hold the rows of an earlier layer) each give
+    the logits of their own full pruned forward, on a padded batch of two prompts."""
+    from dop.runtime import apply_policy
+    from dop.runtime.replay import batch_last_logits, capture_prefix, capture_ranks
+    from dop.search.candidates import candidate_depths, replay_candidates
+    from dop.search.table import collated
+
+    fam, model, prepared = tiny
+    model, prepared = _float64(model, prepared)
+    inputs = collated(model, [prepared[0].inputs, prepared[1].inputs])
+    start, ranker = 1, "random:seed=2"
+    handle_policy = dop.Policy(L, [1.0], {"mlp": [start]})
+    cands = [dop.Policy(L, [0.5, 1.0], {"mlp": [L, L - 1], "attn": [start + 1, L]}),
+             dop.Policy(L, [1.0], {"attn_kv": [L - 1]}), handle_policy]
+    prefix, ranks = capture_prefix(model, inputs), capture_ranks(model, inputs, ranker)
+    states = [candidate_depths(model, prefix, p, ranker, ranks, start) for p in cands]
+    with apply_policy(model, handle_policy, ranker=ranker) as h:
+        got = replay_candidates(h, prefix, states, start)
+    for p, q in zip(cands, got):
+        with apply_policy(model, p, ranker=ranker):
+            want = batch_last_logits(model, inputs)
+        assert torch.allclose(q, want, rtol=0, atol=1e-10), (fam, p)
 
 
 def test_early_start_with_reranking_ranker():
@@ -258,30 +284,27 @@ def test_infeasible_budget_names_the_cheapest_figure():
         solver.solve(int(0.05 * cost.unpruned), "0.05")
 
 
-def test_random_feasible_policies_fit_the_budget():
+@pytest.mark.parametrize("draw", ["uniform", "ordered"])
+def test_random_feasible_policies_fit_the_budget(draw):
     config = make_config("llava", num_layers=3)
     space = make_space("multigroup", 3, 16)
     cost = CostModel(config, [16], 7)
-    solver = Solver(space, _random_proxy(space, 0), cost)
     limit = int(0.5 * cost.unpruned)
-    got = random_feasible(space, solver, limit, 20, seed=3)
+    got = draw_feasible(space, cost.policy_cost, limit, 20, seed=3, draw=draw)
     assert len(got) == 20 and len({tuple(sorted(a.items())) for a in got}) == 20
     assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
 
 
 @pytest.mark.parametrize("groups", [[0.25, 0.5, 1.0], [0.125, 0.25, 0.5, 1.0]])
 def test_draws_of_random_policies(groups):
-    """draw_feasible: "uniform" is the draw --verify makes today (the same policies for a
-    seed); "ordered" keeps each kind's depths non-increasing over the rank groups."""
-    from dop.search.spaces import draw_feasible
-
+    """draw_feasible: "ordered" (the default) keeps each kind's depths non-increasing over
+    the rank groups; "uniform" does not."""
     config = make_config("llava", num_layers=6)
     space = make_space("multigroup", 6, 16, groups=groups)
     cost = CostModel(config, [16], 7)
-    solver = Solver(space, _random_proxy(space, 0), cost)
     limit = int(0.4 * cost.unpruned)
-    assert draw_feasible(space, cost.policy_cost, limit, 30, seed=5) == random_feasible(space, solver, limit, 30, seed=5)
-    got = draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="ordered")
+    got = draw_feasible(space, cost.policy_cost, limit, 30, seed=5)
+    assert got == draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="ordered")
     assert len(got) == 30 and len({tuple(sorted(a.items())) for a in got}) == 30
     assert all(cost.policy_cost(space.policy(a)) <= limit for a in got)
     G = len(groups)
@@ -289,7 +312,7 @@ def test_draws_of_random_policies(groups):
         for k in ("attn", "mlp"):
             depths = [a[f"{k}[{g}]"] for g in range(G)]
             assert depths == sorted(depths, reverse=True), a
-    uniform = draw_feasible(space, cost.policy_cost, limit, 30, seed=5)
+    uniform = draw_feasible(space, cost.policy_cost, limit, 30, seed=5, draw="uniform")
     assert any(a[f"attn[{G - 1}]"] > a["attn[0]"] for a in uniform)  # the uniform draw is not ordered
     with pytest.raises(SpaceError, match="unknown draw"):
         draw_feasible(space, cost.policy_cost, limit, 3, draw="sorted")
@@ -607,3 +630,18 @@ def test_demo_table_equals_the_naive_one_in_float32():
     worst = max(abs(a - b) for a, b in pairs)
     assert worst < 2e-5 and max(b for _, b in pairs) > 1.0, f"batched and naive demo tables differ by {worst:.3g}"
     assert fast.layer_evals <= 0.5 * fast.naive_layer_evals
+
+
+def test_public_names_of_dop_search():
+    """dop.search exports verify's classes, the random-policy draws and the compared methods
+    (``search_method`` is :func:`dop.search.methods.search`; ``search`` stays dop's)."""
+    import importlib
+
+    import dop.search as S
+    from dop.search import api, methods, spaces
+
+    verify = importlib.import_module("dop.search.verify")  # the name dop.search.verify is the function
+    assert all(hasattr(S, name) for name in S.__all__)
+    assert S.search is api.search and S.search_method is methods.search and S.MethodResult is methods.MethodResult
+    assert (S.Candidates, S.SampleSet, S.measure) == (verify.Candidates, verify.SampleSet, verify.measure)
+    assert S.draw_feasible is spaces.draw_feasible and S.DEFAULT_DRAW == "ordered" and S.DEFAULT_DRAW in S.DRAWS

@@ -98,6 +98,32 @@ def test_heldout_samples_need_verify_and_overlap_is_said(verified):
     assert res.results[0].heldout.num_samples == 2
 
 
+def test_verify_draws_its_random_policies_as_asked():
+    """``verify_draw``: the random policies of the verification are :func:`draw_feasible`'s
+    of that draw (default "ordered"), the same on both sample sets, and the draw is recorded;
+    an unknown draw fails before any model work."""
+    from dop.search import CostModel
+    from dop.search.divergence import reference_shape
+    from dop.search.spaces import draw_feasible
+
+    model = build_model("llava", num_layers=4)
+    searched, held = _prepared(model, range(2)), _prepared(model, range(10, 12))
+    kw = dict(budget=0.5, space="multigroup", groups=[0.5, 1.0], ranker="spatial", progress=False, verify_k=6,
+              verify_samples=held, seed=2)
+    first = search(model, None, searched, **kw)
+    got = {"ordered": first, "uniform": search(model, None, searched, table=first.table, verify_draw="uniform", **kw)}
+    cost = CostModel(model, *reference_shape(searched), "dop")
+    for draw, res in got.items():
+        r = res.results[0]
+        want = draw_feasible(res.space, cost.policy_cost, r.solution.limit, 6, 2, draw)
+        assert [x["assign"] for x in r.verification.random] == want == [x["assign"] for x in r.heldout.random]
+        assert r.verification.draw == r.heldout.draw == draw == r.to_dict()["verification_heldout"]["draw"]
+    assert [x["assign"] for x in got["ordered"].results[0].verification.random] != \
+        [x["assign"] for x in got["uniform"].results[0].verification.random]
+    with pytest.raises(ValueError, match="unknown draw 'sorted'"):
+        search(model, None, [], budget=0.5, verify_k=2, verify_draw="sorted")
+
+
 # ---------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

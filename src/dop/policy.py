@@ -13,7 +13,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -191,6 +191,17 @@ def _checked_skip(skip: Any, depth: Mapping[str, tuple[int, ...]], n_groups: int
         if any(kept):
             out[k] = tuple(kept)
     return MappingProxyType(out)
+
+
+def _spans(layers: Sequence[int]) -> str:
+    """Sorted layer indices as runs: ``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for l in layers:
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _frozen_meta(meta: Any) -> Any:
@@ -422,6 +433,22 @@ class Policy:
         if not os.path.isfile(path):
             raise PolicyError(f"checkpoint folder {folder!r}: no {POLICY_FILE} (save one with Policy.save_pretrained)")
         return cls.from_json(path)
+
+    def describe(self, n_visual: int | None = None) -> str:
+        """One line saying what the policy prunes, per-layer skips included (docs/design.md,
+        "Per-layer skips"): its groups, depths and skips; given ``n_visual``, each kind's rank
+        ranges of an image of that many visual tokens. ``"unpruned"`` when nothing is pruned."""
+        if self.is_unpruned():
+            return "unpruned"
+        if n_visual is None:
+            d = self.to_dict()
+            return f"groups {d['groups']} depth {d['depth']}" + (f" skip {d['skip']}" if self.skip else "")
+        bounds = self.group_bounds(n_visual)
+        parts = [(k, [f"ranks {s}-{e - 1} to layer {d}" for (s, e), d in zip(bounds, ds) if e > s])
+                 for k, ds in sorted(self.depth.items())]
+        parts += [(f"{k} skipped", [f"ranks {s}-{e - 1} at layers {_spans(ls)}" for (s, e), ls in zip(bounds, v)
+                                    if e > s and ls]) for k, v in sorted(self.skip.items())]
+        return "; ".join(f"{k}: {', '.join(xs)}" for k, xs in parts if xs) or "unpruned"
 
     # ------------------------------------------------------------------ semantics
     def kind_depths(self, kind: str) -> list[int]:

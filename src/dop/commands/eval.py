@@ -44,7 +44,7 @@ def register(subparsers) -> None:
                    help="the synthetic benchmark split, a JSONL file (or folder holding data.jsonl), or a "
                         "Hugging Face data set: parquet files, a save_to_disk folder or a hub id with a split")
     p.add_argument("--columns", metavar="ROLE=COL,...", help=COLUMNS_HELP)
-    p.add_argument("--policy", metavar="FILE", help="a dop-policy/1 JSON file to apply")
+    p.add_argument("--policy", metavar="FILE", help="a policy JSON file (dop-policy/1 or /2) to apply")
     p.add_argument("--ranker", metavar="NAME", help="visual-token ranker (overrides the policy's)")
     p.add_argument("--tasks", metavar="T1,T2", help="only these tasks (comma-separated)")
     p.add_argument("--limit", type=int, metavar="N",

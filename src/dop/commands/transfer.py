@@ -3,7 +3,9 @@
     dop transfer policy.json --num-layers 40 -o policy-40.json
 
 Depths become ``d * L_new / L_old`` rounded half up, and at least 1 where the source's
-was (``dop.policy.transfer_depth``): an operation the source kept is never erased. A warning names distinct depths that collapse into one.
+was (``dop.policy.transfer_depth``): an operation the source kept is never erased. A warning
+names distinct depths that collapse into one. A new layer is skipped (per-layer skips,
+``dop-policy/2``) where the source layer holding its midpoint was (``dop.policy.transfer_layer``).
 Groups, ranker and meta are kept (``meta.transferred_from_layers`` records the original
 depth). Without ``-o`` the policy is printed.
 """
@@ -22,8 +24,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "transfer",
         help="rescale a policy's depths to a model with another layer count",
-        description="Rescale every depth of a dop-policy/1 file by d * L_new / L_old, rounded half up and at "
-                    "least 1 where the source's depth was (an operation the source kept is never erased).",
+        description="Rescale every depth of a policy file (dop-policy/1 or /2) by d * L_new / L_old, rounded half "
+                    "up and at least 1 where the source's depth was (an operation the source kept is never erased); "
+                    "a new layer is skipped (per-layer skips, dop-policy/2) where the source layer holding its "
+                    "midpoint was.",
     )
     p.add_argument("policy", metavar="policy.json", help="the policy file")
     p.add_argument("--num-layers", type=int, required=True, metavar="L", help="decoder layers of the target model")
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     with output_lock([args.output]):
         text = out.to_json(args.output)
     if args.output:
-        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, depth {out.to_dict()['depth']}; wrote {args.output}",
+        print(f"{args.policy}: {policy.num_layers} -> {out.num_layers} layers, {out.describe()}; wrote {args.output}",
               file=sys.stderr)
     else:
         sys.stdout.write(text)

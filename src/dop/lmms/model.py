@@ -7,7 +7,7 @@ policy (docs/eval.md, "lmms-eval").
 Model arguments (``--model_args k=v,...``):
 
 - ``pretrained``: ``demo``, a hub id or a local checkpoint folder (as ``dop eval --model``);
-- ``policy``: a dop-policy/1 file; ``ranker``: overrides the policy's ranker;
+- ``policy``: a policy file (dop-policy/1 or /2); ``ranker``: overrides the policy's ranker;
 - ``budget`` with ``search_data`` (and ``search_samples``, default 25; ``space``, default
   dop; ``ranker``, default vispruner): search a policy first with ``dop.search.search``; the
   policy is cached in ``log_dir`` under a name derived from these arguments, and the log
@@ -143,7 +143,7 @@ class DopLMM(lmms):
         self.flops_path = self.log_dir / f"flops.rank{self.rank}.jsonl"
         self.flops_path.write_text("")
         what = "unpruned" if self.policy is None else (
-            f"policy groups {list(self.policy.groups)} depth {self.policy.to_dict()['depth']}, ranker "
+            f"policy {self.policy.describe()}, ranker "
             f"{self.ranker or self.policy.ranker or 'default'}")
         logger.info(f"dop: {self.pretrained} on {self._device} (rank {self.rank} of {self.world_size}), {what}; "
                     f"per-request FLOPs in {self.flops_path}")

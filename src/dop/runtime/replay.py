@@ -121,25 +121,41 @@ def replay_from(handle, prefix: PrefixCache, ranks: dict[int, list[torch.Tensor]
             f"the policy skips an op from layer {handle.policy.max_active_depth()}, below start={start}; "
             "its layer inputs differ from the unpruned run's"
         )
-    layers = handle.adapter.decoder_layers()
-    inputs = prefix.inputs
-    ids = inputs["input_ids"]
-    spans = handle.adapter.image_spans(ids, inputs)
-    mask = inputs.get("attention_mask")
-    present = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    st = ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=spans, inputs=dict(inputs),
-                      record=None, present=present, device=ids.device)
+    st = prompt_state(handle.adapter, prefix.inputs)
     if st.has_visual and not s.unpruned:
         s.assign_ranks(st, [r.clone() for r in ranks[start]])
+    return run_layers(handle, st, prefix.hidden[start], start, prefix.kwargs[start:])
+
+
+def prompt_state(adapter, inputs: dict) -> ForwardState:
+    """The forward state of the prompt rows of ``inputs`` (one prompt, or a batch padded on
+    the left) before any depth is assigned."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    present = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    return ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=adapter.image_spans(ids, inputs),
+                        inputs=dict(inputs), record=None, present=present, device=ids.device)
+
+
+def run_layers(handle, st: ForwardState, h: torch.Tensor, start: int, kwargs: list[dict],
+               fresh_rows: bool = False) -> torch.Tensor:
+    """(rows, vocab) float32 last-position logits of ``handle``'s wrapped decoder layers
+    ``start..L-1`` run on ``h`` under ``st`` (``kwargs``: each of those layers' keyword
+    arguments, in order), then the final norm and the LM head at the last position.
+
+    ``fresh_rows``: each layer's rows worked out afresh from ``st``'s depths, for rows whose
+    depths are not the handle's policy's (its depth bands key the row cache)."""
+    s = handle.session
+    layers = handle.adapter.decoder_layers()
     s.current = st
     try:
-        h = prefix.hidden[start]
-        for l in range(start, L):
-            h = layers[l](h, **prefix.kwargs[l])
+        for l, kw in zip(range(start, s.num_layers), kwargs, strict=True):
+            if fresh_rows:
+                st.rows_cache.clear()
+            h = layers[l](h, **kw)
             if isinstance(h, tuple):
                 h = h[0]
     finally:
         s.current = None
-    lm = handle.adapter.language_model()
-    h = lm.norm(h[:, -1:])
+    h = handle.adapter.language_model().norm(h[:, -1:])
     return handle.model.get_output_embeddings()(h)[:, -1].float()

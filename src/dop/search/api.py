@@ -26,7 +26,7 @@ from ..rankers.base import rerank_layers
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .solver import Solution, Solver
-from .spaces import Space, make_space
+from .spaces import DEFAULT_DRAW, Space, check_draw, make_space
 from .table import DivergenceTable, build_table, samples_fingerprint
 from .verify import Candidates, SampleSet, Verification, measure
 
@@ -129,6 +129,7 @@ def search(
     table: DivergenceTable | str | None = None,
     verify_k: int = 0,
     verify_samples: Sequence | None = None,
+    verify_draw: str = DEFAULT_DRAW,
     seed: int = 0,
     build_prompt: Callable | None = None,
     progress: bool = True,
@@ -146,6 +147,8 @@ def search(
     of the chosen policy, of ``verify_k`` random feasible ones and of token pruning, on the
     search's samples and, when ``verify_samples`` are given (samples the search did not
     use), on those too (:class:`BudgetResult` ``verification`` and ``heldout``).
+    ``verify_draw``: how the random policies are drawn, ``"ordered"`` or ``"uniform"``
+    (:func:`~dop.search.spaces.draw_feasible`; recorded as ``verification.draw``).
     ``batch_size``: validation samples per forward while the table fills (same table).
     ``meta`` is merged into each policy's ``meta``.
     """
@@ -153,6 +156,7 @@ def search(
     t0 = time.perf_counter()
     if not isinstance(verify_k, int) or verify_k < 0:
         raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
+    check_draw(verify_draw)
     torch.manual_seed(seed)
     setup = _setup(model, processor, samples, budget, budgets, space, ranker, convention, build_prompt,
                    dict(groups=groups, kinds=kinds, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride))
@@ -165,7 +169,7 @@ def search(
     solvers, results = _solve_all(setup, tab, info)
     t_verify = time.perf_counter()
     if verify_k:
-        _verify_all(model, setup, results, solvers, verify_k, heldout, seed, progress)
+        _verify_all(model, setup, results, solvers, (verify_k, verify_draw), heldout, seed, progress)
     t_verify = time.perf_counter() - t_verify if verify_k else 0.0
     return SearchResult(results, tab, setup.space, time.perf_counter() - t0, setup.shape, t_table, t_verify,
                         len(heldout) if heldout else 0)
@@ -270,16 +274,17 @@ def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, 
     return BudgetResult(b, sol, policy, flops, note=note)
 
 
-def _verify_all(model, setup: _Setup, results: list[BudgetResult], solvers: dict, verify_k: int,
+def _verify_all(model, setup: _Setup, results: list[BudgetResult], solvers: dict, drawn: tuple[int, str],
                 heldout: list | None, seed: int, progress: bool) -> None:
-    """The true divergence of each chosen policy, of ``verify_k`` random feasible ones and of
-    token pruning, on the search's samples and on the held-out ones (the same policies on
-    both); recorded in each result and its policy's meta."""
+    """The true divergence of each chosen policy, of ``k`` random feasible ones (``drawn``:
+    ``(k, draw)``) and of token pruning, on the search's samples and on the held-out ones
+    (the same policies on both); recorded in each result and its policy's meta."""
+    k, draw = drawn
     sets = {"in-sample": SampleSet.of(model, setup.prepared)}
     if heldout:
         sets["held-out"] = SampleSet.of(model, heldout)
     for res in results:
-        cand = Candidates.draw(setup.space, solvers[res.solution.convention], res.solution, verify_k, seed)
+        cand = Candidates.draw(setup.space, solvers[res.solution.convention], res.solution, k, seed, draw)
         got = {name: measure(model, ss, cand, setup.rk, progress, desc=f"verify {name}") for name, ss in sets.items()}
         res.verification, res.heldout = got["in-sample"], got.get("held-out")
         extra = {"true_divergence": res.verification.chosen_true}

@@ -22,7 +22,7 @@ from ..models.prefix import run_to_layers
 from ..policy import OP_KINDS, Policy
 from ..rankers.base import rerank_layers
 from ..runtime import apply_policy
-from ..runtime.replay import PrefixCache
+from ..runtime.replay import PrefixCache, prompt_state, run_layers
 from ..runtime.session import ForwardState
 
 
@@ -33,17 +33,6 @@ class CandidateState:
     depths: dict[str, torch.Tensor]  # kind -> (B, S) int64
     ranks: list[torch.Tensor]  # per image span of the B rows
     groups: torch.Tensor  # (B, S) int64: policy group of each visual token, -1 for the rest
-
-
-def _state(handle, prefix: PrefixCache) -> ForwardState:
-    """The forward state of the prompt rows of ``prefix`` (no depths yet)."""
-    inputs = prefix.inputs
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    present = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    spans = handle.adapter.image_spans(ids, inputs)
-    return ForwardState(past=0, batch=int(ids.shape[0]), n_new=int(ids.shape[1]), spans=spans,
-                        inputs=dict(inputs), record=None, present=present, device=ids.device)
 
 
 def candidate_depths(model, prefix: PrefixCache, policy: Policy, ranker, ranks: dict, start: int) -> CandidateState:
@@ -70,7 +59,7 @@ def candidate_depths(model, prefix: PrefixCache, policy: Policy, ranker, ranks: 
             run_to_layers(model, prefix.inputs, [0], adapter=handle.adapter, observe=rank)
             st = got["state"]
             return CandidateState(st.depths, list(st.ranks), st.groups)
-        st = _state(handle, prefix)
+        st = prompt_state(handle.adapter, prefix.inputs)
         s.assign_ranks(st, [r.clone() for r in ranks[start]])
         return CandidateState(st.depths, st.ranks, st.groups)
 
@@ -86,7 +75,7 @@ def _tiled(x, times: int, rows: int):
 
 def _stacked_state(handle, prefix: PrefixCache, states: list[CandidateState]) -> ForwardState:
     """The forward state of every candidate's copy of the prompt rows, candidate-major."""
-    one = _state(handle, prefix)
+    one = prompt_state(handle.adapter, prefix.inputs)
     B, V = one.batch, len(states)
     spans = [replace(sp, row=sp.row + j * B) for j in range(V) for sp in one.spans]
     st = ForwardState(past=0, batch=B * V, n_new=one.n_new, spans=spans, inputs=one.inputs, record=None,
@@ -110,24 +99,19 @@ def replay_candidates(handle, prefix: PrefixCache, states: list[CandidateState],
     if any(l >= start for l in rerank_layers(s.ranker)):
         raise ValueError(f"the ranker re-ranks at layer {max(rerank_layers(s.ranker))}, at or past start={start}")
     B, V = int(prefix.hidden[start].shape[0]), len(states)
-    st = _stacked_state(handle, prefix, states)
-    layers = handle.adapter.decoder_layers()
-    s.current = st
-    try:
-        h = prefix.hidden[start].repeat(V, 1, 1)
-        for l in range(start, L):
-            st.rows_cache.clear()  # the rows of each layer from the stacked depths (not the handle's bands)
-            kwargs = dict(prefix.kwargs[l])
-            if "position_embeddings" in kwargs:
-                kwargs["position_embeddings"] = _tiled(kwargs["position_embeddings"], V, B)
-            h = layers[l](h, **kwargs)
-            if isinstance(h, tuple):
-                h = h[0]
-    finally:
-        s.current = None
-    lm = handle.adapter.language_model()
-    h = lm.norm(h[:, -1:])
-    return handle.model.get_output_embeddings()(h)[:, -1].float().reshape(V, B, -1)
+    kwargs = [_tiled_kwargs(kw, V, B) for kw in prefix.kwargs[start:]]
+    # the rows of each layer from the stacked depths, not the handle's bands
+    logits = run_layers(handle, _stacked_state(handle, prefix, states), prefix.hidden[start].repeat(V, 1, 1), start,
+                        kwargs, fresh_rows=True)
+    return logits.reshape(V, B, -1)
+
+
+def _tiled_kwargs(kwargs: dict, times: int, rows: int) -> dict:
+    """One layer's keyword arguments for ``times`` stacked copies of its ``rows`` rows."""
+    out = dict(kwargs)
+    if "position_embeddings" in out:
+        out["position_embeddings"] = _tiled(out["position_embeddings"], times, rows)
+    return out
 
 
 def mlp_token_layers(states: list[CandidateState], start: int, num_layers: int) -> int:

@@ -253,11 +253,19 @@ def make_space(name: str, num_layers: int, n_ref: int, *, groups=None, kinds=Non
     raise SpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")
 
 
-DRAWS = ("uniform", "ordered")
+DRAWS = ("ordered", "uniform")
+DEFAULT_DRAW = "ordered"  # docs/design.md, "Held-out verification"
+
+
+def check_draw(draw: str) -> str:
+    """``draw`` if it names a random-policy draw of :func:`draw_feasible`, else a :class:`SpaceError`."""
+    if draw not in DRAWS:
+        raise SpaceError(f"unknown draw {draw!r}; use one of {', '.join(DRAWS)}")
+    return draw
 
 
 def draw_feasible(space: Space, policy_cost: Callable[[Policy], float], limit: float, k: int, seed: int = 0,
-                  draw: str = "uniform", max_tries: int = 20000) -> list[dict]:
+                  draw: str = DEFAULT_DRAW, max_tries: int = 20000) -> list[dict]:
     """Up to ``k`` distinct random assignments of ``space`` whose policy costs at most ``limit``
     (``policy_cost``), to check the proxy against the truth (docs/design.md, "Search").
 
@@ -269,8 +277,7 @@ def draw_feasible(space: Space, policy_cost: Callable[[Policy], float], limit: f
     attention early, which is as far from the unpruned model as the blind policy and leaves
     their order noise (docs/benchmarks.md, "Proxy quality"). Spaces without rank groups draw
     the same either way."""
-    if draw not in DRAWS:
-        raise SpaceError(f"unknown draw {draw!r}; use one of {', '.join(DRAWS)}")
+    check_draw(draw)
     rng = random.Random(seed)
     ordered = draw == "ordered"
     out, seen = [], set()

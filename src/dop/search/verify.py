@@ -1,8 +1,9 @@
 """Check the additive proxy against the truth (``--verify K``, docs/design.md, "Search").
 
 - the true joint divergence (full pruned forwards) of the chosen policy;
-- the proxy and true divergence of K random feasible policies of the space, and the Spearman
-  rank correlation between them;
+- the proxy and true divergence of K random feasible policies of the space (drawn by
+  :func:`~dop.search.spaces.draw_feasible`, ``ordered`` by default), and the Spearman rank
+  correlation between them;
 - token pruning at the same budget with the same ranker (the most visual tokens kept at
   layer 0 whose cost fits), and its true divergence;
 - the true divergence of the blind policy (no visual operation at any layer) and how many of
@@ -17,7 +18,6 @@ so that the two columns differ only by the samples (docs/design.md, "Held-out ve
 
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,6 +29,7 @@ from ..policy import Policy
 from ..runtime.replay import last_logits
 from .divergence import PreparedSample, true_divergence
 from .solver import Solution, Solver
+from .spaces import DEFAULT_DRAW, draw_feasible
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Verification:
     token_pruning: dict | None = None  # {"n_keep", "policy", "cost", "true"}
     blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
     num_samples: int | None = None  # the samples the true divergences are means over
+    draw: str | None = None  # how the random policies were drawn (:func:`~dop.search.spaces.draw_feasible`)
 
     def closer_than_blind(self) -> list[dict]:
         """The random policies whose true divergence is below the blind policy's."""
@@ -62,8 +64,8 @@ class Verification:
 
     def to_dict(self) -> dict:
         return {
-            "samples": self.num_samples, "chosen_true": self.chosen_true, "chosen_proxy": self.chosen_proxy,
-            "spearman": self.spearman, "spearman_p": self.spearman_p,
+            "samples": self.num_samples, "draw": self.draw, "chosen_true": self.chosen_true,
+            "chosen_proxy": self.chosen_proxy, "spearman": self.spearman, "spearman_p": self.spearman_p,
             "random": self.random, "token_pruning": self.token_pruning,
             "blind_true": self.blind_true, "n_at_least_blind": self.n_at_least_blind,
             "spearman_below_blind": self.spearman_below_blind,
@@ -103,11 +105,15 @@ class Candidates:
     token_pruning: dict | None  # {"n_keep", "policy", "cost"}
     token_policy: Policy | None
     blind: Policy
+    draw_kind: str = DEFAULT_DRAW  # how the random policies were drawn (:data:`~dop.search.spaces.DRAWS`)
 
     @classmethod
-    def draw(cls, space, solver: Solver, solution: Solution, k: int, seed: int = 0) -> "Candidates":
+    def draw(cls, space, solver: Solver, solution: Solution, k: int, seed: int = 0,
+             draw: str = DEFAULT_DRAW) -> "Candidates":
+        """The candidates of one verification; ``draw`` as in :func:`~dop.search.spaces.draw_feasible`
+        (docs/design.md, "Held-out verification", says why ``ordered`` is the default)."""
         cost = solver.cost
-        assigns = random_feasible(space, solver, solution.limit, k, seed)  # the one draw (swappable)
+        assigns = draw_feasible(space, cost.policy_cost, solution.limit, k, seed, draw)
         policies = [space.policy(a) for a in assigns]
         rows = [{"assign": a, "proxy": solver.proxy_of(a), "cost": cost.policy_cost(p)}
                 for a, p in zip(assigns, policies)]
@@ -117,32 +123,7 @@ class Candidates:
             n, tp_policy = found
             tp = {"n_keep": n, "policy": tp_policy.to_dict(), "cost": cost.policy_cost(tp_policy)}
         blind = Policy.token_pruning(space.num_layers, 0.0, space.min_depth)
-        return cls(solution.policy, solution.predicted, rows, policies, tp, tp_policy, blind)
-
-
-def random_feasible(space, solver: Solver, limit: int, k: int, seed: int = 0, max_tries: int = 20000) -> list[dict]:
-    """Up to ``k`` distinct random assignments whose cost fits ``limit``: draw every parameter
-    uniformly, then lower randomly chosen parameters at random until the policy fits."""
-    rng = random.Random(seed)
-    cost = solver.cost
-    out, seen = [], set()
-    for _ in range(max_tries):
-        if len(out) >= k:
-            break
-        a = {p.name: rng.choice(p.values) for p in space.params}
-        c = cost.policy_cost(space.policy(a))
-        while c > limit:
-            lowerable = [p for p in space.params if a[p.name] > min(p.values)]
-            if not lowerable:
-                break
-            p = rng.choice(lowerable)
-            a[p.name] = rng.choice([v for v in p.values if v < a[p.name]])
-            c = cost.policy_cost(space.policy(a))
-        key = tuple(sorted(a.items()))
-        if c <= limit and key not in seen:
-            seen.add(key)
-            out.append(a)
-    return out
+        return cls(solution.policy, solution.predicted, rows, policies, tp, tp_policy, blind, draw)
 
 
 def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int = 0) -> tuple[int, Policy] | None:
@@ -195,13 +176,13 @@ def measure(model, samples: SampleSet, cand: Candidates, ranker, progress: bool 
     rows = [dict(r, true=t) for r, t in zip(cand.random, rand)]
     rho, pval = _spearman(rows)
     tp = None if cand.token_pruning is None else dict(cand.token_pruning, true=tp_true)
-    return Verification(chosen, cand.chosen_proxy, rows, rho, pval, tp, blind, len(samples.prepared))
+    return Verification(chosen, cand.chosen_proxy, rows, rho, pval, tp, blind, len(samples.prepared), cand.draw_kind)
 
 
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
-           k: int, ranker, seed: int = 0, progress: bool = True) -> Verification:
+           k: int, ranker, seed: int = 0, progress: bool = True, draw: str = DEFAULT_DRAW) -> Verification:
     """:func:`measure` of freshly drawn :class:`Candidates` on one sample set."""
-    cand = Candidates.draw(space, solver, solution, k, seed)
+    cand = Candidates.draw(space, solver, solution, k, seed, draw)
     return measure(model, SampleSet(prepared, refs), cand, ranker, progress)
 
 
