@@ -582,7 +582,7 @@ def _row(label, kind, d, unpruned_d, policy_file, policy, n_visual) -> dict:
         prefill_ms=d.get("prefill_ms"),
         prefill_cv=_spread([s.get("prefill_ms") for s in d.get("samples", [])]),
         policy=policy.to_dict() if policy is not None else None,
-        summary=_policy_summary(policy, n_visual) if policy is not None else "",
+        summary=policy.describe(n_visual) if policy is not None else "",
     )
 
 
@@ -594,14 +594,6 @@ def _spread(values: list) -> float | None:
     mean = sum(xs) / len(xs)
     var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
     return (var ** 0.5) / mean if mean > 0 else None
-
-
-def _policy_summary(policy, n_visual: int) -> str:
-    bounds = policy.group_bounds(n_visual)
-    parts = []
-    for kind, ds in sorted(policy.depth.items()):
-        parts.append(f"{kind}: " + ", ".join(f"ranks {s}-{e - 1} to layer {d}" for (s, e), d in zip(bounds, ds) if e > s))
-    return "; ".join(parts) or "unpruned"
 
 
 def _prompt_shape(processor, adapter, build_prompt, sample) -> tuple[int, int]:

@@ -64,7 +64,7 @@ def format_method_summary(result, held: list, args, outputs, wall: float) -> str
     for r, h, out in zip(result.results, held, outputs):
         f = r.flops
         lines += ["", f"budget {r.budget.spec} ({r.convention} convention) -> {out}",
-                  f"  policy: {_describe(r.policy)}",
+                  f"  policy: {r.policy.describe()}",
                   f"  decoder FLOPs (dop):   {f['dop']['fraction']:.1%} of unpruned; decoder MACs (paper): "
                   f"{f['paper']['fraction']:.1%}",
                   f"  true divergence: in-sample {r.divergence:.5g}" + ("" if h is None else f", held-out {h:.5g}")]
@@ -73,7 +73,3 @@ def format_method_summary(result, held: list, args, outputs, wall: float) -> str
     lines += ["", f"wall time {wall:.1f} s (the method's search {result.wall_s:.1f} s)"]
     return "\n".join(lines)
 
-
-def _describe(policy) -> str:
-    d = policy.to_dict()
-    return f"groups {d['groups']}  depth {d['depth']}" + (f"  skip {d['skip']}" if d.get("skip") else "")

@@ -78,6 +78,9 @@ def register(subparsers) -> None:
                         "after the searched ones)")
     p.add_argument("--verify-samples", type=int, default=None, metavar="N",
                    help="held-out samples for --verify (default: as many as --samples)")
+    p.add_argument("--verify-draw", choices=("ordered", "uniform"), default="ordered",
+                   help="how --verify draws its random policies: ordered (each op kind's depths non-increasing "
+                        "over the rank groups; default) or uniform (docs/design.md, \"Held-out verification\")")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -187,7 +190,8 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
         result = search(
             model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
             groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
-            convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0], seed=args.seed,
+            convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0], verify_draw=args.verify_draw,
+            seed=args.seed,
             build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
             meta={"model": args.model, "data": args.data}, batch_size=args.batch_size,
         )
@@ -255,7 +259,7 @@ def format_summary(result, args, outputs, wall: float) -> str:
             "",
             f"budget {r.budget.spec} ({r.solution.convention} convention) -> {out}",
             f"  parameters: {sp.describe(r.solution.assign)}",
-            f"  policy: groups {list(r.policy.groups)}  depth {r.policy.to_dict()['depth']}",
+            f"  policy: {r.policy.describe()}",
             f"  decoder FLOPs (dop):   {_fl(f['dop']['before'])} -> {_fl(f['dop']['after'])} ({f['dop']['fraction']:.1%})",
             f"  decoder MACs (paper):  {_fl(f['paper']['before'], True)} -> {_fl(f['paper']['after'], True)} "
             f"({f['paper']['fraction']:.1%})",
