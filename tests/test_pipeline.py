@@ -151,6 +151,7 @@ def test_run_two_models_side_by_side_and_resume(tiny_two, tmp_path, capsys):
     out = tmp_path / "both"
     args = _args(",".join(tiny_two), out) + ["--verify", "0"]
     args[args.index("tokens:1/3,0.9")] = "0.9"
+    args[args.index("none")] = "vtw"
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert all(f"model {m}" in printed for m in tiny_two)
@@ -167,6 +168,11 @@ def test_run_two_models_side_by_side_and_resume(tiny_two, tmp_path, capsys):
     row = next(x for x in report.splitlines() if x.startswith("| DOP (dop) |")).split(" | ")
     fractions = [res["models"][m]["budgets"][0]["methods"][0]["flops_fraction"] for m in tiny_two]
     assert [row[1], row[3]] == [f"{100 * (1 - f):.1f}%" for f in fractions]
+    # each model's divergences include the compared methods' (in-sample; no held-out with --verify 0)
+    for m in tiny_two:
+        part = report.split(f"## `{m}`: divergences")[1].split("## ")[0]
+        kl = res["models"][m]["compared"]["vtw"]["budgets"]["0.9"]["in_sample"]
+        assert f"| VTW | 0.9 | {kl:.4g} | - |" in part
     assert main(args) == 0
     for m in tiny_two:
         again = json.loads((out / _slug(m) / "results.json").read_text())

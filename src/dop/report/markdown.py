@@ -229,9 +229,9 @@ def write_models_report(results: dict[str, Any], path) -> None:
     for spec in specs:
         L.extend(_models_budget_table(models, spec))
     for m, r in models.items():
-        section = verification_section(r)
+        section = verification_section(r)[2:] + compared_section(r)[2:]  # without their own headings
         if section:
-            L += [f"## `{m}`: divergences", "", *section[2:]]
+            L += [f"## `{m}`: divergences", "", *section]
     L += ["## Pareto plots", ""] + [f"![{m}]({dirs[m]}/pareto.png)" for m in models] + [""]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L))
