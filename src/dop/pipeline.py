@@ -76,8 +76,6 @@ class RunOptions:
         d = asdict(self)
         d.pop("out")
         d.pop("progress")
-        if d["methods"] == ():
-            d.pop("methods")  # keeps the keys of runs made before the compared methods existed
         for name in ("columns", "verify_data", "verify_samples"):
             if d[name] is None:
                 d.pop(name)  # keeps the keys of runs made before the option existed
