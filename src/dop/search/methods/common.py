@@ -181,10 +181,10 @@ def _batched(model, prompts: list[dict]) -> dict:
     return inputs
 
 
-def progress_bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "policy"):
     from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
-    return tqdm(total=total, desc=desc, unit="policy", disable=not progress or not dd.is_main(), file=sys.stderr,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress or not dd.is_main(), file=sys.stderr,
                 leave=False)
 
 

@@ -162,7 +162,7 @@ def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequenc
     def done(policy):
         return all(st.cost(policy, c) <= lim for _, c, lim in st.limits)
 
-    bar = common.progress_bar(len(space.ops), "gsop", progress)
+    bar = common.progress_bar(len(space.ops), "gsop", progress, unit="step")  # a greedy step measures every candidate
     start = 0.0 if metric == "kl" else meter.unpruned
     steps = greedy_path(space, meter, lambda p: st.cost(p, conv), done, start, bar)
     bar.close()
