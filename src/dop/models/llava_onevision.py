@@ -102,9 +102,12 @@ def packed_counts(config, image_sizes, batch_num_images=None) -> list[int]:
     per_tile = (vc.image_size // vc.patch_size) ** 2
     per_tile -= 1 if config.vision_feature_select_strategy == "default" else 0
     tiles = tiles_per_image(config, image_sizes, batch_num_images)
-    maps = [torch.zeros(t, per_tile, 1) for t in tiles]
+    # counting only: the pack step runs on CPU zero maps, whatever device the model is on
+    if isinstance(image_sizes, torch.Tensor):
+        image_sizes = image_sizes.cpu()
+    maps = [torch.zeros(t, per_tile, 1, device="cpu") for t in tiles]
     _, lengths = LlavaOnevisionModel.pack_image_features(
-        SimpleNamespace(config=config), maps, image_sizes, image_newline=torch.zeros(1),
+        SimpleNamespace(config=config), maps, image_sizes, image_newline=torch.zeros(1, device="cpu"),
         vision_aspect_ratio=config.vision_aspect_ratio,
     )
     return [int(n) for n in lengths]
