@@ -67,9 +67,25 @@ def _env(**extra) -> dict:
     return env
 
 
-def _torchrun(launch: list[str], program: list[str], **env) -> subprocess.Popen:
+def _torchrun(launch: list[str], program: list[str], log=None, **env) -> subprocess.Popen:
+    """torchrun in the background, its output to a pipe, or to the open file ``log`` (for
+    launchers run side by side: one whose pipe nobody reads fills it and blocks, and a rank
+    blocked on its output stalls the other ranks in their next collective)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *program]
-    return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=_env(**env), stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_all(procs: list, logs: list[Path], timeout: float = 300) -> list[str]:
+    """Wait for launchers started side by side (their output in ``logs``); on a timeout,
+    kill them all and fail with what each printed."""
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("torchrun launchers timed out:\n" + "\n---\n".join(f.read_text()[-4000:] for f in logs))
+    return [f.read_text() for f in logs]
 
 
 def _run(program: list[str], nproc: int = 2, **env) -> tuple[int, str]:
@@ -176,14 +192,17 @@ def test_eval_on_two_nodes_through_c10d_equals_one_process(setup, eval_one):
     out, counts = root / "eval-two.json", root / "eval-counts"
     counts.mkdir()
     port = _free_port()
-    procs = [
-        _torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "dop-test",
-                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"is_host={int(node == 0)}",
-                   "--local-addr", "127.0.0.1"],
-                  [WORKER, *(a for a in args if a != "--no-progress"), str(out)], DOP_TEST_COUNT=str(counts))
-        for node in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    files = [root / f"node{node}.log" for node in range(2)]
+    with files[0].open("w") as log0, files[1].open("w") as log1:
+        procs = [
+            _torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "dop-test",
+                       "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"is_host={int(node == 0)}",
+                       "--local-addr", "127.0.0.1"],
+                      [WORKER, *(a for a in args if a != "--no-progress"), str(out)], log=log,
+                      DOP_TEST_COUNT=str(counts))
+            for node, log in enumerate((log0, log1))
+        ]
+        logs = _wait_all(procs, files)
     assert [p.returncode for p in procs] == [0, 0], logs
     doc = json.loads(out.read_text())
     assert _untimed(doc) == _untimed(ref)
