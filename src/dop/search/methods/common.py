@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 import torch
 
 from ... import distributed as dd
-from ...batching import collate, pad_token_id
 from ...flops import CONVENTIONS
 from ...models import get_adapter
 from ...names import loaded_model_name
@@ -27,6 +26,7 @@ from ...runtime import apply_policy
 from ...runtime.replay import batch_last_logits, last_logits
 from ..cost import Budget, CostModel, parse_budget
 from ..divergence import PreparedSample, kl_divergence, prepare_samples, reference_shape
+from ..table import collated
 from ..verify import sharded_true_divergence
 
 
@@ -146,7 +146,7 @@ class KLMeter:
         with torch.inference_mode():
             self.refs = [last_logits(model, s.inputs) if i in self.mine else None for i, s in enumerate(self.prepared)]
         self.batches = [] if batch_size == 1 else [
-            (chunk, _batched(model, [self.prepared[i].inputs for i in chunk]))
+            (chunk, collated(model, [self.prepared[i].inputs for i in chunk]))
             for chunk in (self.mine[j:j + batch_size] for j in range(0, len(self.mine), batch_size))]
         self.layer_evals = self.naive_layer_evals = self.num_layers * len(self.prepared)
         self.evaluations = 0
@@ -169,16 +169,6 @@ class KLMeter:
                 q = batch_last_logits(self.model, inputs)
                 local.update((i, kl_divergence(self.refs[i], q[row])) for row, i in enumerate(chunk))
         return dd.gather_ordered(local, len(self.prepared))
-
-
-def _batched(model, prompts: list[dict]) -> dict:
-    """Prompts padded on the left into one batch, with the family's position ids for padding."""
-    inputs = collate(prompts, pad_token_id(model))
-    if len(prompts) > 1:
-        pos = get_adapter(model).padded_position_ids(inputs["attention_mask"])
-        if pos is not None:
-            inputs["position_ids"] = pos
-    return inputs
 
 
 def progress_bar(total: int, desc: str, progress: bool, unit: str = "policy"):
