@@ -37,7 +37,7 @@ from .report.plots import divergence_curves, pareto_plot, policy_map
 from .report.stages import Stages, write_json_atomic
 from .search import methods as compared, search
 from .search.divergence import prepare_samples
-from .search.verify import SampleSet, sharded_true_divergence
+from .search.verify import SampleSet
 from .search.cost import DEFAULT_CONVENTION, parse_budget
 
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
@@ -335,8 +335,7 @@ def _heldout_divergences(job: _Job, policies: list) -> list:
     if job.heldout_set is None:  # prepared once per job, for every method
         job.heldout_set = SampleSet.of(job.model, prepare_samples(job.model, job.processor, job.heldout,
                                                                   job.build_prompt))
-    hs = job.heldout_set
-    return [sharded_true_divergence(job.model, hs.prepared, hs.refs, p, r)[0] for p, r in policies]
+    return job.heldout_set.divergences(job.model, policies)
 
 
 def _plan_methods(job: _Job, budgets: list[BudgetPlan], searches: dict) -> tuple[list[MethodPlan], list[dict]]:

@@ -38,7 +38,7 @@ def run_method(args, model, processor, samples, heldout, budgets, outputs, build
     (the method's result, the held-out divergence per budget or None)."""
     from dop.search import methods  # lazy: spares numpy, torch, transformers until used
     from dop.search.divergence import prepare_samples  # lazy: spares torch until used
-    from dop.search.verify import SampleSet, sharded_true_divergence  # lazy: spares torch until used
+    from dop.search.verify import SampleSet  # lazy: spares torch until used
 
     extra = {"metric": args.metric} if args.space == "gsop" else {}
     result = methods.search(args.space, model, processor, samples, budgets=budgets, ranker=args.ranker,
@@ -47,9 +47,8 @@ def run_method(args, model, processor, samples, heldout, budgets, outputs, build
                             batch_size=args.batch_size, **extra)
     held = [None] * len(result.results)
     if heldout:
-        hs = SampleSet.of(model, prepare_samples(model, processor, heldout, build_prompt))
-        held = [sharded_true_divergence(model, hs.prepared, hs.refs, r.policy, r.policy.ranker)[0]
-                for r in result.results]
+        held = SampleSet.of(model, prepare_samples(model, processor, heldout, build_prompt)).divergences(
+            model, [(r.policy, r.policy.ranker) for r in result.results])
     return result, held
 
 

@@ -84,6 +84,11 @@ class SampleSet:
     def of(cls, model, prepared: Sequence[PreparedSample]) -> "SampleSet":
         return cls(prepared, reference_logits(model, prepared))
 
+    def divergences(self, model, policies: Sequence[tuple[Policy, object]]) -> list[float]:
+        """The mean true first-token KL of each ``(policy, ranker)`` on these samples, the
+        samples shared among the ranks (:func:`sharded_true_divergence`)."""
+        return [sharded_true_divergence(model, self.prepared, self.refs, p, r)[0] for p, r in policies]
+
 
 def reference_logits(model, prepared: Sequence[PreparedSample]) -> list:
     """The unpruned last-position logits of this rank's samples (:func:`dd.shard`), None for
