@@ -13,7 +13,7 @@ from .cost import Budget, BudgetError, CostModel, parse_budget
 from .divergence import PreparedSample, kl_divergence, prepare_samples, true_divergence
 from .methods import METHODS, MethodBudget, MethodResult
 from .methods import search as search_method
-from .solver import Solution, Solver
+from .spaces.solver import Solution, Solver
 from .spaces import (
     DEFAULT_DRAW, DRAWS, SPACES, DopSpace, MultiGroupSpace, Param, Space, SpaceError, draw_feasible, make_space,
 )

@@ -25,7 +25,7 @@ from ..rankers import resolve_for_model
 from ..rankers.base import rerank_layers
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
-from .solver import Solution, Solver
+from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, Space, check_draw, make_space
 from .table import DivergenceTable, build_table, samples_fingerprint
 from .verify import Candidates, SampleSet, Verification, measure
@@ -255,7 +255,7 @@ def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, 
     limit = b.limit(cost)
     note = None
     if limit >= cost.unpruned:
-        sol = Solution(sp.baseline(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
+        sol = Solution(sp.unpruned_assign(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
         note = (f"the budget allows the unpruned cost ({limit / cost.unpruned:.3g} of it, {conv} "
                 "convention); nothing is pruned")
     else:

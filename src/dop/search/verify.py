@@ -28,7 +28,7 @@ from .. import distributed as dd
 from ..policy import Policy
 from ..runtime.replay import last_logits
 from .divergence import PreparedSample, true_divergence
-from .solver import Solution, Solver
+from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, draw_feasible
 
 
