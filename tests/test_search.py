@@ -180,10 +180,10 @@ def test_proxy_equals_truth_for_one_parameter(tiny):
     refs = _refs(model, prepared)
     solver = Solver(sp, table.proxy(sp), CostModel(model, prepared[0].visual_counts, prepared[0].text_tokens))
     for name, value in (("n_v", 5), ("D_attn", 1), ("D_mlp", 2), ("D_attn", 0)):
-        assign = {**sp.baseline(), name: value}
+        assign = {**sp.unpruned_assign(), name: value}
         truth, _ = true_divergence(model, prepared, refs, sp.policy(assign), "random:seed=1")
         assert solver.proxy_of(assign) == pytest.approx(truth, rel=1e-6, abs=1e-9)
-    assert solver.proxy_of(sp.baseline()) == 0.0
+    assert solver.proxy_of(sp.unpruned_assign()) == 0.0
 
 
 def test_stride_interpolates_between_measured_depths():

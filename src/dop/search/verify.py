@@ -27,6 +27,7 @@ import torch
 from .. import distributed as dd
 from ..policy import Policy
 from ..runtime.replay import last_logits
+from .cost import largest_fitting
 from .divergence import PreparedSample, true_divergence
 from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, draw_feasible
@@ -137,16 +138,8 @@ def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int =
     def pol(n):
         return Policy.token_pruning(num_layers, n / n_ref, depth)
 
-    if cost.policy_cost(pol(0)) > limit:
-        return None
-    lo, hi = 0, n_ref  # cost is monotone in n: largest n with cost <= limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cost.policy_cost(pol(mid)) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, pol(lo)
+    n = largest_fitting(lambda n: cost.policy_cost(pol(n)) <= limit, n_ref)
+    return None if n is None else (n, pol(n))
 
 
 def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, policy, ranker) -> tuple[float, list[float]]:

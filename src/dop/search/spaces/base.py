@@ -17,7 +17,6 @@ that every op processes at every layer: no module ever sees fewer than M visual 
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -88,6 +87,8 @@ class Space:
 
     # the Solver subclass that answers budgets over this space (set by each space's file)
     solver: ClassVar[type]
+    # `dop search` options only this space takes (argparse names), with their "not given" value
+    options: ClassVar[dict] = {}
 
     @classmethod
     def from_options(cls, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,

@@ -61,6 +61,9 @@ class DopSpace(Space):
     """``n_v`` visual tokens kept (ranks past it pruned from every op), processed by attention
     to depth ``D_attn`` and by the MLP to depth ``D_mlp``."""
 
+    solver = DopSolver
+    options = {"nv_stride": None}
+
     def __init__(self, num_layers: int, n_ref: int, *, min_tokens: int = 0, stride: int = 1,
                  nv_stride: int | None = None, min_depth: int = 0):
         L, md = num_layers, min_depth
@@ -97,6 +100,3 @@ class DopSpace(Space):
             raise SpaceError(f"n_v must lie in [{M}, {self.n_ref}], got {nv}")
         segs = [(M, {"attn": L, "mlp": L}), (nv, {"attn": da, "mlp": dm}), (self.n_ref, {"attn": self.min_depth, "mlp": self.min_depth})]
         return compose(L, self.n_ref, segs, ("attn", "mlp"))
-
-
-DopSpace.solver = DopSolver

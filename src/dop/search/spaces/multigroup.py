@@ -172,6 +172,9 @@ def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dic
 class MultiGroupSpace(Space):
     """G rank groups (cumulative fractions), one depth per (op kind, group)."""
 
+    solver = MultiGroupSolver
+    options = {"groups": None, "kinds": None}
+
     def __init__(self, num_layers: int, n_ref: int, *, groups=DEFAULT_GROUPS, kinds=DEFAULT_KINDS,
                  min_tokens: int = 0, stride: int = 1, min_depth: int = 0):
         L, md = num_layers, min_depth
@@ -212,6 +215,3 @@ class MultiGroupSpace(Space):
             groups = [M / self.n_ref] + groups
             depth = {k: [L] + v for k, v in depth.items()}
         return Policy(L, groups, depth)
-
-
-MultiGroupSpace.solver = MultiGroupSolver
