@@ -134,7 +134,7 @@ def test_batched_candidates_whose_depths_change_where_the_handles_do_not(tiny):
     from dop.runtime import apply_policy
     from dop.runtime.replay import batch_last_logits, capture_prefix, capture_ranks
     from dop.search.candidates import candidate_depths, replay_candidates
-    from dop.search.table import collated
+    from dop.batching import collated
 
     fam, model, prepared = tiny
     model, prepared = _float64(model, prepared)

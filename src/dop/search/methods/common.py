@@ -31,7 +31,7 @@ from ..cost import Budget, CostModel, parse_budget
 from ..divergence import PreparedSample, kl_divergence, prepare_samples, reference_shape
 from ..result import BudgetResult, SearchResult, priced
 from ..result import unpruned_note as budget_unpruned_note
-from ..table import collated
+from ...batching import collated
 from ..verify import sharded_true_divergence
 
 
