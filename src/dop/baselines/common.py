@@ -53,7 +53,7 @@ def arch_of(model: Any) -> Arch:
         try:
             return resolve_arch(model)
         except ValueError:  # a hub id: read its config only
-            from transformers import AutoConfig  # lazy: only for a hub id that is no preset
+            from transformers import AutoConfig  # heavy: transformers, only for a hub id that is no preset
 
             return arch_from_config(AutoConfig.from_pretrained(model), name=model)
     return resolve_arch(model)

@@ -109,11 +109,11 @@ def _run_locked(opts: RunOptions, out: Path, log: Callable[[str], None]) -> dict
     return results
 
 
-def _eval_stage(job: Job, name: str, policy=None, ranker=None, baseline=None) -> Callable[[], dict]:
+def _eval_stage(job: Job, name: str, policy=None, ranker=None, unpruned: EvalResult | None = None) -> Callable[[], dict]:
     def fn():
         res = evaluate(job.model, job.processor, job.test, policy=policy, ranker=ranker,
                        max_new_tokens=job.opts.max_new_tokens, progress=job.opts.progress,
-                       build_prompt=job.build_prompt, baseline=baseline, run_baseline=False,
+                       build_prompt=job.build_prompt, baseline=unpruned, run_baseline=False,
                        seed=job.opts.seed, desc=name)
         return res.to_dict(with_samples=True)
     return fn

@@ -12,24 +12,26 @@ from .job import Job, verify_key
 
 def run_searches(job: Job) -> None:
     """Every space's search, then every compared method's, each searched once for every
-    budget on the validation samples (checkpointed as they fill; their policies measured on
-    the held-out samples), into ``job.spaces`` and ``job.compared``."""
+    budget on the validation samples (a space's table checkpointed as it fills; the policies
+    measured on the held-out samples), into ``job.spaces`` and ``job.compared``."""
     (job.out / "tables").mkdir(exist_ok=True)
-    o, n_budgets = job.opts, len(job.opts.budgets)
-    for space in o.spaces:
-        job.log(f"[search] space {space!r}: divergence table on {len(job.val)} samples, then {n_budgets} budgets"
-                + (f", verified on {len(job.heldout)} held-out samples" if job.heldout else ""))
-        job.spaces[space] = job.stages.run(
-            f"search-{space}", lambda space=space: space_stage(job, space),
-            key=dict(job.common, space=space, budgets=list(o.budgets), **verify_key(job)),
-        )
-    for method in o.methods:
-        job.log(f"[search] method {method!r} on {len(job.val)} samples, {n_budgets} budgets"
-                + (f", then its policies on {len(job.heldout)} held-out samples" if job.heldout else ""))
-        job.compared[method] = job.stages.run(
-            f"search-{method}", lambda method=method: method_stage(job, method),
-            key=dict(job.common, method=method, budgets=list(o.budgets), **verify_key(job)),
-        )
+    o = job.opts
+    for kind, names, stage, into in (("space", o.spaces, space_stage, job.spaces),
+                                     ("method", o.methods, method_stage, job.compared)):
+        for name in names:
+            job.log(f"[search] {kind} {name!r}{_plan(job, kind)}")
+            into[name] = job.stages.run(f"search-{name}", lambda name=name, stage=stage: stage(job, name),
+                                        key=dict(job.common, **{kind: name}, budgets=list(o.budgets), **verify_key(job)))
+
+
+def _plan(job: Job, kind: str) -> str:
+    """What a search stage will do, for the log."""
+    n, held = len(job.val), len(job.heldout)
+    if kind == "space":
+        return (f": divergence table on {n} samples, then {len(job.opts.budgets)} budgets"
+                + (f", verified on {held} held-out samples" if held else ""))
+    return (f" on {n} samples, {len(job.opts.budgets)} budgets"
+            + (f", then its policies on {held} held-out samples" if held else ""))
 
 
 def space_stage(job: Job, space: str) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import distributed as dd
 from ..policy import Policy
@@ -159,7 +160,6 @@ def measure(model, samples: SampleSet, cand: Candidates, ranker, progress: bool 
             desc: str = "verify") -> Verification:
     """The true divergence of every candidate on ``samples`` (the ranks go policy by policy
     together, each on its share of the samples)."""
-    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
     policies = [cand.chosen, *cand.policies, cand.token_policy, cand.blind]
     bar = tqdm(total=len(policies), desc=desc, unit="policy", disable=not progress or not dd.is_main(),
@@ -186,7 +186,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
-    from scipy.stats import spearmanr  # spares scipy until verification reports
+    from scipy.stats import spearmanr  # heavy: scipy, only when a verification reports
 
     if len(rows) < 3:
         return None, None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ... import distributed as dd
 from ...flops import CONVENTIONS
@@ -154,8 +155,6 @@ class KLMeter:
 
 
 def progress_bar(total: int, desc: str, progress: bool, unit: str = "policy"):
-    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress or not dd.is_main(), file=sys.stderr,
                 leave=False)
 
