@@ -72,3 +72,18 @@ def test_dop_run_compares_the_toys(toys, tiny, tmp_path, capsys):
     assert rows == {"DOP (toy)": "dop", "Toy": "method", "toy_baseline": "baseline"}
     assert list(res["tables"]) == ["toy"] and list(res["compared"]) == ["toy_method"]
     capsys.readouterr()
+
+
+def test_search_config_is_checked_when_built():
+    from dataclasses import replace
+
+    from dop.search import SearchConfig
+
+    cfg = SearchConfig(budget=0.5, budgets=["tokens:8"], space="multigroup", groups=(0.5, 1.0))
+    assert cfg.specs == [0.5, "tokens:8"] and cfg.space_options()["groups"] == (0.5, 1.0)
+    assert replace(cfg, seed=3).seed == 3 and cfg.seed == 0
+    for bad, match in ((dict(verify_k=-1), "verify must be a non-negative integer"),
+                       (dict(verify_draw="sorted"), "unknown draw 'sorted'"),
+                       (dict(batch_size=0), "batch_size must be at least 1")):
+        with pytest.raises(ValueError, match=match):
+            SearchConfig(**bad)
