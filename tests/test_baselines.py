@@ -10,6 +10,7 @@ import torch
 
 import dop
 from dop import baselines as B
+from dop.baselines.common import arch_of
 from dop.cli import main
 from dop.flops import budget_from_tokens, count_flops
 from dop.models import get_adapter
@@ -81,7 +82,7 @@ def test_budget_is_met_and_tight(method, convention):
     for tokens in (64, 128, 192):
         budget = budget_from_tokens("llava-1.5-7b", tokens)
         if convention == "dop":  # the same token count's cost, counted with the text tokens
-            budget = B.flops_fraction(B._arch("llava-1.5-7b"), B.token_policy(32, 576, tokens), 576, "dop")
+            budget = B.flops_fraction(arch_of("llava-1.5-7b"), B.token_policy(32, 576, tokens), 576, "dop")
         kw = dict(budget=budget, convention=convention)
         if method == "pdrop":
             kw["layers"] = (2, 6, 12)
@@ -93,7 +94,7 @@ def test_budget_is_met_and_tight(method, convention):
         if method != "pdrop":
             k = policy.meta["kept_tokens"]
             more = B.token_policy(32, 576, k + 1, policy.meta["prune_layer"])
-            assert B.flops_fraction(B._arch("llava-1.5-7b"), more, 576, convention) > budget
+            assert B.flops_fraction(arch_of("llava-1.5-7b"), more, 576, convention) > budget
         if method == "vispruner":
             assert policy.meta["kept_tokens"] == tokens  # pruning before the LLM: the budget's own count
         if method == "fastv":

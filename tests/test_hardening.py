@@ -350,6 +350,7 @@ def test_no_progress_hides_the_weight_loading_bar(monkeypatch):
     from transformers.utils import logging as hf_logging
 
     from dop import pipeline
+    from dop.pipeline import job as pipeline_job
 
     seen = []
 
@@ -358,8 +359,8 @@ def test_no_progress_hides_the_weight_loading_bar(monkeypatch):
         return "model", "processor"
 
     hf_logging.enable_progress_bar()
-    pipeline._load_model(pipeline.RunOptions(progress=False), fake_load)
-    pipeline._load_model(pipeline.RunOptions(progress=True), fake_load)
+    pipeline_job.load_model(pipeline.RunOptions(progress=False), fake_load)
+    pipeline_job.load_model(pipeline.RunOptions(progress=True), fake_load)
     assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
 
 

@@ -146,7 +146,7 @@ def test_run_two_models_side_by_side_and_resume(tiny_two, tmp_path, capsys):
     """Issue 17, item 5: `dop run --model A,B` runs the whole job per model in OUT/<model>/,
     writes one report with both models and results.json keyed per model; a rerun reuses
     every model's stages."""
-    from dop.pipeline import _slug
+    from dop.pipeline.job import slug as _slug
 
     out = tmp_path / "both"
     args = _args(",".join(tiny_two), out) + ["--verify", "0"]

@@ -58,7 +58,7 @@ def test_bootstrap_refuses_samples_of_another_run():
 
 def test_policy_map_title_matches_its_cells(tmp_path):
     """Issue 16: the title said 32 tokens (the budget) over cells showing 43 (the policy)."""
-    from dop.pipeline import _map_title
+    from dop.pipeline.figures import map_title as _map_title
 
     pol = Policy.dop(8, 43 / 144, 5, 3)
     m = {"method": "DOP (dop)", "policy": pol.to_dict()}
@@ -71,23 +71,23 @@ def test_policy_map_title_matches_its_cells(tmp_path):
 
 
 def test_timing_is_flagged_when_the_machine_is_busy_or_times_spread(monkeypatch):
-    from dop import pipeline
+    from dop.pipeline import timing as pipeline
     from dop.report.markdown import method_table, timing_note
 
     rows = [{"method": "unpruned", "prefill_cv": 0.05, "prefill_ms": 10.0},
             {"method": "DOP (dop)", "prefill_cv": 0.9, "prefill_ms": 90.0}]
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(pipeline, "_load_average", lambda: 0.5)
-    t = pipeline._timing_note(rows, 0.4)
+    monkeypatch.setattr(pipeline, "load_average", lambda: 0.5)
+    t = pipeline.timing_note(rows, 0.4)
     assert not t["busy"] and t["noisy"] == ["DOP (dop)"] and not t["trusted"]
     table = "\n".join(method_table([dict(r, tasks={}, average=0.5, rel_avg=1.0) for r in rows], [], t))
     assert "prefill ms (unreliable, see note)" in table and "| 90.0 * |" in table and "| 10.0 |" in table
     assert "per-sample times spread" in timing_note(t)
-    monkeypatch.setattr(pipeline, "_load_average", lambda: 7.5)
-    t = pipeline._timing_note([dict(r, prefill_cv=0.05) for r in rows], 6.0)
+    monkeypatch.setattr(pipeline, "load_average", lambda: 7.5)
+    t = pipeline.timing_note([dict(r, prefill_cv=0.05) for r in rows], 6.0)
     assert t["busy"] and "machine was busy (load average 6.0, 7.5 on 2 CPUs)" in timing_note(t)
-    monkeypatch.setattr(pipeline, "_load_average", lambda: 0.5)
-    t = pipeline._timing_note([dict(r, prefill_cv=0.05) for r in rows], 0.2)
+    monkeypatch.setattr(pipeline, "load_average", lambda: 0.5)
+    t = pipeline.timing_note([dict(r, prefill_cv=0.05) for r in rows], 0.2)
     assert t["trusted"] and timing_note(t) is None
     assert "| prefill ms |" in "\n".join(method_table([dict(rows[0], tasks={}, average=0.5, rel_avg=1.0)], [], t))
 

@@ -134,7 +134,7 @@ def test_batched_candidates_whose_depths_change_where_the_handles_do_not(tiny):
     from dop.runtime import apply_policy
     from dop.runtime.replay import batch_last_logits, capture_prefix, capture_ranks
     from dop.search.candidates import candidate_depths, replay_candidates
-    from dop.search.table import collated
+    from dop.batching import collated
 
     fam, model, prepared = tiny
     model, prepared = _float64(model, prepared)
@@ -180,10 +180,10 @@ def test_proxy_equals_truth_for_one_parameter(tiny):
     refs = _refs(model, prepared)
     solver = Solver(sp, table.proxy(sp), CostModel(model, prepared[0].visual_counts, prepared[0].text_tokens))
     for name, value in (("n_v", 5), ("D_attn", 1), ("D_mlp", 2), ("D_attn", 0)):
-        assign = {**sp.baseline(), name: value}
+        assign = {**sp.unpruned_assign(), name: value}
         truth, _ = true_divergence(model, prepared, refs, sp.policy(assign), "random:seed=1")
         assert solver.proxy_of(assign) == pytest.approx(truth, rel=1e-6, abs=1e-9)
-    assert solver.proxy_of(sp.baseline()) == 0.0
+    assert solver.proxy_of(sp.unpruned_assign()) == 0.0
 
 
 def test_stride_interpolates_between_measured_depths():

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .models import get_adapter
+
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
@@ -51,3 +53,14 @@ def collate(prompts: Sequence[dict], pad_id: int = 0, side: str = "left") -> dic
         mask = [torch.ones_like(p["input_ids"]) for p in prompts]
         out["attention_mask"] = collate([{"input_ids": m} for m in mask], 0, side)["input_ids"]
     return out
+
+
+def collated(model, prompts: Sequence[dict]) -> dict:
+    """Prompts padded on the left into one batch, with the position ids of padded rows for
+    families that need them (docs/design.md, "Batches")."""
+    inputs = collate(list(prompts), pad_token_id(model))
+    if len(prompts) > 1:
+        pos = get_adapter(model).padded_position_ids(inputs["attention_mask"])
+        if pos is not None:
+            inputs["position_ids"] = pos
+    return inputs

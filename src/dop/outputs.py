@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 
@@ -82,7 +84,7 @@ def lock_path(target: str | os.PathLike) -> str:
 
 
 def _acquire(path: str, target: str) -> int:
-    import fcntl  # POSIX only (file locks)
+    import fcntl  # heavy: POSIX only (file locks); deferred so that importing dop works where it is absent
 
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -181,9 +183,6 @@ def folder_written_whole(out_dir: str | os.PathLike) -> Iterator:
     """Yield a temporary folder beside ``out_dir`` (mode from the user's umask); when the block
     ends, rename it to ``out_dir``, so a folder is never seen half-written; on an error, remove
     it. ``out_dir`` must not exist or be an empty folder (ValueError otherwise)."""
-    import shutil
-    from pathlib import Path
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; choose another --out")

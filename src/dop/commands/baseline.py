@@ -15,7 +15,7 @@ from ..outputs import check_output_file, output_lock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..baselines import METHODS  # lazy: spares numpy, torch, transformers until used
+    from ..baselines import BASELINES  # lazy: spares numpy, torch, transformers until used
     from ..search.cost import BUDGET_HELP, DEFAULT_CONVENTION  # lazy: spares numpy, torch, transformers until used
 
     p = subparsers.add_parser(
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tokens:N), or for pdrop its --ratio. FLOPs come from count_flops; no weights are loaded."
         ),
     )
-    p.add_argument("method", choices=METHODS)
+    p.add_argument("method", choices=BASELINES.names())
     p.add_argument("--model", required=True, help="a preset name, 'demo', 'demo-base', a checkpoint folder or a hub id (config only)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokens", type=int, help="visual tokens kept per image (FastV/DART: from layer K on)")
@@ -50,30 +50,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import baseline  # lazy: spares numpy, torch, transformers until used
+    from ..baselines import BASELINES, baseline  # lazy: spares numpy, torch, transformers until used
 
-    if args.ratio is not None and args.method != "pdrop":
-        raise ValueError("--ratio applies to pdrop only; give --tokens or --budget")
-    if args.method == "pdrop" and args.tokens is not None:
-        raise ValueError("pdrop keeps a ratio per stage: give --ratio, --budget or --budget-tokens")
+    entry = BASELINES.get(args.method)
+    if args.ratio is not None and "ratio" not in entry.options:
+        takers = [name for name, b in BASELINES.items() if "ratio" in b.options]
+        raise ValueError(f"--ratio applies to {' and '.join(takers)} only; give --tokens or --budget")
+    if not entry.counts_tokens and args.tokens is not None:
+        raise ValueError(f"{args.method} keeps a ratio per stage: give --ratio, --budget or --budget-tokens")
     check_output_file("-o", args.output)
     budget = f"tokens:{args.budget_tokens}" if args.budget_tokens is not None else args.budget
-    kw = dict(convention=args.convention, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens)
-    if args.method == "pdrop":
-        kw.update(ratio=args.ratio, budget=budget, layers=args.layers)
-    else:
-        kw.update(tokens=args.tokens, budget=budget)
-        if args.method in ("fastv", "dart"):
-            kw["K"] = args.K
-        elif args.method == "vispruner":
-            kw["important_ratio"] = args.important_ratio
-        elif args.method == "random":
-            kw["seed"] = args.seed
+    kw = dict(convention=args.convention, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
+              budget=budget, **{opt: getattr(args, opt) for opt in entry.options})
+    if entry.counts_tokens:
+        kw["tokens"] = args.tokens
     policy, spec = baseline(args.method, args.model, **kw)
     with output_lock([args.output]):
         policy.to_json(args.output)
     m = policy.meta
-    what = f"ratio {m['ratio']:g}" if args.method == "pdrop" else f"{m['kept_tokens']}/{m['visual_tokens']} tokens"
+    what = f"{m['kept_tokens']}/{m['visual_tokens']} tokens" if entry.counts_tokens else f"ratio {m['ratio']:g}"
     ff = m["flops_fraction"]
     asked = f"budget {budget} ({m['budget_convention']} convention); " if budget is not None else ""
     print(f"{args.method}: {asked}{what}, ranker {spec}; decoder FLOPs {ff['dop']:.4f} (dop convention) / "

@@ -13,34 +13,54 @@ from __future__ import annotations
 
 import argparse
 
-METHOD_SPACES = ("gsop", "shortv", "vtw")
-# options of the DOP spaces' divergence table, which the methods do not take
+# options of the spaces' divergence table, which the methods do not take (argparse name, flag)
 _TABLE_OPTIONS = (("groups", "--groups"), ("kinds", "--kinds"), ("table", "--table"), ("nv_stride", "--nv-stride"),
                   ("min_tokens", "--min-tokens"))
 
 
+def searcher(name: str):
+    """What ``--space name`` searches: a registered space class or a registered method
+    (:data:`dop.search.SPACES`, :data:`dop.search.METHODS`); an unknown name is an error
+    naming both lists."""
+    from dop.search import METHODS, SPACES  # lazy: spares numpy, torch, transformers until used
+
+    if name in SPACES:
+        return SPACES.get(name)
+    if name in METHODS:
+        return METHODS.get(name)
+    raise ValueError(f"--space: unknown search space or method {name!r}; spaces: {', '.join(SPACES.names())}; "
+                     f"methods: {', '.join(METHODS.names())}")
+
+
 def check_method_options(args: argparse.Namespace) -> None:
-    """Every option that means nothing to a method space is an error (before any work)."""
-    if args.space not in METHOD_SPACES:
-        if args.metric != "kl":
-            raise ValueError("--metric applies to --space gsop only")
-        return
-    given = [flag for name, flag in _TABLE_OPTIONS if getattr(args, name)] + (["--stride"] if args.stride != 1 else [])
-    if given:
-        raise ValueError(f"{', '.join(given)}: the divergence table's options apply to --space dop and multigroup, "
-                         f"not {args.space}")
-    if args.metric != "kl" and args.space != "gsop":
-        raise ValueError("--metric applies to --space gsop only")
+    """Every option that means nothing to the searched space or method is an error (before
+    any work): a method takes none of the divergence table's options, and an option only
+    some spaces or methods take (``--metric``, ``--nv-stride``, ...) applies to those only."""
+    from dop.search import METHODS, SPACES  # lazy: spares numpy, torch, transformers until used
+
+    chosen = searcher(args.space)
+    if args.space in METHODS:
+        given = [flag for name, flag in _TABLE_OPTIONS if getattr(args, name)] + (["--stride"] if args.stride != 1 else [])
+        if given:
+            raise ValueError(f"{', '.join(given)}: the divergence table's options apply to --space "
+                             f"{' and '.join(SPACES.names())}, not {args.space}")
+    owners: dict[str, tuple[object, list[str]]] = {}  # option -> (its "not given" value, who takes it)
+    for name, entry in (*SPACES.items(), *METHODS.items()):
+        for opt, unset in entry.options.items():
+            owners.setdefault(opt, (unset, []))[1].append(name)
+    for opt, (unset, names) in owners.items():
+        if getattr(args, opt, unset) != unset and opt not in chosen.options:
+            raise ValueError(f"--{opt.replace('_', '-')} applies to --space {' and '.join(names)} only")
 
 
-def run_method(args, model, processor, samples, heldout, budgets, outputs, build_prompt):
+def run_method(args, model, processor, samples, heldout, budgets, build_prompt):
     """Search the method, measure its policies on the held-out samples (if any) and return
     (the method's result, the held-out divergence per budget or None)."""
     from dop.search import methods  # lazy: spares numpy, torch, transformers until used
     from dop.search.divergence import prepare_samples  # lazy: spares torch until used
     from dop.search.verify import SampleSet  # lazy: spares torch until used
 
-    extra = {"metric": args.metric} if args.space == "gsop" else {}
+    extra = {opt: getattr(args, opt) for opt in methods.METHODS.get(args.space).options}
     result = methods.search(args.space, model, processor, samples, budgets=budgets, ranker=args.ranker,
                             convention=args.convention, seed=args.seed, build_prompt=build_prompt,
                             progress=not args.no_progress, meta={"model": args.model, "data": args.data},

@@ -24,7 +24,7 @@ import time
 from ..commands.eval import _load_quietly, write_json_atomic
 from ..evaluate.datasets import load_dataset
 from ..outputs import check_output_file, output_lock, write_or_rescue
-from .method_search import METHOD_SPACES, check_method_options, format_method_summary, run_method
+from .method_search import check_method_options, format_method_summary, run_method
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
 
 
@@ -50,9 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=25, metavar="N", help="validation samples (default 25)")
     p.add_argument("--budget", metavar="B", help="the budget: " + BUDGET_HELP.replace("%", "%%"))
     p.add_argument("--budgets", metavar="B1,B2,...", help="several budgets from one table (one policy each)")
-    p.add_argument("--space", default="dop", choices=("dop", "multigroup", *METHOD_SPACES),
-                   help="dop: n_v, D_attn, D_mlp (the paper's); multigroup: one depth per (op kind, rank group); "
-                        "gsop, shortv, vtw: the compared methods by their own rules (docs/methods.md)")
+    p.add_argument("--space", default="dop", metavar="NAME",
+                   help="a search space or a compared method (default dop): dop: n_v, D_attn, D_mlp (the paper's); "
+                        "multigroup: one depth per (op kind, rank group); gsop, shortv, vtw: the compared methods "
+                        "by their own rules (docs/methods.md)")
     p.add_argument("--metric", default="kl", choices=("kl", "accuracy"),
                    help="gsop: what each greedy step minimises per FLOP saved, the first-token KL (default) or "
                         "the loss of task accuracy on the samples' answers")
@@ -121,11 +122,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--verify-data and --verify-samples apply only together with --verify K")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    check_method_options(args)  # an unknown --space, or an option it does not take
     groups = check_groups(args.groups.split(",")) if args.groups else None
     kinds = check_kinds(args.kinds) if args.kinds else None
-    if args.space == "dop" and (groups or kinds):
-        raise ValueError("--groups and --kinds apply to --space multigroup only")
-    check_method_options(args)
     outputs = _outputs(args.output, budgets)
     from dop.distributed import is_main  # lazy: spares torch until used
 
@@ -179,56 +178,41 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
 
     from dop import distributed  # lazy: spares torch until used
     from dop.evaluate.loading import prompt_builder_for  # lazy: spares torch until used
-    from dop.search import search  # lazy: spares numpy, torch, transformers until used
+    from dop.search import METHODS, search  # lazy: spares numpy, torch, transformers until used
 
     t0 = time.perf_counter()
     model, processor = _load_quietly(args, getattr(torch, args.dtype))
     model = model.to(distributed.device_for(args.device))
-    if args.space in METHOD_SPACES:
-        return _run_method_loaded(args, model, processor, samples, heldout, budgets, outputs, t0)
-    try:
-        result = search(
-            model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
-            groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
-            convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0], verify_draw=args.verify_draw,
-            seed=args.seed,
-            build_prompt=prompt_builder_for(args.model), progress=not args.no_progress,
-            meta={"model": args.model, "data": args.data}, batch_size=args.batch_size,
-        )
-    except KeyboardInterrupt:
-        if args.table:
-            print(f"the divergence table so far is saved in {args.table}; run the same command again to resume",
-                  file=sys.stderr)
-        raise
+    build_prompt = prompt_builder_for(args.model)
+    held = None
+    if args.space in METHODS:
+        result, held = run_method(args, model, processor, samples, heldout[0], budgets, build_prompt)
+    else:
+        try:
+            result = search(
+                model, processor, samples, budgets=budgets, space=args.space, ranker=args.ranker,
+                groups=groups, kinds=kinds, stride=args.stride, nv_stride=args.nv_stride, min_tokens=args.min_tokens,
+                convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0],
+                verify_draw=args.verify_draw, seed=args.seed, build_prompt=build_prompt,
+                progress=not args.no_progress, meta={"model": args.model, "data": args.data},
+                batch_size=args.batch_size,
+            )
+        except KeyboardInterrupt:
+            if args.table:
+                print(f"the divergence table so far is saved in {args.table}; run the same command again to resume",
+                      file=sys.stderr)
+            raise
     wall = time.perf_counter() - t0
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and prints the summary
-    print(format_summary(result, args, outputs, wall))
-    for r, out in zip(result.results, outputs):
-        write_or_rescue("-o", out, r.policy.to_json)
-    if args.json:
-        doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
-               "seed": args.seed, "verify_data": heldout[1], "wall_s": wall, **result.to_dict(), "outputs": outputs}
-        write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
-    return 0
-
-
-def _run_method_loaded(args, model, processor, samples, heldout, budgets, outputs, t0: float) -> int:
-    from dop import distributed  # lazy: spares torch until used
-    from dop.evaluate.loading import prompt_builder_for  # lazy: spares torch until used
-
-    result, held = run_method(args, model, processor, samples, heldout[0], budgets, outputs,
-                              prompt_builder_for(args.model))
-    wall = time.perf_counter() - t0
-    if not distributed.is_main():
-        return 0  # rank 0 writes the outputs and prints the summary
-    print(format_method_summary(result, held, args, outputs, wall))
+    print(format_summary(result, args, outputs, wall) if held is None
+          else format_method_summary(result, held, args, outputs, wall))
     for r, out in zip(result.results, outputs):
         write_or_rescue("-o", out, r.policy.to_json)
     if args.json:
         doc = {"format": "dop-search/1", "model": args.model, "data": args.data, "ranker": args.ranker,
                "seed": args.seed, "verify_data": heldout[1], "wall_s": wall, **result.to_dict(),
-               "heldout_divergence": held, "outputs": outputs}
+               **({} if held is None else {"heldout_divergence": held}), "outputs": outputs}
         write_or_rescue("--json", args.json, lambda path: write_json_atomic(path, doc))
     return 0
 
@@ -257,13 +241,13 @@ def format_summary(result, args, outputs, wall: float) -> str:
         f = r.flops
         lines += [
             "",
-            f"budget {r.budget.spec} ({r.solution.convention} convention) -> {out}",
-            f"  parameters: {sp.describe(r.solution.assign)}",
+            f"budget {r.budget.spec} ({r.convention} convention) -> {out}",
+            f"  parameters: {sp.describe(r.params)}",
             f"  policy: {r.policy.describe()}",
             f"  decoder FLOPs (dop):   {_fl(f['dop']['before'])} -> {_fl(f['dop']['after'])} ({f['dop']['fraction']:.1%})",
             f"  decoder MACs (paper):  {_fl(f['paper']['before'], True)} -> {_fl(f['paper']['after'], True)} "
             f"({f['paper']['fraction']:.1%})",
-            f"  predicted divergence (proxy): {r.solution.predicted:.5g}",
+            f"  predicted divergence (proxy): {r.predicted:.5g}",
         ]
         if r.note:
             lines.append(f"  note: {r.note}")

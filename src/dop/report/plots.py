@@ -10,10 +10,10 @@ KIND_LABELS = {"attn_q": "attention (query)", "attn_kv": "attention (key/value)"
 
 
 def _pyplot():
-    import matplotlib  # lazy: spares matplotlib until used
+    import matplotlib  # heavy: matplotlib, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: spares matplotlib until used
+    import matplotlib.pyplot as plt  # heavy: matplotlib, only when a figure is drawn
 
     return plt
 
@@ -77,7 +77,7 @@ def skip_cells(policy: Policy) -> list[tuple[int, int]]:
 def policy_map(policy: Policy, num_visual_tokens: int, path, *, title: str = "") -> None:
     """Layers (x) by op kind (rows): how many of an image's visual tokens each module processes;
     cells where a per-layer skip makes a hole are hatched and outlined in red."""
-    import numpy as np  # lazy: spares numpy until used
+    import numpy as np  # heavy: numpy, only when a policy map is drawn
 
     plt = _pyplot()
     L = policy.num_layers

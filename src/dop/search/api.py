@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,66 +25,11 @@ from ..rankers import resolve_for_model
 from ..rankers.base import rerank_layers
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
-from .solver import Solution, Solver
+from .result import BudgetResult, SearchResult, priced, unpruned_note
+from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, Space, check_draw, make_space
 from .table import DivergenceTable, build_table, samples_fingerprint
-from .verify import Candidates, SampleSet, Verification, measure
-
-
-@dataclass
-class BudgetResult:
-    budget: Budget
-    solution: Solution
-    policy: Policy
-    flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
-    verification: Verification | None = None  # on the search's own samples (in-sample)
-    note: str | None = None  # e.g. a budget at or above the unpruned cost
-    heldout: Verification | None = None  # the same policies on samples the search did not use
-
-    def to_dict(self) -> dict:
-        return {
-            "budget": self.budget.spec, "params": self.solution.assign, "predicted_divergence": self.solution.predicted,
-            "limit": self.solution.limit, "convention": self.solution.convention, "flops": self.flops,
-            "policy": self.policy.to_dict(), "note": self.note,
-            "verification": self.verification.to_dict() if self.verification else None,
-            "verification_heldout": self.heldout.to_dict() if self.heldout else None,
-        }
-
-
-@dataclass
-class SearchResult:
-    results: list[BudgetResult]
-    table: DivergenceTable
-    space: Space
-    wall_s: float
-    shape: dict = field(default_factory=dict)  # reference prompt shape
-    table_s: float = 0.0  # building (or finishing) the table in this call
-    verify_s: float = 0.0
-    heldout_samples: int = 0  # samples of the held-out verification (0: none)
-
-    @property
-    def policy(self):
-        return self.results[0].policy
-
-    @property
-    def policies(self):
-        return [r.policy for r in self.results]
-
-    @property
-    def layer_evals(self) -> int:
-        return self.table.layer_evals
-
-    @property
-    def naive_layer_evals(self) -> int:
-        return self.table.naive_layer_evals
-
-    def to_dict(self) -> dict:
-        return {
-            "space": self.space.key(), "shape": self.shape, "wall_s": self.wall_s,
-            "table_s": self.table_s, "verify_s": self.verify_s, "heldout_samples": self.heldout_samples,
-            "layer_evals": self.layer_evals, "naive_layer_evals": self.naive_layer_evals,
-            "results": [r.to_dict() for r in self.results],
-        }
+from .verify import Candidates, SampleSet, measure
 
 
 def _ranker_key(ranker) -> str:
@@ -111,85 +56,114 @@ class _Setup:
         return {"visual_tokens": counts, "text_tokens": text}
 
 
-def search(
-    model,
-    processor,
-    samples: Sequence,
-    budget=None,
-    *,
-    budgets: Sequence | None = None,
-    space: str = "dop",
-    ranker="vispruner",
-    groups: Sequence[float] | None = None,
-    kinds: Sequence[str] | str | None = None,
-    stride: int = 1,
-    nv_stride: int | None = None,
-    min_tokens: int = 0,
-    convention: str = "dop",
-    table: DivergenceTable | str | None = None,
-    verify_k: int = 0,
-    verify_samples: Sequence | None = None,
-    verify_draw: str = DEFAULT_DRAW,
-    seed: int = 0,
-    build_prompt: Callable | None = None,
-    progress: bool = True,
-    meta: dict | None = None,
-    naive: bool = False,
-    batch_size: int = 1,
-) -> SearchResult:
-    """Find the policy of ``space`` closest to the unpruned model (summed first-token KL
-    proxy) under each budget.
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything :func:`search` takes besides the model, processor and samples, checked
+    when built (an error names the option).
 
     ``budget``/``budgets``: a fraction of the unpruned decoder FLOPs (``0.14``), absolute
     decoder TFLOPs (``"2.5T"``) or ``"tokens:64"`` (paper convention); fractions and TFLOPs
-    use ``convention``. ``table``: a :class:`DivergenceTable`, or a path that is resumed
-    if present and checkpointed as it fills. ``verify_k``: also measure the true divergence
-    of the chosen policy, of ``verify_k`` random feasible ones and of token pruning, on the
-    search's samples and, when ``verify_samples`` are given (samples the search did not
-    use), on those too (:class:`BudgetResult` ``verification`` and ``heldout``).
-    ``verify_draw``: how the random policies are drawn, ``"ordered"`` or ``"uniform"``
+    use ``convention``. ``space``: a registered space (:data:`~dop.search.spaces.SPACES`),
+    built from ``groups``, ``kinds``, ``stride``, ``nv_stride`` and ``min_tokens``.
+    ``table``: a :class:`DivergenceTable`, or a path that is resumed if present and
+    checkpointed as it fills. ``verify_k``: also measure the true divergence of the chosen
+    policy, of ``verify_k`` random feasible ones and of token pruning, on the search's
+    samples and, when ``verify_samples`` are given (samples the search did not use), on
+    those too (:class:`BudgetResult` ``verification`` and ``heldout``). ``verify_draw``:
+    how the random policies are drawn, ``"ordered"`` or ``"uniform"``
     (:func:`~dop.search.spaces.draw_feasible`; recorded as ``verification.draw``).
     ``batch_size``: validation samples per forward while the table fills (same table).
-    ``meta`` is merged into each policy's ``meta``.
+    ``meta`` is merged into each policy's ``meta``."""
+
+    budget: Any = None
+    budgets: Sequence | None = None
+    space: str = "dop"
+    ranker: Any = "vispruner"
+    groups: Sequence[float] | None = None
+    kinds: Sequence[str] | str | None = None
+    stride: int = 1
+    nv_stride: int | None = None
+    min_tokens: int = 0
+    convention: str = "dop"
+    table: DivergenceTable | str | None = None
+    verify_k: int = 0
+    verify_samples: Sequence | None = None
+    verify_draw: str = DEFAULT_DRAW
+    seed: int = 0
+    build_prompt: Callable | None = None
+    progress: bool = True
+    meta: dict | None = None
+    naive: bool = False
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.verify_k, bool) or not isinstance(self.verify_k, int) or self.verify_k < 0:
+            raise ValueError(f"verify must be a non-negative integer, got {self.verify_k!r}")
+        check_draw(self.verify_draw)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
+        if not isinstance(self.space, str):
+            raise ValueError(f"space must be the name of a search space, got {self.space!r}")
+
+    @property
+    def specs(self) -> list:
+        """Every budget given, ``budget`` first."""
+        return ([] if self.budget is None else [self.budget]) + list(self.budgets or [])
+
+    def space_options(self) -> dict:
+        """The options :func:`~dop.search.spaces.make_space` builds the space from."""
+        return dict(groups=self.groups, kinds=self.kinds, min_tokens=self.min_tokens, stride=self.stride,
+                    nv_stride=self.nv_stride)
+
+
+def search(model, processor, samples: Sequence, budget=None, *, config: SearchConfig | None = None,
+           **options) -> SearchResult:
+    """Find the policy of the configured space closest to the unpruned model (summed
+    first-token KL proxy) under each budget.
+
+    ``config``: a :class:`SearchConfig`; ``budget`` and keyword ``options`` (its fields:
+    ``budgets=``, ``space=``, ``ranker=``, ``table=``, ``verify_k=``, ...) build one, or
+    replace fields of the one given.
     """
 
     t0 = time.perf_counter()
-    if not isinstance(verify_k, int) or verify_k < 0:
-        raise ValueError(f"verify must be a non-negative integer, got {verify_k!r}")
-    check_draw(verify_draw)
-    torch.manual_seed(seed)
-    setup = _setup(model, processor, samples, budget, budgets, space, ranker, convention, build_prompt,
-                   dict(groups=groups, kinds=kinds, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride))
-    heldout = _heldout(model, processor, verify_samples, build_prompt, verify_k, setup.prepared)
+    if budget is not None:
+        options["budget"] = budget
+    cfg = replace(config, **options) if config is not None else SearchConfig(**options)
+    torch.manual_seed(cfg.seed)
+    setup = _setup(model, processor, samples, cfg)
+    heldout = _heldout(model, processor, cfg.verify_samples, cfg.build_prompt, cfg.verify_k, setup.prepared)
     t_table = time.perf_counter()
-    tab = _filled_table(model, setup.prepared, setup.space, setup.rk, setup.key, table, progress, naive, batch_size)
+    tab = _filled_table(model, setup.prepared, setup.space, setup.rk, setup.key, cfg.table, cfg.progress, cfg.naive,
+                        cfg.batch_size)
     t_table = time.perf_counter() - t_table
     info = {"model": setup.key["model"], "ranker": setup.key["ranker"], "samples": len(setup.prepared),
-            "seed": seed, "space": setup.space.name, **(meta or {})}
+            "seed": cfg.seed, "space": setup.space.name, **(cfg.meta or {})}
     solvers, results = _solve_all(setup, tab, info)
     t_verify = time.perf_counter()
-    if verify_k:
-        _verify_all(model, setup, results, solvers, (verify_k, verify_draw), heldout, seed, progress)
-    t_verify = time.perf_counter() - t_verify if verify_k else 0.0
-    return SearchResult(results, tab, setup.space, time.perf_counter() - t0, setup.shape, t_table, t_verify,
-                        len(heldout) if heldout else 0)
+    if cfg.verify_k:
+        _verify_all(model, setup, results, solvers, (cfg.verify_k, cfg.verify_draw), heldout, cfg.seed, cfg.progress)
+    t_verify = time.perf_counter() - t_verify if cfg.verify_k else 0.0
+    return SearchResult(setup.space.name, results, time.perf_counter() - t0, setup.shape, tab.layer_evals,
+                        tab.naive_layer_evals, table=tab, space=setup.space, table_s=t_table, verify_s=t_verify,
+                        heldout_samples=len(heldout) if heldout else 0)
 
 
-def _setup(model, processor, samples, budget, budgets, space, ranker, convention, build_prompt, space_kw) -> _Setup:
+def _setup(model, processor, samples, cfg: SearchConfig) -> _Setup:
     """Every argument checked (budgets, ranker, convention, token counts) and the samples
     prepared, before any divergence is measured."""
-    specs = ([] if budget is None else [budget]) + list(budgets or [])
+    specs, ranker, convention = cfg.specs, cfg.ranker, cfg.convention
     if not specs:
         raise ValueError("give a budget (e.g. budget=0.14) or budgets=[...]")
     parsed = [parse_budget(b) for b in specs]
     L = get_adapter(model).num_layers
     rk = resolve_for_model(ranker, L)  # unknown names fail before any work
     rerank = rerank_layers(rk)
-    prepared = _prepared(model, processor, samples, build_prompt)
+    prepared = _prepared(model, processor, samples, cfg.build_prompt)
     if not prepared:
         raise ValueError("search: no samples")
     counts, text = reference_shape(prepared)
-    sp = make_space(space, L, max(counts), min_depth=rerank[0] + 1 if rerank else 0, **space_kw)
+    sp = make_space(cfg.space, L, max(counts), min_depth=rerank[0] + 1 if rerank else 0, **cfg.space_options())
     costs = {c: CostModel(model, counts, text, c) for c in ("dop", "paper")}
     if convention not in costs:
         raise ValueError(f"convention must be 'dop' or 'paper', got {convention!r}")
@@ -253,25 +227,17 @@ def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, 
     its cost), with its provenance and FLOPs in both conventions."""
     cost = costs[conv]
     limit = b.limit(cost)
-    note = None
-    if limit >= cost.unpruned:
-        sol = Solution(sp.baseline(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
-        note = (f"the budget allows the unpruned cost ({limit / cost.unpruned:.3g} of it, {conv} "
-                "convention); nothing is pruned")
+    note = unpruned_note(cost, limit, conv)
+    if note:
+        sol = Solution(sp.unpruned_assign(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
     else:
         sol = solver.solve(limit, b.spec)
     meta = {"model": info["model"], "ranker": info["ranker"], "budget": b.spec, "budget_convention": conv,
             **{k: info[k] for k in ("samples", "seed", "space")},
             "params": dict(sol.assign), "predicted_divergence": sol.predicted,
             **{k: v for k, v in info.items() if k not in ("model", "ranker", "samples", "seed", "space")}}
-    if note:
-        meta["note"] = note
-    policy = sol.policy.replace(ranker=ranker if isinstance(ranker, str) else None, meta=meta)
-    flops = {}
-    for c, cm in costs.items():
-        before, after = cm.unpruned, cm.policy_cost(policy)
-        flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
-    return BudgetResult(b, sol, policy, flops, note=note)
+    return priced(b, conv, limit, sol.policy, costs, ranker, meta, note, params=sol.assign, predicted=sol.predicted,
+                  solution=sol)
 
 
 def _verify_all(model, setup: _Setup, results: list[BudgetResult], solvers: dict, drawn: tuple[int, str],

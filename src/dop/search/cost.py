@@ -189,3 +189,19 @@ def _fraction(value: float, text: str) -> Budget:
         hint = f"; for absolute TFLOPs write {text}T, for a token equivalent tokens:N" if value > 1 else ""
         raise BudgetError(f"budget {text}: a fraction of the unpruned decoder FLOPs must lie in (0, 1]{hint}")
     return Budget("fraction", value, text)
+
+
+def largest_fitting(fits, hi: int) -> int | None:
+    """The largest ``k`` in ``[0, hi]`` with ``fits(k)``, for a ``fits`` true up to some
+    ``k`` and false after (a cost monotone in ``k`` against a limit), by bisection; None when
+    even ``fits(0)`` is false."""
+    if not fits(0):
+        return None
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

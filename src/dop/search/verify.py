@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import distributed as dd
 from ..policy import Policy
 from ..runtime.replay import last_logits
+from .cost import largest_fitting
 from .divergence import PreparedSample, true_divergence
-from .solver import Solution, Solver
+from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, draw_feasible
 
 
@@ -137,16 +139,8 @@ def token_pruning_at(cost, num_layers: int, n_ref: int, limit: int, depth: int =
     def pol(n):
         return Policy.token_pruning(num_layers, n / n_ref, depth)
 
-    if cost.policy_cost(pol(0)) > limit:
-        return None
-    lo, hi = 0, n_ref  # cost is monotone in n: largest n with cost <= limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cost.policy_cost(pol(mid)) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, pol(lo)
+    n = largest_fitting(lambda n: cost.policy_cost(pol(n)) <= limit, n_ref)
+    return None if n is None else (n, pol(n))
 
 
 def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, policy, ranker) -> tuple[float, list[float]]:
@@ -166,7 +160,6 @@ def measure(model, samples: SampleSet, cand: Candidates, ranker, progress: bool 
             desc: str = "verify") -> Verification:
     """The true divergence of every candidate on ``samples`` (the ranks go policy by policy
     together, each on its share of the samples)."""
-    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
 
     policies = [cand.chosen, *cand.policies, cand.token_policy, cand.blind]
     bar = tqdm(total=len(policies), desc=desc, unit="policy", disable=not progress or not dd.is_main(),
@@ -193,7 +186,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
 
 def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
-    from scipy.stats import spearmanr  # spares scipy until verification reports
+    from scipy.stats import spearmanr  # heavy: scipy, only when a verification reports
 
     if len(rows) < 3:
         return None, None

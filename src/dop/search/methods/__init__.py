@@ -1,4 +1,5 @@
-"""The methods dop is compared with, as searches that emit dop policies (docs/methods.md):
+"""The methods dop is compared with, as searches that emit dop policies (docs/methods.md),
+one file each, registered in :data:`METHODS`:
 
 - ``vtw``: visual tokens withdrawn from every op after a layer chosen by KL;
 - ``shortv``: visual tokens frozen (query and MLP skipped, keys/values kept) in the layers
@@ -9,23 +10,24 @@
     result = search("gsop", model, processor, samples, budgets=["tokens:16"], ranker="vispruner")
     result.policy.to_json("policy.json")
 
-Each takes the samples and budgets as :func:`dop.search.search` does and returns a
-:class:`MethodResult` (``.policy``, ``.policies``, ``.results``, ``.trace``, ``.layer_evals``).
+Each takes the samples and budgets as :func:`dop.search.search` does and returns the same
+:class:`~dop.search.result.SearchResult` (``.policy``, ``.policies``, ``.results``,
+``.trace``, ``.layer_evals``). A new method is one new file here whose search function
+carries ``@register_method(name, label)``.
 """
 
 from __future__ import annotations
 
-from . import gsop, shortv, vtw
-from .common import MethodBudget, MethodResult
+from ..result import BudgetResult, SearchResult
+from .common import METHODS, Method, register_method
 
-METHODS = {"gsop": gsop.search, "shortv": shortv.search, "vtw": vtw.search}
+MethodBudget = BudgetResult  # the names of before one result type served every search
+MethodResult = SearchResult
 
 
-def search(method: str, model, processor, samples, budget=None, **kwargs) -> MethodResult:
+def search(method: str, model, processor, samples, budget=None, **kwargs) -> SearchResult:
     """Run ``method`` (one of :data:`METHODS`) with its own keyword arguments."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods are {', '.join(sorted(METHODS))}")
-    return METHODS[method](model, processor, samples, budget, **kwargs)
+    return METHODS.get(method).search(model, processor, samples, budget, **kwargs)
 
 
-__all__ = ["METHODS", "MethodBudget", "MethodResult", "gsop", "search", "shortv", "vtw"]
+__all__ = ["METHODS", "Method", "MethodBudget", "MethodResult", "register_method", "search"]

@@ -1,10 +1,12 @@
-"""What the three comparison methods share (docs/methods.md): budgets and samples prepared as
+"""What the compared methods share (docs/methods.md): budgets and samples prepared as
 :func:`dop.search.search` prepares them, the first-token KL of a policy measured on the
-samples (shared among ranks, :mod:`dop.distributed`), and the result they return.
+samples (shared among ranks, :mod:`dop.distributed`), the registry of methods
+(:data:`METHODS`) and how one budget's result is recorded.
 
-Every method returns a :class:`MethodResult`: one :class:`MethodBudget` per budget (its policy,
-its cost in both conventions, its in-sample divergence), a ``trace`` of what the method
-measured on the way, and the decoder-layer evaluations it spent.
+Every method returns a :class:`~dop.search.result.SearchResult`: one
+:class:`~dop.search.result.BudgetResult` per budget (its policy, its cost in both
+conventions, its in-sample divergence), a ``trace`` of what the method measured on the way,
+and the decoder-layer evaluations it spent.
 """
 
 from __future__ import annotations
@@ -15,68 +17,49 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ... import distributed as dd
 from ...flops import CONVENTIONS
 from ...models import get_adapter
 from ...names import loaded_model_name
+from ...registry import Registry
 from ...policy import Policy
 from ...rankers import resolve_for_model
 from ...runtime import apply_policy
 from ...runtime.replay import batch_last_logits, last_logits
 from ..cost import Budget, CostModel, parse_budget
 from ..divergence import PreparedSample, kl_divergence, prepare_samples, reference_shape
-from ..table import collated
+from ..result import BudgetResult, SearchResult, priced
+from ..result import unpruned_note as budget_unpruned_note
+from ...batching import collated
 from ..verify import sharded_true_divergence
 
 
-@dataclass
-class MethodBudget:
-    """A method's policy at one budget."""
+@dataclass(frozen=True)
+class Method:
+    """A compared method as :data:`METHODS` holds it: its name, the label reports give it,
+    its search function (``search(model, processor, samples, budget=None, *, budgets=...,
+    ranker=..., convention=..., seed=..., build_prompt=..., progress=..., meta=...,
+    batch_size=..., **own options)``, returning a :class:`SearchResult`) and the `dop search`
+    options only it takes (argparse names, with the value that means "not given")."""
 
-    budget: Budget
-    convention: str  # the convention the budget is counted in
-    limit: int  # the largest allowed decoder cost, in that convention
-    policy: Policy
-    divergence: float  # in-sample first-token KL of ``policy`` (mean over the samples)
-    flops: dict  # {"dop": {"before", "after", "fraction"}, "paper": {...}}
-    note: str | None = None  # e.g. the budget allows the unpruned cost, or cannot be met
-
-    @property
-    def met(self) -> bool:
-        return self.flops[self.convention]["after"] <= self.limit
-
-    def to_dict(self) -> dict:
-        return {"budget": self.budget.spec, "convention": self.convention, "limit": self.limit, "met": self.met,
-                "divergence": self.divergence, "flops": self.flops, "policy": self.policy.to_dict(),
-                "note": self.note}
+    name: str
+    label: str
+    search: Callable[..., SearchResult]
+    options: dict = field(default_factory=dict)
 
 
-@dataclass
-class MethodResult:
-    """What :func:`dop.search.methods.search` returns: one entry per budget, in the given order."""
+# name -> Method; every module of dop.search.methods registers its own (register_method)
+METHODS: Registry[Method] = Registry("method", package="dop.search.methods")
 
-    method: str
-    results: list[MethodBudget]
-    trace: list[dict] = field(default_factory=list)  # the method's measurements, in order
-    layer_evals: int = 0  # decoder-layer evaluations spent (per sample, summed)
-    naive_layer_evals: int = 0  # the same measurements, each as a full forward
-    evaluations: int = 0  # policies measured on the samples
-    wall_s: float = 0.0
-    shape: dict = field(default_factory=dict)  # the reference prompt shape
 
-    @property
-    def policy(self) -> Policy:
-        return self.results[0].policy
-
-    @property
-    def policies(self) -> list[Policy]:
-        return [r.policy for r in self.results]
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "shape": self.shape, "wall_s": self.wall_s, "layer_evals": self.layer_evals,
-                "naive_layer_evals": self.naive_layer_evals, "evaluations": self.evaluations,
-                "trace": self.trace, "results": [r.to_dict() for r in self.results]}
+def register_method(name: str, label: str, options: dict | None = None):
+    """``@register_method("vtw", "VTW")`` above a method's search function."""
+    def add(fn):
+        METHODS.register(name, Method(name, label, fn, dict(options or {})))
+        return fn
+    return add
 
 
 @dataclass
@@ -172,41 +155,30 @@ class KLMeter:
 
 
 def progress_bar(total: int, desc: str, progress: bool, unit: str = "policy"):
-    from tqdm.auto import tqdm  # spares tqdm until a bar is shown
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress or not dd.is_main(), file=sys.stderr,
                 leave=False)
 
 
 def budget_entry(st: Setup, b: Budget, conv: str, limit: int, policy: Policy, divergence: float, ranker,
-                 params: dict, note: str | None = None) -> MethodBudget:
+                 params: dict, note: str | None = None) -> BudgetResult:
     """One budget's result: ``policy`` with its provenance in ``meta`` (as
     :func:`dop.search.search` records it, plus the method's ``params``) and its FLOPs in both
     conventions. A policy over the limit gets a note saying so."""
-    flops = {}
-    for c, cm in st.costs.items():
-        before, after = cm.unpruned, cm.policy_cost(policy)
-        flops[c] = {"before": before, "after": after, "fraction": after / before if before else 1.0}
-    if note is None and flops[conv]["after"] > limit:
+    after = st.costs[conv].policy_cost(policy)
+    if note is None and after > limit:
         note = (f"{st.info['method']} cannot meet {b.spec}: its cheapest policy costs "
-                f"{flops[conv]['fraction']:.4f} of the unpruned decoder ({conv} convention), the budget allows "
-                f"{limit / st.costs[conv].unpruned:.4f}")
+                f"{after / st.costs[conv].unpruned:.4f} of the unpruned decoder ({conv} convention), the budget "
+                f"allows {limit / st.costs[conv].unpruned:.4f}")
     meta = {**st.info, "budget": b.spec, "budget_convention": conv, "params": params,
             "true_divergence": divergence}
-    if note:
-        meta["note"] = note
-    policy = policy.replace(ranker=ranker if isinstance(ranker, str) else None, meta=meta)
-    return MethodBudget(b, conv, limit, policy, divergence, flops, note)
+    return priced(b, conv, limit, policy, st.costs, ranker, meta, note, params=params, divergence=divergence)
 
 
 def unpruned_note(st: Setup, conv: str, limit: int) -> str | None:
     """The note of a budget at or above the unpruned cost (nothing is pruned), else None."""
-    un = st.costs[conv].unpruned
-    if limit < un:
-        return None
-    return f"the budget allows the unpruned cost ({limit / un:.3g} of it, {conv} convention); nothing is pruned"
+    return budget_unpruned_note(st.costs[conv], limit, conv)
 
 
-def finish(method: str, st: Setup, entries: list[MethodBudget], trace: list[dict], meter, t0: float) -> MethodResult:
-    return MethodResult(method, entries, trace, meter.layer_evals, meter.naive_layer_evals, meter.evaluations,
-                        time.perf_counter() - t0, st.shape)
+def finish(method: str, st: Setup, entries: list[BudgetResult], trace: list[dict], meter, t0: float) -> SearchResult:
+    return SearchResult(method, entries, time.perf_counter() - t0, st.shape, meter.layer_evals,
+                        meter.naive_layer_evals, meter.evaluations, trace)

@@ -131,11 +131,12 @@ def greedy_path(space: OpSpace, loss, cost: Callable[[Policy], int], done: Calla
     return steps
 
 
+@common.register_method(NAME, "GSOP", options={"metric": "kl"})
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            ranker="vispruner", groups: Sequence[float] = DEFAULT_GROUPS, kinds: Sequence[str] = DEFAULT_KINDS,
            block: int | None = None, metric: str = "kl", convention: str = "dop", seed: int = 0,
            build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None, batch_size: int = 1,
-           max_new_tokens: int = 10) -> common.MethodResult:
+           max_new_tokens: int = 10) -> common.SearchResult:
     """GSOP's greedy path and its policy at each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). Operations: ``kinds`` x rank ``groups`` (cumulative
     fractions, ranked by ``ranker``) x blocks of ``block`` layers (default: the depth in

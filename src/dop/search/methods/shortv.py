@@ -44,9 +44,10 @@ def fewest_frozen(st: common.Setup, order: list[int], conv: str, limit: int) -> 
     return len(order)
 
 
+@common.register_method(NAME, "ShortV")
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            convention: str = "dop", seed: int = 0, build_prompt: Callable | None = None, progress: bool = True,
-           meta: dict | None = None, batch_size: int = 1, ranker=None) -> common.MethodResult:
+           meta: dict | None = None, batch_size: int = 1, ranker=None) -> common.SearchResult:
     """ShortV's frozen layers under each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). ``ranker`` is accepted for a common call shape and ignored:
     ShortV freezes every visual token of a layer, whatever their order."""

@@ -42,10 +42,11 @@ def choose(kl: dict[int, float], k_max: int, threshold: float | None = None) -> 
     return min(ks, key=lambda k: (kl[k], k))
 
 
+@common.register_method(NAME, "VTW")
 def search(model, processor, samples: Sequence, budget=None, *, budgets: Sequence | None = None,
            convention: str = "dop", threshold: float | None = None, seed: int = 0,
            build_prompt: Callable | None = None, progress: bool = True, meta: dict | None = None, batch_size: int = 1,
-           ranker=None) -> common.MethodResult:
+           ranker=None) -> common.SearchResult:
     """VTW's withdrawal layer under each budget (``budget``/``budgets`` as in
     :func:`dop.search.search`). ``threshold``: the paper's rule (the smallest fitting K whose
     KL is at most it) instead of the least-KL fitting K. ``ranker`` is accepted for a common

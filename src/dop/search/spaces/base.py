@@ -1,4 +1,6 @@
-"""Search spaces (docs/design.md, "Search"): the paper's ``dop`` (n_v, D_attn, D_mlp) and ``multigroup``.
+"""What every search space shares (docs/design.md, "Search"); the spaces themselves (the
+paper's ``dop``: n_v, D_attn, D_mlp; ``multigroup``) are one file each beside this one, and
+register in :data:`SPACES`.
 
 A space is a list of :class:`Param` (a name, the values the solver may pick, the values the
 divergence table measures, the unpruned value) and a map from an assignment of values to a
@@ -15,24 +17,27 @@ that every op processes at every layer: no module ever sees fewer than M visual 
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
-from ..policy import KEYS, Policy
+from ...policy import KEYS, Policy
+from ...registry import Registry
 
-SPACES = ("dop", "multigroup")
 DEFAULT_GROUPS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_KINDS = ("attn", "mlp")
-_EPS = 1e-9
+EPS = 1e-9
 
 
 class SpaceError(ValueError):
     """A search-space option is unusable; the message names it and what is accepted."""
 
 
-def _grid(lo: int, hi: int, stride: int) -> list[int]:
+# name -> Space subclass; every module of dop.search.spaces registers its own
+SPACES: Registry[type["Space"]] = Registry("search space", error=SpaceError, package="dop.search.spaces")
+
+
+def grid(lo: int, hi: int, stride: int) -> list[int]:
     """Measured points of a parameter over ``[lo, hi)`` (``hi`` is the unpruned value)."""
     return list(range(lo, hi, stride))
 
@@ -80,7 +85,20 @@ class Space:
     params: list[Param] = field(default_factory=list)
     min_depth: int = 0  # no op stops below this layer (rankers that re-rank inside the LLM)
 
-    def baseline(self) -> dict[str, int]:
+    # the Solver subclass that answers budgets over this space (set by each space's file)
+    solver: ClassVar[type]
+    # `dop search` options only this space takes (argparse names), with their "not given" value
+    options: ClassVar[dict] = {}
+
+    @classmethod
+    def from_options(cls, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,
+                     stride: int = 1, nv_stride: int | None = None, min_depth: int = 0) -> "Space":
+        """The space from `dop search`'s options; an option that does not apply to it is a
+        :class:`SpaceError` naming it."""
+        raise NotImplementedError
+
+    def unpruned_assign(self) -> dict[str, int]:
+        """Every parameter at its unpruned value (the policy that changes nothing)."""
         return {p.name: p.unpruned for p in self.params}
 
     def param(self, name: str) -> Param:
@@ -94,7 +112,7 @@ class Space:
 
     def single(self, name: str, value: int) -> Policy:
         """The policy with ``name`` at ``value`` and every other parameter unpruned."""
-        a = self.baseline()
+        a = self.unpruned_assign()
         a[name] = value
         return self.policy(a)
 
@@ -109,7 +127,7 @@ class Space:
         return ", ".join(f"{p.name}={assign[p.name]}" for p in self.params)
 
 
-def _compose(L: int, n_ref: int, segments: list[tuple[int, dict[str, int]]], kinds) -> Policy:
+def compose(L: int, n_ref: int, segments: list[tuple[int, dict[str, int]]], kinds) -> Policy:
     """A policy from consecutive rank segments ``(end count, depth per kind)``; empty
     segments are dropped, fractions are ``end / n_ref``."""
     groups, depth, start = [], {k: [] for k in kinds}, 0
@@ -125,79 +143,7 @@ def _compose(L: int, n_ref: int, segments: list[tuple[int, dict[str, int]]], kin
     return Policy(L, groups, depth)
 
 
-class DopSpace(Space):
-    """``n_v`` visual tokens kept (ranks past it pruned from every op), processed by attention
-    to depth ``D_attn`` and by the MLP to depth ``D_mlp``."""
-
-    def __init__(self, num_layers: int, n_ref: int, *, min_tokens: int = 0, stride: int = 1,
-                 nv_stride: int | None = None, min_depth: int = 0):
-        L, md = num_layers, min_depth
-        _check_common(L, n_ref, min_tokens, stride, md)
-        if nv_stride is None:
-            nv_stride = max(1, math.ceil(n_ref / 32))
-        if not isinstance(nv_stride, int) or nv_stride < 1:
-            raise SpaceError(f"nv_stride must be a positive integer, got {nv_stride!r}")
-        params = [
-            Param("n_v", n_ref, list(range(min_tokens, n_ref + 1)), _grid(min_tokens, n_ref, nv_stride), start=md),
-            Param("D_attn", L, list(range(md, L + 1)), _grid(md, L, stride), kind="attn"),
-            Param("D_mlp", L, list(range(md, L + 1)), _grid(md, L, stride), kind="mlp"),
-        ]
-        super().__init__("dop", L, n_ref, min_tokens, params, md)
-
-    def describe(self, assign: dict[str, int]) -> str:
-        nv = int(assign["n_v"])
-        if nv <= self.min_tokens:  # the depths apply to no token: printing them would contradict the policy
-            kept = f"only the {self.min_tokens} protected tokens" if self.min_tokens else "no visual token"
-            return f"n_v={nv} ({kept} kept; D_attn and D_mlp apply to no token)"
-        return super().describe(assign)
-
-    def policy(self, assign: dict[str, int]) -> Policy:
-        L, M = self.num_layers, self.min_tokens
-        nv, da, dm = int(assign["n_v"]), int(assign["D_attn"]), int(assign["D_mlp"])
-        if not (M <= nv <= self.n_ref):
-            raise SpaceError(f"n_v must lie in [{M}, {self.n_ref}], got {nv}")
-        segs = [(M, {"attn": L, "mlp": L}), (nv, {"attn": da, "mlp": dm}), (self.n_ref, {"attn": self.min_depth, "mlp": self.min_depth})]
-        return _compose(L, self.n_ref, segs, ("attn", "mlp"))
-
-
-class MultiGroupSpace(Space):
-    """G rank groups (cumulative fractions), one depth per (op kind, group)."""
-
-    def __init__(self, num_layers: int, n_ref: int, *, groups=DEFAULT_GROUPS, kinds=DEFAULT_KINDS,
-                 min_tokens: int = 0, stride: int = 1, min_depth: int = 0):
-        L, md = num_layers, min_depth
-        _check_common(L, n_ref, min_tokens, stride, md)
-        groups = check_groups(groups)
-        kinds = check_kinds(kinds)
-        # the searched groups: those ending past the always-kept top-M tokens
-        ends = [int(math.floor(f * n_ref + _EPS)) for f in groups]
-        kept = [(f, e) for f, e in zip(groups, ends) if e > min_tokens]
-        if not kept:
-            raise SpaceError(f"no group holds tokens past --min-tokens {min_tokens} of {n_ref}")
-        self.fractions = [f for f, _ in kept]
-        self.ends = [e for _, e in kept]
-        self.kinds = kinds
-        params = [
-            Param(f"{k}[{g}]", L, list(range(md, L + 1)), _grid(md, L, stride), kind=k, group=g)
-            for k in kinds for g in range(len(kept))
-        ]
-        super().__init__("multigroup", L, n_ref, min_tokens, params, md)
-
-    def key(self) -> dict:
-        return {**super().key(), "groups": self.fractions, "kinds": list(self.kinds)}
-
-    def policy(self, assign: dict[str, int]) -> Policy:
-        L, M = self.num_layers, self.min_tokens
-        G = len(self.fractions)
-        depth = {k: [int(assign[f"{k}[{g}]"]) for g in range(G)] for k in self.kinds}
-        groups = list(self.fractions)
-        if M > 0:
-            groups = [M / self.n_ref] + groups
-            depth = {k: [L] + v for k, v in depth.items()}
-        return Policy(L, groups, depth)
-
-
-def _check_common(L: int, n_ref: int, min_tokens: int, stride: int, min_depth: int = 0) -> None:
+def check_common(L: int, n_ref: int, min_tokens: int, stride: int, min_depth: int = 0) -> None:
     if not (0 <= min_depth < L):
         raise SpaceError(
             f"the ranker re-ranks inside the LLM from layer {min_depth - 1}, which leaves no depth to search "
@@ -237,20 +183,10 @@ def check_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
-def make_space(name: str, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,
-               stride: int = 1, nv_stride: int | None = None, min_depth: int = 0) -> Space:
-    """The named space; options that do not apply to it are an error."""
-    if name == "dop":
-        if groups is not None or kinds is not None:
-            raise SpaceError("--groups and --kinds apply to --space multigroup only (dop has n_v, D_attn, D_mlp)")
-        return DopSpace(num_layers, n_ref, min_tokens=min_tokens, stride=stride, nv_stride=nv_stride,
-                        min_depth=min_depth)
-    if name == "multigroup":
-        if nv_stride is not None:
-            raise SpaceError("--nv-stride applies to --space dop only")
-        return MultiGroupSpace(num_layers, n_ref, groups=groups or DEFAULT_GROUPS, kinds=kinds or DEFAULT_KINDS,
-                               min_tokens=min_tokens, stride=stride, min_depth=min_depth)
-    raise SpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")
+def make_space(name: str, num_layers: int, n_ref: int, **options) -> Space:
+    """The registered space ``name`` (:data:`SPACES`) built from ``options`` (those of
+    :meth:`Space.from_options`); options that do not apply to it are an error."""
+    return SPACES.get(name).from_options(num_layers, n_ref, **options)
 
 
 DRAWS = ("ordered", "uniform")

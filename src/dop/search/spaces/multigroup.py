@@ -1,10 +1,9 @@
-"""Exact budgeted choice: minimise the summed proxy divergence subject to decoder cost <= limit.
+"""The space ``multigroup`` (docs/design.md, "Search"): G rank groups (cumulative fractions),
+one depth per (op kind, group), and its exact solver.
 
-``dop`` space: exhaustive over the whole grid (n_v x D_attn x D_mlp), vectorised.
-
-``multigroup``: the cost of a layer is an attention part, which depends jointly on the query
-and key/value rows it processes (the ``n_q x n_kv`` products couple groups and, with
-``attn_q``/``attn_kv``, the two kinds), plus an MLP part linear in its rows. So:
+The cost of a layer is an attention part, which depends jointly on the query and key/value
+rows it processes (the ``n_q x n_kv`` products couple groups and, with ``attn_q``/``attn_kv``,
+the two kinds), plus an MLP part linear in its rows. So:
 
 - MLP: an additive knapsack over groups; its exact Pareto front (cost, divergence) is built
   group by group.
@@ -14,94 +13,28 @@ and key/value rows it processes (the ``n_q x n_kv`` products couple groups and, 
   state keeps its full Pareto front (no cost grid, no rounding): the future of a partial
   solution depends only on its state, so discarding dominated ones loses nothing.
 - The two fronts are combined per budget by binary search.
-
-Every answer is re-priced with ``dop.count_flops`` and must match to the FLOP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 
-from ..policy import Policy
-from .cost import BudgetError, CostModel
-from .spaces import DopSpace, MultiGroupSpace, Space
+from ...policy import Policy
+from .solver import Solver, pareto
+from .base import (
+    DEFAULT_GROUPS, DEFAULT_KINDS, EPS, SPACES, Param, Space, SpaceError, check_common, check_groups, check_kinds, grid,
+)
 
 
-@dataclass
-class Solution:
-    assign: dict[str, int]
-    predicted: float  # summed proxy divergence
-    cost: int  # decoder cost (the cost model's convention)
-    limit: int
-    policy: Policy
-    convention: str
+class MultiGroupSolver(Solver):
+    """Pareto fronts of attention (per layer, over the set of active bits) and of the MLP
+    (per group), combined per budget."""
 
-
-def _pareto(cost: np.ndarray, obj: np.ndarray) -> np.ndarray:
-    """Indices of the Pareto-optimal points (lower cost, lower objective), by increasing cost."""
-    order = np.lexsort((obj, cost))
-    o = obj[order]
-    prev = np.concatenate([[np.inf], np.minimum.accumulate(o)[:-1]])
-    return order[o < prev]
-
-
-class Solver:
-    """Precomputes what every budget shares; :meth:`solve` answers one limit."""
-
-    def __init__(self, space: Space, proxy: dict[str, dict[int, float]], cost: CostModel):
-        if cost.L != space.num_layers:
-            raise ValueError(f"cost model has {cost.L} layers, space {space.num_layers}")
-        self.space, self.proxy, self.cost = space, proxy, cost
-        if isinstance(space, DopSpace):
-            self._prepare_dop()
-        elif isinstance(space, MultiGroupSpace):
-            self._prepare_multigroup()
-        else:
-            raise ValueError(f"no solver for space {space.name!r}")
-
-    # ------------------------------------------------------------------ dop: exhaustive
-    def _prepare_dop(self):
-        sp, c, L = self.space, self.cost, self.space.num_layers
-        nvs = sp.param("n_v").values
-        M, n_ref = sp.min_tokens, sp.n_ref
-        depths = list(sp.param("D_attn").values)  # min_depth..L
-        ca = np.zeros((len(nvs), len(depths)), dtype=np.int64)
-        cm = np.zeros((len(nvs), len(depths)), dtype=np.int64)
-        md, total = sp.min_depth, sum(c.counts)
-        for i, nv in enumerate(nvs):
-            s_min = s_nv = 0
-            for n in c.counts:
-                a = int(np.floor(M / n_ref * n + 1e-9))
-                b = n if nv >= n_ref else int(np.floor(nv / n_ref * n + 1e-9))
-                s_min += a
-                s_nv += b - a
-            # layers < md: every token; md..D-1: the top n_v; D..L-1: the top min_tokens
-            all_a, hi_a, lo_a = c.attn(total, total), c.attn(s_min + s_nv, s_min + s_nv), c.attn(s_min, s_min)
-            all_m, hi_m, lo_m = c.mlp(total), c.mlp(s_min + s_nv), c.mlp(s_min)
-            ca[i] = [md * all_a + max(0, d - md) * hi_a + (L - max(d, md)) * lo_a for d in depths]
-            cm[i] = [md * all_m + max(0, d - md) * hi_m + (L - max(d, md)) * lo_m for d in depths]
-        self._total = ca[:, :, None] + cm[:, None, :]
-        pv = [np.array([self.proxy[n][v] for v in sp.param(n).values]) for n in ("n_v", "D_attn", "D_mlp")]
-        self._obj = pv[0][:, None, None] + pv[1][None, :, None] + pv[2][None, None, :]
-        self._nvs, self._depths = nvs, depths
-
-    def _solve_dop(self, limit: int) -> tuple[dict, float, int]:
-        ok = self._total <= limit
-        if not ok.any():
-            return None
-        flat = np.flatnonzero(ok)
-        obj, tot = self._obj.reshape(-1)[flat], self._total.reshape(-1)[flat]
-        best = flat[np.lexsort((flat, tot, obj))[0]]
-        i, a, m = np.unravel_index(best, self._total.shape)
-        return ({"n_v": int(self._nvs[i]), "D_attn": int(self._depths[a]), "D_mlp": int(self._depths[m])},
-                float(self._obj[i, a, m]), int(self._total[i, a, m]))
-
-    # ------------------------------------------------------------------ multigroup
-    def _prepare_multigroup(self):
+    def _prepare(self):
         sp = self.space
-        sizes = self.cost.group_sizes(sp.policy(sp.baseline()))
+        sizes = self.cost.group_sizes(sp.policy(sp.unpruned_assign()))
         s_min, S = (sizes[0], sizes[1:]) if sp.min_tokens > 0 else (0, sizes)
         self._S = S
         # attention bits: (kind, group)
@@ -150,7 +83,7 @@ class Solver:
         obj = np.concatenate([f[1] for f in fronts.values()])
         em = np.concatenate([np.full(len(f[0]), m) for m, f in fronts.items()])
         ei = np.concatenate([np.arange(len(f[0])) for f in fronts.values()])
-        keep = _pareto(cost, obj)
+        keep = pareto(cost, obj)
         self._ac, self._ao, self._aend = cost[keep], obj[keep], (em[keep], ei[keep])
         self._history = history
 
@@ -170,12 +103,12 @@ class Solver:
             obj = np.concatenate([mo + self.proxy[f"mlp[{g}]"][v] for v in vals])
             pv = np.concatenate([np.full(len(mc), v) for v in vals])
             pi = np.concatenate([np.arange(len(mc)) for _ in vals])
-            keep = _pareto(cost, obj)
+            keep = pareto(cost, obj)
             mc, mo = cost[keep], obj[keep]
             mback.append((pv[keep], pi[keep]))
         self._mc, self._mo, self._mback = mc, mo, mback
 
-    def _solve_multigroup(self, limit: int):
+    def _find(self, limit: int):
         j = np.searchsorted(self._mc, limit - self._ac, side="right") - 1
         ok = j >= 0
         if not ok.any():
@@ -187,7 +120,7 @@ class Solver:
         k = np.lexsort((tot, obj))[0]
         ai, mi = int(idx[k]), int(jj[k])
         sp, L = self.space, self.space.num_layers
-        assign = sp.baseline()
+        assign = sp.unpruned_assign()
         # attention: walk the layers back from the end state
         mask, i = int(self._aend[0][ai]), int(self._aend[1][ai])
         for l in range(L - 1, -1, -1):
@@ -203,34 +136,8 @@ class Solver:
             mi = int(pi[mi])
         return assign, float(obj[k]), int(tot[k])
 
-    # ------------------------------------------------------------------ public
     def cheapest(self) -> int:
-        if isinstance(self.space, DopSpace):
-            return int(self._total.min())
         return int(self._ac.min() + self._mc.min())
-
-    def solve(self, limit: int, budget_text: str = "") -> Solution:
-        found = self._solve_dop(limit) if isinstance(self.space, DopSpace) else self._solve_multigroup(limit)
-        c = self.cost
-        if found is None:
-            low = self.cheapest()
-            unit = "TMACs (paper convention)" if c.convention == "paper" else "decoder TFLOPs"
-            raise BudgetError(
-                f"budget {budget_text or limit} is infeasible: it allows {limit / 1e12:.4g} {unit} "
-                f"({limit / c.unpruned:.4f} of the unpruned decoder), but the cheapest policy of space "
-                f"{self.space.name!r} (--min-tokens {self.space.min_tokens}) costs {low / 1e12:.4g} "
-                f"({low / c.unpruned:.4f}); raise the budget to at least {low / c.unpruned:.4f}"
-            )
-        assign, pred, tot = found
-        # canonical form: a parameter that changes nothing (e.g. a depth for an empty group) unpruned
-        policy = self.space.policy(assign)
-        exact = c.count_flops(policy).decoder
-        if exact != tot or exact > limit:
-            raise RuntimeError(f"solver cost {tot} disagrees with count_flops {exact} for {policy.to_dict()}")
-        return Solution(assign, pred, tot, limit, policy, c.convention)
-
-    def proxy_of(self, assign: dict[str, int]) -> float:
-        return float(sum(self.proxy[k][v] for k, v in assign.items()))
 
 
 def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dict]:
@@ -255,7 +162,56 @@ def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dic
         pm = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
         ps = np.concatenate([np.full(len(p[0]), p[3]) for p in parts])
         pi = np.concatenate([np.arange(len(p[0])) for p in parts])
-        keep = _pareto(cost, obj)
+        keep = pareto(cost, obj)
         new[nm] = (cost[keep], obj[keep])
         back[nm] = (pm[keep], ps[keep], pi[keep])
     return new, back
+
+
+@SPACES.register("multigroup")
+class MultiGroupSpace(Space):
+    """G rank groups (cumulative fractions), one depth per (op kind, group)."""
+
+    solver = MultiGroupSolver
+    options = {"groups": None, "kinds": None}
+
+    def __init__(self, num_layers: int, n_ref: int, *, groups=DEFAULT_GROUPS, kinds=DEFAULT_KINDS,
+                 min_tokens: int = 0, stride: int = 1, min_depth: int = 0):
+        L, md = num_layers, min_depth
+        check_common(L, n_ref, min_tokens, stride, md)
+        groups = check_groups(groups)
+        kinds = check_kinds(kinds)
+        # the searched groups: those ending past the always-kept top-M tokens
+        ends = [int(math.floor(f * n_ref + EPS)) for f in groups]
+        kept = [(f, e) for f, e in zip(groups, ends) if e > min_tokens]
+        if not kept:
+            raise SpaceError(f"no group holds tokens past --min-tokens {min_tokens} of {n_ref}")
+        self.fractions = [f for f, _ in kept]
+        self.ends = [e for _, e in kept]
+        self.kinds = kinds
+        params = [
+            Param(f"{k}[{g}]", L, list(range(md, L + 1)), grid(md, L, stride), kind=k, group=g)
+            for k in kinds for g in range(len(kept))
+        ]
+        super().__init__("multigroup", L, n_ref, min_tokens, params, md)
+
+    @classmethod
+    def from_options(cls, num_layers: int, n_ref: int, *, groups=None, kinds=None, min_tokens: int = 0,
+                     stride: int = 1, nv_stride: int | None = None, min_depth: int = 0) -> "MultiGroupSpace":
+        if nv_stride is not None:
+            raise SpaceError("--nv-stride applies to --space dop only")
+        return cls(num_layers, n_ref, groups=groups or DEFAULT_GROUPS, kinds=kinds or DEFAULT_KINDS,
+                   min_tokens=min_tokens, stride=stride, min_depth=min_depth)
+
+    def key(self) -> dict:
+        return {**super().key(), "groups": self.fractions, "kinds": list(self.kinds)}
+
+    def policy(self, assign: dict[str, int]) -> Policy:
+        L, M = self.num_layers, self.min_tokens
+        G = len(self.fractions)
+        depth = {k: [int(assign[f"{k}[{g}]"]) for g in range(G)] for k in self.kinds}
+        groups = list(self.fractions)
+        if M > 0:
+            groups = [M / self.n_ref] + groups
+            depth = {k: [L] + v for k, v in depth.items()}
+        return Policy(L, groups, depth)
