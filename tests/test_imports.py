@@ -141,9 +141,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return []
 
 
-def _tagged(imp: Import) -> bool:
-    """The statement carries ``# heavy: <reason>`` on one of its lines."""
-    return any(HEAVY_TAG in line and line.split(HEAVY_TAG, 1)[1].strip() for line in imp.text.splitlines())
+def _gives_reason(line: str) -> bool:
+    """``line`` carries ``# heavy: <why deferred>``."""
+    return HEAVY_TAG in line and bool(line.split(HEAVY_TAG, 1)[1].strip())
 
 
 def local_import_problems(path: Path, modules: set[str]) -> list[str]:
@@ -173,7 +173,7 @@ def local_import_problems(path: Path, modules: set[str]) -> list[str]:
                 problems.append(f"{where}:{imp.line}: {top} is not a heavy or optional package "
                                 f"(move the import to module level): {first}")
                 continue
-        if not _tagged(imp):
+        if not any(_gives_reason(line) for line in imp.text.splitlines()):
             problems.append(f"{where}:{imp.line}: deferred import without '{HEAVY_TAG} <why deferred>': {first}")
     return problems
 
@@ -192,7 +192,7 @@ def dynamic_import_problems(path: Path) -> list[str]:
             line = lines[node.lineno - 1]
             if module_name(path) != DISPATCH_MODULE:
                 out.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: import by name ({called}): {line.strip()}")
-            elif not (HEAVY_TAG in line and line.split(HEAVY_TAG, 1)[1].strip()):
+            elif not _gives_reason(line):
                 out.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: import by name without "
                            f"'{HEAVY_TAG} <why deferred>': {line.strip()}")
     return out
