@@ -23,17 +23,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: keep `import dop` light (no torch until needed)
+def __getattr__(name: str):  # PEP 562 lazy attributes: `import dop` loads no torch
     if name == "apply_policy":
-        from .runtime import apply_policy  # lazy attribute: importing the package loads no torch
+        from .runtime import apply_policy  # heavy: the runtime loads torch
 
         return apply_policy
     if name == "count_flops":
-        from .flops import count_flops  # lazy attribute: importing the package loads no torch
+        from .flops import count_flops  # heavy: counting reads adapters, which load torch
 
         return count_flops
     if name == "rank_visual_tokens":
-        from .runtime import rank_visual_tokens  # lazy attribute: importing the package loads no torch
+        from .runtime import rank_visual_tokens  # heavy: the runtime loads torch
 
         return rank_visual_tokens
     raise AttributeError(f"module 'dop' has no attribute {name!r}")

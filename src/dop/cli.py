@@ -1,46 +1,61 @@
 """The `dop` command. Each subcommand lives in `dop/commands/<name>.py` and exposes
-``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code)."""
+``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code).
+
+A command's module is imported only when that command is given (:func:`command_module`): it
+may load torch and transformers at import, while `dop --help` lists the commands from
+:data:`dop.commands.COMMANDS` alone and loads nothing heavy (docs/design.md, "Imports")."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
+from types import ModuleType
 
-from dop.outputs import OutputLockedError
+from . import distributed
+from .commands import COMMANDS
+from .outputs import OutputLockedError
 
-# order shown in `dop --help`; a module that is absent is simply not offered
-COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")  # modules in dop/commands/
 # commands that share their samples among the processes of `torchrun ... -m dop` (dop/distributed.py)
 DISTRIBUTED = ("run", "search", "eval")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def available_commands() -> list[str]:
+    """The commands of :data:`~dop.commands.COMMANDS` whose module is installed (found without
+    importing it); a module that is absent is simply not offered."""
+    return [name for name in COMMANDS if importlib.util.find_spec(f"{__package__}.commands.{name}") is not None]
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of command ``name`` (`dop/commands/<name>.py`), imported now."""
+    return importlib.import_module(f"{__package__}.commands.{name}")  # heavy: a command may load torch
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `dop` parser: every available command with its line of ``COMMANDS``, and
+    ``command``'s own parser (arguments, description, ``func``) from its module."""
     parser = argparse.ArgumentParser(
         prog="dop",
         description="Depth-wise Operation Pruning for multimodal LLMs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"dop.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"dop.commands.{name}":
-                continue
-            raise
-        mod.register(sub)
+    for name in available_commands():
+        if name == command:
+            command_module(name).register(sub)
+        else:
+            sub.add_parser(name, help=COMMANDS[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from . import distributed  # lazy: spares torch until used
-
     try:
         if args.command in DISTRIBUTED:
             distributed.init_from_env()  # under torchrun: join the job (docs/scaling.md)

@@ -25,9 +25,12 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -40,7 +43,7 @@ _active = False  # init_from_env joined a job of several ranks: the library shar
 
 
 def _dist():
-    import torch.distributed as dist  # lazy: torch.distributed only when ranks are asked about
+    import torch.distributed as dist  # heavy: torch, only once a job of several ranks is asked about
 
     return dist
 
@@ -60,6 +63,8 @@ def init_from_env() -> bool:
     global _owned, _active
     if env_world_size() <= 1:
         return False
+    import torch  # heavy: only under torchrun, so that one process (and `dop --help`) never loads it here
+
     dist = _dist()
     if not dist.is_available():
         raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
@@ -119,6 +124,8 @@ def barrier() -> None:
 def device_for(requested: str | None = None) -> torch.device:
     """This rank's device: ``requested`` if given, else CUDA when available, else the CPU;
     a CUDA device without an index becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    import torch  # heavy: the module stays light for the cli, which imports it to join and leave a job
+
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(requested)
@@ -171,8 +178,6 @@ class JobProgress:
     _made = 0  # bars made in this process; every rank makes the same bars in the same order
 
     def __init__(self, total: int, initial: int = 0, *, desc: str, unit: str, disable: bool = False):
-        from tqdm.auto import tqdm  # spares tqdm until a bar is shown
-
         JobProgress._made += 1
         self.initial = initial
         self.store = None
@@ -212,6 +217,6 @@ class JobProgress:
 
 def _store():
     """The process group's key-value store (the rendezvous store under torchrun)."""
-    from torch.distributed import distributed_c10d  # lazy: torch.distributed only under torchrun
+    from torch.distributed import distributed_c10d  # heavy: torch.distributed, only under torchrun
 
     return distributed_c10d._get_default_store()  # no public accessor as of torch 2.13

@@ -38,6 +38,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
+from .models import adapter_class_for_config
 from .names import bundled_dir, looks_like_path
 from .policy import OP_KINDS, Policy
 
@@ -174,8 +175,6 @@ def _decoder_from_config(tc: Any) -> DecoderArch:
 def arch_from_config(config: Any, name: str | None = None) -> Arch:
     """Read an :class:`Arch` from a ``transformers`` config (multimodal or text-only); the
     family's numbers beyond the decoder come from its adapter (``Adapter.flops_layout``)."""
-    from .models import adapter_class_for_config  # spares `dop flops PRESET` the torch import
-
     tc = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     dec = _decoder_from_config(tc)
     family = adapter_class_for_config(config)
@@ -192,7 +191,7 @@ def arch_from_config(config: Any, name: str | None = None) -> Arch:
 def arch_from_config_folder(folder: str, name: str) -> Arch:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"checkpoint folder {name!r} has no config.json")
-    from transformers import AutoConfig  # lazy: spares transformers until used
+    from transformers import AutoConfig  # heavy: transformers, only to read a checkpoint's config
 
     try:
         cfg = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -12,7 +12,8 @@ from typing import Any
 from .outputs import user_file_mode
 
 
-def _default(obj):
+def json_default(obj):
+    """``json.dumps``' ``default``: an object's ``to_dict()``, an array's ``tolist()``."""
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     if hasattr(obj, "tolist"):
@@ -22,7 +23,7 @@ def _default(obj):
 
 def json_text(data: Any, *, indent: int = 2) -> str:
     """``data`` as strict JSON text (no NaN), one trailing newline: what every writer writes."""
-    return json.dumps(data, indent=indent, allow_nan=False, default=_default) + "\n"
+    return json.dumps(data, indent=indent, allow_nan=False, default=json_default) + "\n"
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2) -> None:

@@ -10,9 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
-from dop.evaluate.hf import _require_datasets, export_parquet
-from dop.lmms import TASKS_DIR
-from dop.outputs import check_output_dir, output_lock
+from ..demo import shapes
+from ..evaluate.hf import export_parquet, require_datasets
+from ..lmms import TASKS_DIR
+from ..outputs import check_output_dir, folder_written_whole, output_lock
+from . import COMMANDS
 
 DATASETS = ("shapes",)
 FORMATS = ("jsonl", "hf")
@@ -22,8 +24,6 @@ TEMPLATE = "_default_template_shapes_yaml"
 def _export(args) -> int:
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown data set {args.dataset!r}; known data sets: {', '.join(DATASETS)}")
-    from dop.demo import shapes  # lazy: spares PIL, numpy until used
-
     if args.split not in shapes.SPLITS:
         raise ValueError(f"unknown split {args.split!r}; known splits: {', '.join(shapes.SPLITS)}")
     if args.n <= 0:
@@ -48,11 +48,7 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
     folder ``dop/lmms/tasks/shapes_test`` (whose YAML reads ``shapes_test.parquet`` beside it).
     Written to a temporary folder and renamed into place; ``out_dir`` must not exist or be
     empty. Returns ``(out_dir, parquet path)``."""
-    from dop.demo import shapes  # lazy: spares PIL, numpy until used
-
-    _require_datasets()  # a clear line before any work when `datasets` is missing
-    from dop.outputs import folder_written_whole
-
+    require_datasets()  # a clear line before any work when `datasets` is missing
     out = Path(out_dir)
     name = f"shapes_{split}.parquet"
     with folder_written_whole(out) as tmp:  # refuses a non-empty out_dir before any work
@@ -71,7 +67,7 @@ def export_hf(split: str, n: int, seed: int | None, out_dir) -> tuple[Path, Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="synthetic benchmark data", description=__doc__)
+    parser = subparsers.add_parser("data", help=COMMANDS["data"], description=__doc__)
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     exp = sub.add_parser("export", help="write a data set as data.jsonl + images/, or as parquet (--format hf)")
     exp.add_argument("dataset", help=f"data set name ({', '.join(DATASETS)})")

@@ -17,11 +17,22 @@ import datetime as _dt
 import platform
 import sys
 
+import torch
+import transformers
+
+import dop
+
+from .. import distributed
+from ..evaluate.bootstrap import Bootstrap
 from ..evaluate.datasets import load_dataset
-from ..jsonio import write_json_atomic  # noqa: E402  (re-exported for other commands)
-from ..outputs import check_output_file, output_lock, write_or_rescue  # noqa: E402
+from ..evaluate.loading import num_decoder_layers, prompt_builder_for
+from ..evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate
+from ..jsonio import write_json_atomic  # noqa: F401  (re-exported for other commands)
+from ..outputs import check_output_file, output_lock, write_or_rescue
 from ..policy import Policy
-from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit  # noqa: E402
+from ..rankers import resolve_ranker
+from . import COMMANDS
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit, load_model_quietly
 
 FORMAT = "dop-eval/1"
 
@@ -29,7 +40,7 @@ FORMAT = "dop-eval/1"
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="accuracy, FLOPs and prefill time on a data set, pruned or not",
+        help=COMMANDS["eval"],
         description=(
             "Greedy generation over a data set (--batch-size prompts at a time); prints accuracy per task "
             "(F1 for yes/no tasks), the average, Rel. Avg. against the unpruned model when a "
@@ -74,24 +85,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    from dop.distributed import is_main  # lazy: spares torch until used
-
-    if args.json and is_main():  # under torchrun rank 0 alone writes it
+    if args.json and distributed.is_main():  # under torchrun rank 0 alone writes it
         check_output_file("--json", args.json)
     apply_image_limit(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
 
     policy = Policy.from_json(args.policy) if args.policy else None
     if policy is not None:
-        from dop.rankers import resolve_ranker  # lazy: spares torch until used
-
         resolve_ranker(args.ranker or policy.ranker)  # an unknown name fails here, listing the known
 
     samples = load_dataset(args.data, limit=args.limit, tasks=tasks, columns=args.columns)
 
     # ---- the model, then the policy against it, still before any sample is run
-    import torch
-
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -103,15 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loaded(args, policy, samples, tasks) -> int:
-    import torch  # lazy: spares torch until used
-
-    from dop import distributed  # lazy: spares torch until used
-    from dop.evaluate.loading import num_decoder_layers, prompt_builder_for  # lazy: spares torch until used
-    from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, evaluate  # lazy: spares torch, transformers until used
-
     dtype = getattr(torch, args.dtype)
     device = distributed.device_for(args.device)
-    model, processor = _load_quietly(args, dtype)
+    model, processor = load_model_quietly(args, dtype)
     model = model.to(device)
     if policy is not None:
         policy = policy.check_layers(num_decoder_layers(model))
@@ -137,27 +136,6 @@ def _run_loaded(args, policy, samples, tasks) -> int:
     return 0
 
 
-def _load_quietly(args, dtype):
-    """load_model, without transformers' weight-loading bar under --no-progress (or on
-    ranks other than 0)."""
-    from transformers.utils import logging as hf_logging  # lazy: spares transformers until used
-
-    from dop import distributed  # lazy: spares torch until used
-    from dop.evaluate.loading import load_model  # lazy: spares torch until used
-
-    quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        return load_model(
-            args.model, attn_implementation=args.attn_implementation, dtype=dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-    finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------------- report
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100.0 * x:.1f}%"
@@ -181,8 +159,6 @@ def rel_avg_interval(result) -> list[float] | None:
     (``dop.evaluate.bootstrap``); None without an unpruned pass or a Rel. Avg."""
     if result.baseline is None or result.rel_avg is None:
         return None
-    from dop.evaluate.bootstrap import Bootstrap  # lazy: spares numpy until used
-
     try:
         boot = Bootstrap.from_unpruned([s.to_dict() for s in result.baseline.samples])
         return boot.method([s.to_dict() for s in result.samples])["rel_avg"]
@@ -267,12 +243,6 @@ def _cost_table(result) -> list[str]:
 def to_json_document(result, *, model, data, policy_file, max_new_tokens, seed, limit, tasks,
                      device, dtype) -> dict:
     """The ``--json`` document (schema ``dop-eval/1``, see docs/eval.md)."""
-
-    import torch  # lazy: spares torch until used
-    import transformers  # lazy: spares transformers until used
-
-    import dop  # the package version for the report (dop.__init__ is light)
-
     doc = {
         "format": FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -7,12 +7,13 @@ import json
 
 from ..flops import count_flops, presets, resolve_arch
 from ..policy import Policy, PolicyError
+from . import COMMANDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "flops",
-        help="prefill FLOPs of a model, unpruned vs under a policy",
+        help=COMMANDS["flops"],
         description=(
             "Analytic prefill FLOPs (docs/design.md, 'FLOPs'). Convention 'dop': 2 FLOPs per multiply-add of "
             "every decoder matmul, text and visual tokens; 'paper': multiply-adds over visual "

@@ -1,7 +1,13 @@
-"""Options shared by the commands that load a model (`dop eval`, `dop search`)."""
+"""Options shared by the commands that load a model (`dop eval`, `dop search`), and the
+model loading they ask for."""
 
 from __future__ import annotations
-from dop.evaluate.datasets import set_max_image_pixels
+
+from transformers.utils import logging as hf_logging
+
+from .. import distributed
+from ..evaluate.datasets import set_max_image_pixels
+from ..evaluate import loading
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_METAVAR = "shapes:SPLIT[:SEED]|FILE.jsonl|PARQUET|HF_FOLDER|hf:OWNER/NAME[:CONFIG]:SPLIT"
@@ -38,3 +44,19 @@ def apply_image_limit(args) -> None:
         raise ValueError(f"--max-image-pixels must be a positive integer, got {n}")
 
     set_max_image_pixels(n)
+
+
+def load_model_quietly(args, dtype):
+    """``load_model`` with the options of :func:`add_model_runtime_options`, without
+    transformers' weight-loading bar under --no-progress (or on ranks other than 0)."""
+    quiet = (args.no_progress or not distributed.is_main()) and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return loading.load_model(  # looked up when called: tests replace it to catch a load
+            args.model, attn_implementation=args.attn_implementation, dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()

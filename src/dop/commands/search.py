@@ -21,11 +21,11 @@ import sys
 import time
 
 
-from ..commands.eval import _load_quietly, write_json_atomic
+from ..commands.eval import write_json_atomic
 from ..evaluate.datasets import load_dataset
 from ..outputs import check_output_file, output_lock, write_or_rescue
 from .method_search import check_method_options, format_method_summary, run_method
-from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit
+from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit, load_model_quietly
 
 
 def register(subparsers) -> None:
@@ -181,7 +181,7 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
     from dop.search import METHODS, search  # lazy: spares numpy, torch, transformers until used
 
     t0 = time.perf_counter()
-    model, processor = _load_quietly(args, getattr(torch, args.dtype))
+    model, processor = load_model_quietly(args, getattr(torch, args.dtype))
     model = model.to(distributed.device_for(args.device))
     build_prompt = prompt_builder_for(args.model)
     held = None

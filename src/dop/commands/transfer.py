@@ -18,12 +18,13 @@ import warnings
 
 from ..outputs import check_output_file, output_lock
 from ..policy import Policy, TransferWarning
+from . import COMMANDS
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "transfer",
-        help="rescale a policy's depths to a model with another layer count",
+        help=COMMANDS["transfer"],
         description="Rescale every depth of a policy file (dop-policy/1 or /2) by d * L_new / L_old, rounded half "
                     "up and at least 1 where the source's depth was (an operation the source kept is never erased); "
                     "a new layer is skipped (per-layer skips, dop-policy/2) where the source layer holding its "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .model import build_prompt
+
 DEMO_DIR = Path(__file__).resolve().parent / "weights"
 DEMO_BASE_DIR = Path(__file__).resolve().parent / "weights-base"
 DEMOS = ("demo", "demo-base")  # the names every command's --model accepts
@@ -33,8 +35,8 @@ def load_demo(attn_implementation: str = "sdpa", name: str = "demo"):
             f"{name} weights not found in {folder}; train them with "
             "`python scripts/train_demo.py` (see src/dop/demo/README.md)"
         )
-    import torch  # lazy: spares torch until used
-    from transformers import AutoProcessor, LlavaForConditionalGeneration  # lazy: spares transformers until used
+    import torch  # heavy: torch, only when the demo model is loaded
+    from transformers import AutoProcessor, LlavaForConditionalGeneration  # heavy: transformers, likewise
 
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=torch.float32, attn_implementation=attn_implementation
@@ -42,9 +44,3 @@ def load_demo(attn_implementation: str = "sdpa", name: str = "demo"):
     processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
 
-
-def build_prompt(processor, question: str) -> str:
-    """The prompt format the demo model was trained on (see :func:`dop.demo.model.build_prompt`)."""
-    from .model import build_prompt as _build  # lazy: spares PIL, numpy until used
-
-    return _build(processor, question)

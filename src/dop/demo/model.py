@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
 from . import shapes
 
 IMAGE_TOKEN = "<image>"
@@ -53,9 +55,7 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer():
-    # lazy: spares tokenizers until used
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast  # lazy: spares transformers until used
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers, only when the demo is built
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -76,9 +76,10 @@ def build_tokenizer():
 
 
 def build_processor(image_size: int = shapes.IMAGE_SIZE, patch_size: int = 8):
-    from transformers import LlavaProcessor  # lazy: spares transformers until used
-    # lazy: spares transformers until used
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import LlavaProcessor  # heavy: transformers, only when the demo is built
+    from transformers.models.clip.image_processing_pil_clip import (  # heavy: likewise
+        CLIPImageProcessorPil,
+    )
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -111,8 +112,12 @@ class Sizes:
 def build_model(processor, sizes: Sizes = Sizes()):
     """A fresh, randomly initialised LLaVA (CLIP tower + Llama decoder) for the processor's
     vocabulary."""
-    # lazy: spares transformers until used
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (  # heavy: transformers, only when the demo is built
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     tok = processor.tokenizer
     vision = CLIPVisionConfig(

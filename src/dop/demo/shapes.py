@@ -34,6 +34,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..outputs import folder_written_whole
 
 TASKS: tuple[str, ...] = ("exist", "color", "count", "position", "read")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -328,8 +329,6 @@ def export(split: str, n: int, seed: int | None, out_dir) -> Path:
     ``answers``, ``task``) and ``out_dir/images/*.png``. Everything is written to a temporary
     folder beside ``out_dir`` and renamed into place, so nothing is ever half-written.
     ``out_dir`` must not exist or be empty."""
-    from dop.outputs import folder_written_whole
-
     out = Path(out_dir)
     with folder_written_whole(out) as tmp:  # refuses a non-empty out_dir before any work
         samples = make_samples(split, n, seed)

@@ -1,6 +1,6 @@
 """Evaluation: data sets (``shapes:SPLIT`` or JSONL), VQA metrics, model loading and the
-runner behind ``dop eval``. Importing this package stays light; torch and transformers
-load with the submodules that need them."""
+runner behind ``dop eval``. Importing this package loads no torch or transformers: they
+load with the submodules that need them (``evaluate`` and ``load_model`` are lazy attributes)."""
 
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("evaluate", "EvalResult"):
-        from . import runner  # lazy attribute: importing the package loads no torch
+        from . import runner  # heavy: lazy attribute, so that importing the package loads no torch
 
         return getattr(runner, name)
     if name in ("load_model", "chat_prompt", "prompt_builder_for"):
-        from . import loading  # lazy attribute: importing the package loads no torch
+        from . import loading  # heavy: lazy attribute, so that importing the package loads no torch
 
         return getattr(loading, name)
     raise AttributeError(f"module 'dop.evaluate' has no attribute {name!r}")

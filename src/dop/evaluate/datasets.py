@@ -26,14 +26,17 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import UnidentifiedImageError
+
+from ..demo import shapes
 from . import hf
 from .samples import (  # noqa: F401  (re-exported: dop.evaluate.datasets is where users find them)
     DEFAULT_TASK,
     DatasetError,
     Sample,
-    _check_known,
-    _open_image,
+    check_known_tasks,
     max_image_pixels,
+    open_image,
     set_max_image_pixels,
 )
 
@@ -114,8 +117,6 @@ def load_dataset(spec: str, limit: int | None = None, tasks: Sequence[str] | Non
 
 
 def _load_shapes(rest: str, limit: int | None, tasks: Sequence[str] | None) -> list[Sample]:
-    from dop.demo import shapes  # lazy: spares PIL, numpy until used
-
     parts = rest.split(":")
     split = parts[0]
     if split not in shapes.SPLITS or len(parts) > 2:
@@ -130,7 +131,7 @@ def _load_shapes(rest: str, limit: int | None, tasks: Sequence[str] | None) -> l
         except ValueError:
             raise DatasetError(f"shapes:{rest}: the seed must be an integer, got {parts[1]!r}") from None
     if tasks is not None:
-        _check_known(tasks, shapes.TASKS, "shapes")
+        check_known_tasks(tasks, shapes.TASKS, "shapes")
     n = DEFAULT_SHAPES_SAMPLES if limit is None else limit
     raw = shapes.make_samples(split, n, seed=seed, tasks=list(tasks) if tasks else None)
     name = f"shapes:{rest}"
@@ -183,7 +184,7 @@ def load_jsonl(path: str | os.PathLike, limit: int | None = None, tasks: Sequenc
             samples.append(_row_to_sample(row, root, where))
     if tasks is not None:
         present = list(dict.fromkeys(s.task for s in samples))
-        _check_known(tasks, present, str(path))
+        check_known_tasks(tasks, present, str(path))
         keep = set(tasks)
         samples = [s for s in samples if s.task in keep]
     if limit is not None:
@@ -230,9 +231,7 @@ def _row_to_sample(row: Any, root: Path, where: str) -> Sample:
 
 def _check_image_header(path: str, where: str) -> None:
     """Open the header only: the format is readable and the pixel count within the limit."""
-    from PIL import UnidentifiedImageError  # lazy: spares PIL until used
-
     try:
-        _open_image(path, where).close()
+        open_image(path, where).close()
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{where}: cannot read image {path!r} ({e})") from None

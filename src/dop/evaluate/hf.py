@@ -31,7 +31,9 @@ import io
 import os
 from typing import Any, Mapping, Sequence
 
-from .samples import DEFAULT_TASK, DatasetError, Sample, _check_known
+from PIL import Image, UnidentifiedImageError
+
+from .samples import DEFAULT_TASK, DatasetError, Sample, check_known_tasks
 
 HF_PREFIX = "hf:"
 ROLES = ("image", "question", "answers", "task", "hint", "options")
@@ -95,7 +97,7 @@ def load_hf(spec: str, limit: int | None = None, tasks: Sequence[str] | None = N
         else:
             task_of = [str(t) for t in ds[cols["task"]]]
             present = list(dict.fromkeys(task_of))
-        _check_known(tasks, present, name)
+        check_known_tasks(tasks, present, name)
         keep = set(tasks)
         rows = [i for i in rows if task_of[i] in keep]
     rows = list(rows)[: limit] if limit is not None else list(rows)
@@ -109,9 +111,10 @@ def load_hf(spec: str, limit: int | None = None, tasks: Sequence[str] | None = N
 
 
 # ----------------------------------------------------------------------------- opening
-def _require_datasets():
+def require_datasets():
+    """The ``datasets`` package, or a :class:`DatasetError` saying how to install it."""
     try:
-        import datasets  # noqa: F401
+        import datasets  # heavy: optional (the hf extra), and slow to import
     except ImportError:
         raise DatasetError(
             f"reading Hugging Face datasets needs the 'datasets' package; {INSTALL_HINT}"
@@ -131,7 +134,7 @@ def _parquet_files(spec: str) -> list[str]:
 
 def _open(spec: str):
     """``(Dataset, display name)``, without ``datasets``' progress bars."""
-    datasets = _require_datasets()
+    datasets = require_datasets()
     was_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -144,7 +147,7 @@ def _open(spec: str):
 def _open_quietly(spec: str):
     if spec.startswith(HF_PREFIX):
         return _open_hub(spec), spec
-    datasets = _require_datasets()
+    datasets = require_datasets()
     if os.path.isdir(spec) and _is_saved_folder(spec):
         try:
             ds = datasets.load_from_disk(spec)
@@ -162,7 +165,7 @@ def _open_quietly(spec: str):
     files = _parquet_files(spec)
     if not files:
         raise DatasetError(f"data set file {spec!r} not found (no parquet file matches)")
-    import pyarrow.parquet as pq  # optional: Hugging Face data sets only
+    import pyarrow.parquet as pq  # heavy: optional (the hf extra), Hugging Face data sets only
 
     try:
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -191,7 +194,7 @@ def _open_hub(spec: str):
             f"{spec}: hub data sets need the network, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; "
             f"save the data set with save_to_disk (or as parquet) where you have the network and pass that folder"
         )
-    datasets = _require_datasets()
+    datasets = require_datasets()
     try:
         try:
             return datasets.load_dataset(repo, config, split=split)
@@ -358,8 +361,6 @@ def _image_source(value: Any, bad, root: str | None) -> tuple[bytes | None, str 
 
 def _check_header(sample: Sample) -> None:
     """Read the image header only (no decoding), so that a cell that is not an image fails now."""
-    from PIL import Image, UnidentifiedImageError  # lazy: spares PIL until used
-
     try:
         src = io.BytesIO(sample.image_bytes) if sample.image_bytes is not None else sample.image_path
         with Image.open(src):
@@ -373,7 +374,7 @@ def export_parquet(samples: Sequence[dict], path) -> None:
     """Write samples (dicts with a PIL ``image``, ``question``, ``answers``, ``task``) as one
     parquet file with the images embedded (PNG bytes) and the ``datasets`` features in its
     schema, so ``datasets``, lmms-eval and :func:`load_hf` decode the images."""
-    datasets = _require_datasets()
+    datasets = require_datasets()
     features = datasets.Features({
         "id": datasets.Value("int64"),
         "image": datasets.Image(),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from .. import demo
 from ..jsonio import write_json_atomic
@@ -67,7 +68,7 @@ def load_model(
             raise ModelLoadError(f"model folder {name!r} not found; expected {_known_names()}")
         raise ModelLoadError(f"unknown model {name!r}; expected {_known_names()}")
 
-    from transformers import AutoConfig, AutoProcessor  # lazy: spares transformers until used
+    from transformers import AutoConfig, AutoProcessor  # heavy: transformers, only when a model is loaded
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -96,8 +97,6 @@ def load_model(
 def _weights_errors(name: str):
     """A damaged weights file (truncated, not safetensors) as one :class:`ModelLoadError`
     line naming the model, instead of the safetensors library's own exception."""
-    from safetensors import SafetensorError  # spares safetensors until weights fail to load
-
     try:
         yield
     except SafetensorError as e:

@@ -132,7 +132,9 @@ def _row_counts(adapter, inputs: dict, rows: int) -> list[list[int]]:
     return out
 
 
-def _greedy_config(model, max_new_tokens: int, tokenizer):
+def greedy_config(model, max_new_tokens: int, tokenizer):
+    """The model's generation config for greedy decoding of at most ``max_new_tokens``
+    (sampling settings cleared; padding by the tokenizer's pad token, else end of sequence)."""
     cfg = copy.deepcopy(model.generation_config)
     cfg.do_sample = False
     cfg.num_beams = 1
@@ -153,7 +155,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _FlopsCache:
+class FlopsCache:
+    """FLOPs of a prompt under ``policy`` in every convention, by its visual-token counts and
+    text-token count (``{convention: {"decoder", "total"}}``), each shape counted once."""
+
     def __init__(self, model, policy):
         self._count, self._model, self._policy, self._memo = count_flops, model, policy, {}
 
@@ -247,7 +252,7 @@ def _checked_arguments(model, samples, policy, ranker, baseline, max_new_tokens,
 def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progress,
               build_prompt, time_prefill, seed, desc, batch_size: int = 1) -> EvalResult:
     tokenizer = getattr(processor, "tokenizer", processor)
-    step = _BatchStep(model, processor, tokenizer, _greedy_config(model, max_new_tokens, tokenizer), build_prompt,
+    step = _BatchStep(model, processor, tokenizer, greedy_config(model, max_new_tokens, tokenizer), build_prompt,
                       time_prefill)
     if seed is not None:
         torch.manual_seed(seed)
@@ -270,7 +275,7 @@ def _run_pass(model, processor, samples, policy, ranker, max_new_tokens, progres
         times = times[1:]  # the first sample (of each rank) warms up caches and kernels
     times = [t for part in dd.all_gather(times) for t in part]
     results = dd.gather_ordered({r.index: r for r in results}, len(samples))
-    return _summary(results, times, _FlopsCache(model, policy), policy, ranker_name, time.perf_counter() - t_start)
+    return _summary(results, times, FlopsCache(model, policy), policy, ranker_name, time.perf_counter() - t_start)
 
 
 def _policy_context(model, policy, ranker):

@@ -8,6 +8,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from PIL import Image, UnidentifiedImageError
+
 DEFAULT_TASK = "all"
 
 
@@ -21,8 +23,6 @@ _max_pixels: int | None = None  # None: PIL's Image.MAX_IMAGE_PIXELS
 def max_image_pixels() -> int:
     """The largest image (width x height) a data set may hold: PIL's decompression-bomb
     limit unless :func:`set_max_image_pixels` (CLI ``--max-image-pixels``) raised it."""
-    from PIL import Image  # lazy: spares PIL until used
-
     return _max_pixels or int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
 
 
@@ -33,12 +33,9 @@ def set_max_image_pixels(n: int | None) -> None:
     _max_pixels = n
 
 
-def _open_image(path: str, where: str):
+def open_image(path: str, where: str):
     """``Image.open`` (lazy: reads the header only) with the pixel count checked against
     :func:`max_image_pixels` before any pixel is decoded."""
-
-    from PIL import Image  # lazy: spares PIL until used
-
     limit = max_image_pixels()
     before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our check below replaces PIL's (its error is not one line)
@@ -78,18 +75,14 @@ class Sample:
         """The image as PIL RGB (opened from ``image_bytes`` or ``image_path`` on first use; the
         pixel count is checked before decoding)."""
         if self.image is None and self.image_bytes is not None:
-            from PIL import UnidentifiedImageError  # lazy: spares PIL until used
-
             try:
-                with _open_image(io.BytesIO(self.image_bytes), f"{self.where}, column {self.image_column!r}") as im:
+                with open_image(io.BytesIO(self.image_bytes), f"{self.where}, column {self.image_column!r}") as im:
                     self.image = im.convert("RGB")
             except (UnidentifiedImageError, OSError) as e:
                 raise DatasetError(f"{self.where}, column {self.image_column!r}: not an image ({e})") from None
         elif self.image is None:
-            from PIL import UnidentifiedImageError  # lazy: spares PIL until used
-
             try:
-                with _open_image(self.image_path, self.where) as im:
+                with open_image(self.image_path, self.where) as im:
                     self.image = im.convert("RGB")
             except FileNotFoundError:
                 raise DatasetError(f"{self.where}: image file {self.image_path!r} not found") from None
@@ -100,7 +93,8 @@ class Sample:
         return self.image
 
 
-def _check_known(tasks: Iterable[str], known: Sequence[str], where: str) -> None:
+def check_known_tasks(tasks: Iterable[str], known: Sequence[str], where: str) -> None:
+    """Refuse task names of ``tasks`` that ``known`` (the tasks of data set ``where``) lacks."""
     bad = [t for t in tasks if t not in known]
     if bad:
         raise DatasetError(

@@ -16,6 +16,6 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 def manifests():
     """The entry point's payload: lmms-eval's ``ModelManifest`` for the ``dop`` model."""
-    from lmms_eval.models.registry_v2 import ModelManifest  # optional: only with lmms-eval installed
+    from lmms_eval.models.registry_v2 import ModelManifest  # heavy: optional, only with lmms-eval installed
 
     return [ModelManifest(model_id=MODEL_ID, simple_class_path="dop.lmms.model.DopLMM")]

@@ -38,19 +38,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
+from tqdm import tqdm
 
 from dop.batching import collate, pad_token_id
 from dop.evaluate.datasets import load_dataset
 from dop.evaluate.inputs import on_model
 from dop.evaluate.loading import chat_prompt, load_model, num_decoder_layers, prompt_builder_for
-from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, _FlopsCache, _greedy_config
+from dop.evaluate.runner import DEFAULT_MAX_NEW_TOKENS, FlopsCache, greedy_config
 from dop.models import get_adapter
 from dop.policy import Policy
 from dop.rankers import resolve_ranker
 from dop.runtime import apply_policy
+from dop.search import search
 
 DEFAULT_LOG_DIR = "dop_lmms"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -139,7 +142,7 @@ class DopLMM(lmms):
             self.policy = Policy.from_json(policy).check_layers(num_decoder_layers(self._model))
         if self.policy is not None:
             resolve_ranker(self.ranker or self.policy.ranker)  # unknown names fail now
-        self._flops_of = _FlopsCache(self._model, self.policy)
+        self._flops_of = FlopsCache(self._model, self.policy)
         self.flops_path = self.log_dir / f"flops.rank{self.rank}.jsonl"
         self.flops_path.write_text("")
         what = "unpruned" if self.policy is None else (
@@ -153,7 +156,7 @@ class DopLMM(lmms):
         """This process's rank, the world size and the device, from the launcher's variables:
         on CPU, accelerate's state stays single-process while torchrun (accelerate launch
         --multi_gpu) still starts several processes."""
-        from accelerate import Accelerator  # optional: only under lmms-eval
+        from accelerate import Accelerator  # heavy: optional, and only when lmms-eval places the model
 
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -194,8 +197,6 @@ class DopLMM(lmms):
             if path.is_file():
                 logger.info(f"dop: using the cached policy {path} (budget {budget}, search data {data})")
                 return Policy.from_json(str(path))
-            from dop.search import search  # lazy: spares numpy until used
-
             result = search(
                 self._model, self.processor, load_dataset(data, limit=samples), budget=budget, space=space,
                 ranker=ranker, seed=self.seed, build_prompt=self._build_prompt, progress=False,
@@ -210,8 +211,6 @@ class DopLMM(lmms):
     @contextmanager
     def _rank_zero_first(self):
         """Rank 0 runs the block first, the other ranks after it (a barrier on each side)."""
-        import torch.distributed as dist  # lazy: torch.distributed only when ranks are asked about
-
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             if self.rank != 0:
                 dist.barrier()
@@ -280,8 +279,6 @@ class DopLMM(lmms):
                 "flops": self._flops_of(tuple(counts), n_text)}
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        from tqdm import tqdm  # spares tqdm until a bar is shown
-
         out: list[str] = []
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="dop generate")
         torch.manual_seed(self.seed)
@@ -326,7 +323,7 @@ class DopLMM(lmms):
         if isinstance(until, str):
             until = [until]
         max_new = int(kw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        cfg = _greedy_config(self._model, max_new, self._tokenizer)
+        cfg = greedy_config(self._model, max_new, self._tokenizer)
         temperature = float(kw.get("temperature") or 0.0)
         if kw.get("do_sample") or temperature > 0:
             cfg.do_sample, cfg.temperature = True, temperature if temperature > 0 else 1.0
@@ -337,8 +334,6 @@ class DopLMM(lmms):
         return cfg, until
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        from tqdm import tqdm  # spares tqdm until a bar is shown
-
         res, rows = [], []
         torch.manual_seed(self.seed)
         with self._policy_context(), torch.inference_mode():

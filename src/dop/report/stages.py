@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..jsonio import _default, write_json_atomic
+from ..jsonio import json_default, write_json_atomic
 
 
 class Stages:
@@ -94,7 +94,7 @@ class Stages:
         if dd.is_main():
             write_json_atomic(path, {"key": _normal(key), "seconds": seconds, "result": result})
         self.log(f"[progress] {self.progress(name)}")
-        return json.loads(json.dumps(result, default=_default))
+        return json.loads(json.dumps(result, default=json_default))
 
 
 def _kind(name: str) -> str:
@@ -107,4 +107,4 @@ def _dur(seconds: float) -> str:
 
 
 def _normal(key: Any) -> Any:
-    return json.loads(json.dumps(key, default=_default))
+    return json.loads(json.dumps(key, default=json_default))
