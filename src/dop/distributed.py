@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import compat
+
 T = TypeVar("T")
 
 # A rank that finishes its share waits at the next gather for the slowest one (a resumed
@@ -212,6 +214,4 @@ class JobProgress:
 
 def _store():
     """The process group's key-value store (the rendezvous store under torchrun)."""
-    from torch.distributed import distributed_c10d  # lazy: torch.distributed only under torchrun
-
-    return distributed_c10d._get_default_store()  # no public accessor as of torch 2.13
+    return compat.default_store()
