@@ -132,7 +132,7 @@ class Adapter:
         """The vision-tower layer whose attention ranks the visual tokens: for CLIP-like towers
         the layer whose output the projector reads (``vision_feature_layer``)."""
         tower = self.vision_module()
-        return _feature_layer(self.config, getattr(tower, "vision_model", tower).encoder.layers)
+        return feature_layer(self.config, getattr(tower, "vision_model", tower).encoder.layers)
 
     def record_image_inputs(self, record: dict) -> list[Callable[[], Any]]:
         """Hooks that store in ``record`` the image inputs :meth:`vision_token_scores` needs
@@ -245,7 +245,9 @@ def vision_layer_index(num_layers: int, feature_layer: int) -> int:
     return feature_layer - 1
 
 
-def _feature_layer(config, layers) -> nn.Module:
+def feature_layer(config, layers) -> nn.Module:
+    """The layer of ``layers`` (a vision encoder's) whose output the projector reads
+    (``config.vision_feature_layer``)."""
     f = getattr(config, "vision_feature_layer", -1)
     if not isinstance(f, int):
         raise ValueError(f"vispruner: a list vision_feature_layer ({f}) is not supported")
