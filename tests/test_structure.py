@@ -29,7 +29,7 @@ COMPAT = "compat.py"
 LAYER_PARTS = {
     "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "input_layernorm", "post_attention_layernorm",
     "rotary_emb", "embed_tokens", "language_model", "vision_tower", "multi_modal_projector",
-    "get_output_embeddings", "get_decoder",
+    "get_output_embeddings", "get_input_embeddings", "get_decoder", "get_image_features",
 }
 # internals transformers does not promise, with no underscore to tell them
 INTERNAL_NAMES = {"cumulative_length", "max_cache_len", "_attn_implementation", "model_type"}
