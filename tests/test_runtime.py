@@ -7,8 +7,11 @@ import random
 import pytest
 import torch
 
+from transformers import DynamicCache
+
 import dop
 from dop.models import get_adapter
+from dop.runtime.cache import MISSING
 from reference import masked_reference, reference_greedy
 from tiny_models import FAMILIES, build_inputs, build_model
 
@@ -145,6 +148,65 @@ def test_full_depth_is_exact_and_restored(fam):
     h.remove()
     assert torch.equal(model(**inputs).logits, vanilla)
     assert all(a is b for a, b in zip(adapter.decoder_layers(), layers_before))
+
+
+CACHE_METHODS = ("get_seq_length", "get_mask_sizes", "reorder_cache", "batch_select_indices",
+                 "batch_repeat_interleave", "crop")
+
+
+def _cache_as_made(cache) -> bool:
+    """No method of the cache set on its instance, no dop record: every method is its class's."""
+    return (not any(name in vars(cache) for name in (*CACHE_METHODS, "_dop_record", "_dop_originals"))
+            and all(getattr(cache, name).__func__ is getattr(type(cache), name) for name in CACHE_METHODS))
+
+
+def _model_state(model) -> tuple:
+    """What a policy sets on the model: instance forwards of the decoder layers, hooks of the entry module."""
+    adapter = get_adapter(model)
+    entry = adapter.entry_module()
+    return (tuple("forward" in vars(layer) for layer in adapter.decoder_layers()),
+            tuple(entry._forward_pre_hooks), tuple(entry._forward_hooks))
+
+
+@torch.no_grad()
+def test_remove_restores_the_caches_it_ran_with():
+    model = build_model("llava")
+    inputs, _ = build_inputs(model, "llava")
+    L = get_adapter(model).num_layers
+    with dop.apply_policy(model, dop.Policy(L, [0.5, 1.0], {"attn": [L, 1], "mlp": [L, 1]})):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        assert not _cache_as_made(out.past_key_values)  # the lengths answer the logical sequence
+    assert _cache_as_made(out.past_key_values)
+
+
+@pytest.mark.parametrize("first_out", ["a", "b"])
+@torch.no_grad()
+def test_two_handles_on_one_cache_remove_in_either_order(first_out):
+    """Two handles (two models) run with one cache: the second takes the cache over and wraps its
+    own methods, not the first handle's wrappers; removing both, in either order, leaves the
+    cache and both models as they were."""
+    model_a, model_b = build_model("llava", seed=0), build_model("llava", seed=1)
+    inputs, _ = build_inputs(model_a, "llava")
+    L = get_adapter(model_a).num_layers
+    policy = dop.Policy(L, [0.5, 1.0], {"attn_q": [L, 1], "mlp": [L, 1]})  # every key kept: b can go on
+    states = {m: _model_state(m) for m in (model_a, model_b)}
+    cache = DynamicCache(config=model_a.config)
+    handles = {"a": dop.apply_policy(model_a, policy), "b": dop.apply_policy(model_b, policy)}
+    logits = model_a(**inputs, cache=cache, use_cache=True).logits
+    wrapped_by_a = vars(cache)["get_seq_length"]
+    step = {"input_ids": logits[:, -1:].argmax(-1),
+            "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)}
+    model_b(**step, cache=cache, use_cache=True)
+    assert vars(cache)["get_seq_length"] is not wrapped_by_a
+    assert set(vars(cache)["_dop_originals"]) == set(CACHE_METHODS)
+    assert all(before is MISSING for before in vars(cache)["_dop_originals"].values())  # the class's own
+    assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 1
+
+    handles[first_out].remove()
+    assert _cache_as_made(cache) == (first_out == "b")  # b holds the cache until b is removed
+    handles["b" if first_out == "a" else "a"].remove()
+    assert _cache_as_made(cache)
+    assert {m: _model_state(m) for m in (model_a, model_b)} == states
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     import torch
 
+from . import compat
+
 T = TypeVar("T")
 
 # A rank that finishes its share waits at the next gather for the slowest one (a resumed
@@ -217,6 +219,4 @@ class JobProgress:
 
 def _store():
     """The process group's key-value store (the rendezvous store under torchrun)."""
-    from torch.distributed import distributed_c10d  # heavy: torch.distributed, only under torchrun
-
-    return distributed_c10d._get_default_store()  # no public accessor as of torch 2.13
+    return compat.default_store()

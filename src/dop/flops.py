@@ -179,7 +179,7 @@ def arch_from_config(config: Any, name: str | None = None) -> Arch:
     dec = _decoder_from_config(tc)
     family = adapter_class_for_config(config)
     fname = family.family_name(config)
-    name = name or getattr(config, "_name_or_path", None) or fname or type(config).__name__
+    name = name or getattr(config, "name_or_path", None) or fname or type(config).__name__
     vc = getattr(config, "vision_config", None)
     layout = None if vc is None or vc is tc else family.flops_layout(config, dec.hidden_size)
     if layout is None:  # text-only, or a tower dop cannot read: the decoder only

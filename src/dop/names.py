@@ -1,5 +1,5 @@
 """Model names: what a name given to dop (``demo``, a hub id, a checkpoint folder) or a loaded
-model's ``config._name_or_path`` refers to, compared one way everywhere."""
+model's ``config.name_or_path`` refers to, compared one way everywhere."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def bundled_dir(name: str | os.PathLike) -> Path | None:
 
 
 def loaded_model_name(model: Any) -> str | None:
-    """The name a loaded model was loaded from (``config._name_or_path``), or None if unknown."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    """The name a loaded model was loaded from (``config.name_or_path``), or None if unknown."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
     return name if isinstance(name, str) and name.strip() else None
 
 

@@ -179,7 +179,7 @@ def prompt_builder_for_model(model) -> PromptBuilder:
     from the bundled demo folder or a ``scripts/train_demo.py`` export, the chat template
     otherwise (what :func:`prompt_builder_for` picks from the name)."""
 
-    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
     bundled = {os.path.abspath(demo.demo_dir(n)) for n in demo.DEMOS}
     if source and (os.path.abspath(source) in bundled or is_demo_export(source)):
         return prompt_builder_for(DEMO)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageSpan
+from .parts import LayerParts
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -53,7 +54,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def model_class_for(config) -> type:
     """The transformers class that loads a checkpoint of this config's family."""
-    import transformers  # lazy: spares transformers until used
+    import transformers  # heavy: transformers, only to load a checkpoint
 
     cls = _adapter_class(getattr(config, "model_type", None))
     return getattr(transformers, cls.model_class_name)
@@ -61,4 +62,4 @@ def model_class_for(config) -> type:
 
 from . import internvl, llava, llava_next, llava_onevision, qwen2_5_vl  # noqa: E402,F401  (registration)
 
-__all__ = ["Adapter", "ImageSpan", "adapter_class_for_config", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]
+__all__ = ["Adapter", "ImageSpan", "LayerParts", "adapter_class_for_config", "get_adapter", "model_class_for", "register_adapter", "known_model_types"]

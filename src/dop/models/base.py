@@ -5,18 +5,22 @@ tokens of a prompt split into images, which of transformers' functions the famil
 attention uses (rotary embedding, eager attention, the attention backend), the vision
 tower's pieces the rankers read (the attention layer, the score of each LLM visual token),
 and the architecture numbers the FLOPs count needs. The runtime, rankers and FLOPs code call
-these methods and never look at ``model_type``, ``sys.modules`` or private attributes.
+these methods and never look at ``model_type``, ``sys.modules`` or private attributes. The
+parts of a decoder layer the runtime recomputes (norms, projections, MLP, rotary) and the
+final norm are reached through :meth:`Adapter.layer_parts` and :meth:`Adapter.final_norm` too
+(tests/test_structure.py checks that no code outside ``dop/models`` reads them).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .. import compat
+from .parts import LayerParts, attention_module
 
 InputOf = Callable[[str], Any]  # a forward input by name (image_grid_thw, image_sizes), or a one-line error
 
@@ -98,32 +102,37 @@ class Adapter:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     # -- transformers' functions of this family -----------------------------------------
-    @staticmethod
-    def _modeling(module: nn.Module) -> ModuleType:
-        """The ``modeling_<family>`` module that defines ``module``'s class; transformers puts
-        each family's functions (rotary embedding, eager attention) there."""
-        return sys.modules[type(module).__module__]
-
     def rotary_function(self, attn: nn.Module) -> Callable:
         """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` used by decoder attention ``attn``."""
-        return self._modeling(attn).apply_rotary_pos_emb
+        return compat.modeling_module(attn).apply_rotary_pos_emb
 
     def eager_attention_function(self, attn: nn.Module) -> Callable | None:
         """The family's ``eager_attention_forward`` (None where the family has none)."""
-        return getattr(self._modeling(attn), "eager_attention_forward", None)
+        return getattr(compat.modeling_module(attn), "eager_attention_forward", None)
 
-    @staticmethod
-    def attention_implementation(attn: nn.Module) -> str:
-        """The attention backend ``attn`` runs with (``eager``, ``sdpa``, ``flash_attention_2``...),
-        read at each call: ``set_attn_implementation`` may change it while a policy is applied."""
-        return attn.config._attn_implementation
+    # -- the parts of the language model the runtime recomputes --------------------------
+    def layer_parts(self, layer_idx: int) -> LayerParts:
+        """The parts of decoder layer ``layer_idx`` (norms, projections, MLP, the family's
+        rotary and eager attention functions) behind named methods; a family whose layers are
+        laid out otherwise returns its own :class:`LayerParts` subclass."""
+        layer = self.decoder_layers()[layer_idx]
+        attn = attention_module(layer)
+        return LayerParts(layer, self.rotary_function(attn), self.eager_attention_function(attn))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The language model's norm after its last decoder layer."""
+        return self.language_model().norm(h)
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states ``h``: logits (..., vocab)."""
+        return self.model.get_output_embeddings()(h)
 
     # -- the vision tower's pieces the rankers read ---------------------------------------
     def vision_attention_layer(self) -> nn.Module:
         """The vision-tower layer whose attention ranks the visual tokens: for CLIP-like towers
         the layer whose output the projector reads (``vision_feature_layer``)."""
         tower = self.vision_module()
-        return _feature_layer(self.config, getattr(tower, "vision_model", tower).encoder.layers)
+        return feature_layer(self.config, getattr(tower, "vision_model", tower).encoder.layers)
 
     def record_image_inputs(self, record: dict) -> list[Callable[[], Any]]:
         """Hooks that store in ``record`` the image inputs :meth:`vision_token_scores` needs
@@ -236,7 +245,9 @@ def vision_layer_index(num_layers: int, feature_layer: int) -> int:
     return feature_layer - 1
 
 
-def _feature_layer(config, layers) -> nn.Module:
+def feature_layer(config, layers) -> nn.Module:
+    """The layer of ``layers`` (a vision encoder's) whose output the projector reads
+    (``config.vision_feature_layer``)."""
     f = getattr(config, "vision_feature_layer", -1)
     if not isinstance(f, int):
         raise ValueError(f"vispruner: a list vision_feature_layer ({f}) is not supported")

@@ -6,7 +6,7 @@ tokens delimit images; each tile is a square grid of `image_seq_length` tokens."
 from __future__ import annotations
 
 from . import register_adapter
-from .base import Adapter, _feature_layer, softmax_attention, vit_flops_fields
+from .base import Adapter, feature_layer, softmax_attention, vit_flops_fields
 
 
 @register_adapter
@@ -37,7 +37,7 @@ class InternVLAdapter(Adapter):
                     default_visual_tokens=per_tile * 5, tokens_per_tile=per_tile, max_tiles=13)
 
     def vision_attention_layer(self):
-        return _feature_layer(self.config, self.vision_module().encoder.layer)
+        return feature_layer(self.config, self.vision_module().encoder.layer)
 
     def vision_token_scores(self, layer, hidden, kwargs, input_of):
         """No usable [CLS]: the mean attention each patch receives (over the queries of its

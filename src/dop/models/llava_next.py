@@ -53,8 +53,7 @@ class LlavaNextAdapter(Adapter):
 
     def tiles_per_image(self, input_of) -> list[int]:
         """How many tiles the vision tower encoded for each image."""
-        # lazy: spares transformers until used
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # heavy: a modeling module, only when ranking
 
         cfg = self.config
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,

@@ -78,7 +78,7 @@ def tiles_per_image(config, image_sizes, batch_num_images=None) -> list[int]:
     """The tiles the vision tower encodes for each image, as ``get_image_features`` decides:
     the any-resolution tiles and the base tile for an image alone in its prompt, the base
     tile only for the images of a multi-image prompt."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches  # lazy
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches  # heavy: a modeling module, only when counting
 
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
     if batch_num_images is None:
@@ -96,7 +96,7 @@ def tiles_per_image(config, image_sizes, batch_num_images=None) -> list[int]:
 def packed_counts(config, image_sizes, batch_num_images=None) -> list[int]:
     """Visual tokens of each image: the model's own pack step (which reads nothing but the
     config) run on one-channel zero maps of the encoded tiles."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel  # lazy
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel  # heavy: a modeling module, only when counting
 
     vc = config.vision_config
     per_tile = (vc.image_size // vc.patch_size) ** 2

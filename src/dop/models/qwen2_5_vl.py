@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import compat
 from . import register_adapter
 from .base import Adapter, softmax_attention
 
@@ -65,10 +66,10 @@ class Qwen25VLAdapter(Adapter):
         """The mean attention each patch receives within its image (final block, heads
         averaged), averaged over the 2x2 patches merged into one LLM token, in token order
         (the tower runs in window order)."""
-        from transformers.vision_utils import get_vision_window_index  # lazy: spares transformers until used
+        from transformers.vision_utils import get_vision_window_index  # heavy: transformers' vision utilities, only when ranking
 
         tower = self.vision_module()
-        rot = self._modeling(block.attn).apply_rotary_pos_emb_vision
+        rot = compat.modeling_module(block.attn).apply_rotary_pos_emb_vision
         S, attn = hidden.shape[0], block.attn
         qkv = attn.qkv(block.norm1(hidden)).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         q, k = rot(qkv[0], qkv[1], *kwargs["position_embeddings"])

@@ -60,11 +60,20 @@ class LayerState:
 
     layer_idx: int
     hidden_states: torch.Tensor  # (1, S, d) input of the layer
-    layer: torch.nn.Module  # the original decoder layer (for its q/k projections)
+    parts: Any  # dop.models.LayerParts of the layer: its norm, q/k projections, rotary function
     position_embeddings: Any  # (cos, sin) for all S positions
-    rotary_fn: Any  # apply_rotary_pos_emb of the family
     active: list[torch.Tensor]  # per image: bool (n,) tokens every op processed at every layer below
     ranks: list[torch.Tensor]  # per image: current permutation (rank -> token index)
+
+    @property
+    def layer(self) -> torch.nn.Module:
+        """The original decoder layer."""
+        return self.parts.layer
+
+    @property
+    def rotary_fn(self):
+        """The family's ``apply_rotary_pos_emb(q, k, cos, sin)``."""
+        return self.parts.rotary
 
 
 class Ranker:

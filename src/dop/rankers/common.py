@@ -42,16 +42,16 @@ def visual_mask(length: int, spans, device=None) -> torch.Tensor:
 # ---------------------------------------------------------------------- decoder attention
 def decoder_qk(state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE queries (1, H, S, hd) and keys (1, H, S, hd) of the layer in ``state``, from its
-    input hidden states through its own input_layernorm, q_proj/k_proj and the family's rotary
-    function; key/value heads are repeated to the query heads (GQA)."""
-    layer, h = state.layer, state.hidden_states
-    attn = layer.self_attn
-    hn = layer.input_layernorm(h)
-    S, hd = h.shape[1], attn.head_dim
-    q = attn.q_proj(hn).view(1, S, -1, hd).transpose(1, 2)
-    k = attn.k_proj(hn).view(1, S, -1, hd).transpose(1, 2)
+    input hidden states through its own attention norm, query/key projections and the family's
+    rotary function (the adapter's :class:`~dop.models.LayerParts`); key/value heads are
+    repeated to the query heads (GQA)."""
+    parts, h = state.parts, state.hidden_states
+    hn = parts.attention_input(h)
+    S, hd = h.shape[1], parts.head_dim
+    q = parts.queries(hn).view(1, S, -1, hd).transpose(1, 2)
+    k = parts.keys(hn).view(1, S, -1, hd).transpose(1, 2)
     cos, sin = state.position_embeddings
-    q, k = state.rotary_fn(q, k, cos, sin)
+    q, k = parts.rotary(q, k, cos, sin)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
@@ -60,13 +60,12 @@ def decoder_qk(state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decoder_keys(state: LayerState) -> torch.Tensor:
     """Post-RoPE keys (S, kv_heads * head_dim) of the layer in ``state`` (heads not repeated)."""
-    layer, h = state.layer, state.hidden_states
-    attn = layer.self_attn
-    hn = layer.input_layernorm(h)
-    S, hd = h.shape[1], attn.head_dim
-    k = attn.k_proj(hn).view(1, S, -1, hd).transpose(1, 2)
+    parts, h = state.parts, state.hidden_states
+    hn = parts.attention_input(h)
+    S, hd = h.shape[1], parts.head_dim
+    k = parts.keys(hn).view(1, S, -1, hd).transpose(1, 2)
     cos, sin = state.position_embeddings
-    _, k = state.rotary_fn(k, k, cos, sin)
+    _, k = parts.rotary(k, k, cos, sin)
     return k[0].transpose(0, 1).reshape(S, -1)
 
 
@@ -75,9 +74,7 @@ def last_token_attention(state: LayerState, key_mask: torch.Tensor) -> torch.Ten
     outside ``key_mask``. The softmax runs over the keys in ``key_mask`` (the tokens present
     at this layer), scaled by the layer's own ``scaling``."""
     q, k = decoder_qk(state)
-    attn = state.layer.self_attn
-    scaling = getattr(attn, "scaling", q.shape[-1] ** -0.5)
-    scores = (q[0, :, -1:, :] @ k[0].transpose(-1, -2))[:, 0, :].double() * scaling  # (H, S)
+    scores = (q[0, :, -1:, :] @ k[0].transpose(-1, -2))[:, 0, :].double() * state.parts.scaling  # (H, S)
     scores = scores.masked_fill(~key_mask[None, :], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(0)
 
@@ -104,7 +101,6 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     the input of its last re-ranking layer, then call ``rerank`` layer by layer with every
     visual token active. Exact for rankers whose pruning starts at or after their last
     re-ranking layer (FastV, DART); PyramidDrop's later stages need the pruned forward."""
-    layers = ctx.adapter.decoder_layers()
     wanted = sorted(set(ranker.layers))
     with torch.no_grad():
         seen, _ = run_to_layers(ctx.model, ctx.inputs, wanted, adapter=ctx.adapter)
@@ -113,10 +109,8 @@ def rank_by_hooks(ranker, ctx: RankContext) -> list[torch.Tensor]:
     ranks = [torch.arange(s.n, device=dev) for s in ctx.spans]
     active = [torch.ones(s.n, dtype=torch.bool, device=dev) for s in ctx.spans]
     for idx in wanted:
-        base = layers[idx]
-        rotary = ctx.adapter.rotary_function(base.self_attn)
         hidden, pe = captured[idx]
-        state = LayerState(idx, hidden, base, pe, rotary, active, ranks)
+        state = LayerState(idx, hidden, ctx.adapter.layer_parts(idx), pe, active, ranks)
         with torch.no_grad():
             new = ranker.rerank(ctx, state)
         if new is not None:

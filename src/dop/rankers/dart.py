@@ -103,7 +103,7 @@ class DARTRanker(Ranker):
         norms = self._norms.pop(0) if self._norms else None
         if norms is None:
             raise RuntimeError("dart: layer K ran without the keys of layer K - 1")
-        feats = ctx.adapter.language_model().norm(state.hidden_states)[0]
+        feats = ctx.adapter.final_norm(state.hidden_states)[0]
         S = feats.shape[0]
         is_text = ~visual_mask(S, ctx.spans, feats.device)
         out = []

@@ -5,7 +5,8 @@
         with handle.bypass():          # the unpruned model, same object
             ref = model(**inputs)
 
-Leaving the block (or ``handle.remove()``) puts the original decoder layers back.
+Leaving the block (or ``handle.remove()``) puts the original decoder layers back, and the
+methods of every KV cache the policy ran with.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class PolicyHandle:
         self._active = True
 
     def remove(self) -> None:
-        """Restore the model exactly: the layers' own forward, no hooks, the ranker uninstalled."""
+        """Restore the model exactly: the layers' own forward, no hooks, the ranker uninstalled,
+        and the methods of every KV cache the policy ran with (docs/design.md, "KV cache")."""
         for layer in self._layers:
             unpatch_layer(layer)
         for name in ("_hook", "_post"):
@@ -67,6 +69,7 @@ class PolicyHandle:
         if self._ranker_installed:
             self.ranker.uninstall()
             self._ranker_installed = False
+        self.session.release_caches()
         self._active = False
         self.session.current = None
 
@@ -103,7 +106,7 @@ def apply_policy(model, policy: Policy | str, ranker=None, *, transfer: bool = F
     ``fn(ctx) -> list[permutation]``; it defaults to the policy's own ``ranker`` field,
     else ``identity`` (:meth:`Policy.ranker_or`). A policy for another depth is an error
     unless ``transfer=True``; a policy recorded for another model
-    (``policy.meta["model"]`` against ``config._name_or_path``) warns
+    (``policy.meta["model"]`` against ``config.name_or_path``) warns
     (:class:`dop.policy.ModelMismatchWarning`).
     """
     if isinstance(policy, str):

@@ -31,7 +31,7 @@ _VARLEN: dict[str, Callable[[], Callable | None]] = {}
 
 def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Callable | None = None) -> None:
     """Use ``fn`` (or what ``loader()`` returns) as the variable-length causal kernel of models
-    whose attention implementation (``Adapter.attention_implementation``) is ``impl``. Passing neither removes the entry."""
+    whose attention implementation (``LayerParts.implementation``) is ``impl``. Passing neither removes the entry."""
     if fn is None and loader is None:
         _VARLEN.pop(impl, None)
         return
@@ -40,7 +40,7 @@ def register_varlen_kernel(impl: str, fn: Callable | None = None, *, loader: Cal
 
 def _flash_attn_2():
     try:
-        from flash_attn import flash_attn_varlen_func  # optional kernel package
+        from flash_attn import flash_attn_varlen_func  # heavy: optional kernel package
     except Exception:  # noqa: BLE001 - not installed or no GPU build: fall back to SDPA
         return None
     return flash_attn_varlen_func
@@ -48,7 +48,7 @@ def _flash_attn_2():
 
 def _flash_attn_3():
     try:
-        from flash_attn_interface import flash_attn_varlen_func  # optional kernel package
+        from flash_attn_interface import flash_attn_varlen_func  # heavy: optional kernel package
     except Exception:  # noqa: BLE001
         return None
     return flash_attn_varlen_func
@@ -71,23 +71,24 @@ def visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None
     return ok
 
 
-def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor, eager_fn, impl: str,
+def attend(parts, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tensor | None,
            segments=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of queries ``q`` (B, H, Mq, hd) over keys/values (B, Hkv, T, hd).
+    """Attention of queries ``q`` (B, H, Mq, hd) over keys/values (B, Hkv, T, hd) of the layer
+    whose :class:`~dop.models.LayerParts` are ``parts`` (its scaling, sliding window, attention
+    backend and eager function).
 
     Returns the per-slot output (B, Mq, H * hd) and a (B, Mq) bool of the slots whose output
     is meaningful (a real query that sees at least one key). ``segments``: (query, key) packed
-    sequence ids; a query sees only keys of its own sequence. ``impl``: the attention backend
-    (the adapter's ``attention_implementation``)."""
-    window = getattr(attn, "sliding_window", None)
+    sequence ids; a query sees only keys of its own sequence."""
+    window, impl, attn = parts.sliding_window, parts.implementation, parts.attention
     B, _, Mq, _ = q.shape
     q_real = q_pos >= 0
     if same_rows and window is None:
         kernel = varlen_kernel(impl)
         if kernel is not None:
-            return _varlen(kernel, attn, q, k, v, counts), q_real
+            return _varlen(kernel, parts.scaling, q, k, v, counts), q_real
         if impl != "eager":  # SDPA's top-left causal rule is exact here: padding slots trail each row
-            out, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, is_causal=True)
+            out, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=parts.scaling, is_causal=True)
             return out.reshape(B, Mq, -1), q_real
     allowed = visible(q_pos, kv_pos, window)
     if segments is not None:
@@ -100,13 +101,13 @@ def attend(attn, q, k, v, *, q_pos, kv_pos, same_rows: bool, counts: torch.Tenso
     mask = allowed[:, None]
     if impl == "eager":
         add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        out, _ = eager_fn(attn, q, k, v, add, dropout=0.0, scaling=attn.scaling)
+        out, _ = parts.eager(attn, q, k, v, add, dropout=0.0, scaling=parts.scaling)
     else:
-        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=parts.scaling)
     return out.reshape(B, Mq, -1), q_real & seen
 
 
-def _varlen(kernel, attn, q, k, v, counts):
+def _varlen(kernel, scaling: float, q, k, v, counts):
     """Causal attention over the packed kept rows of each batch row."""
     B, H, M, hd = q.shape
     valid = torch.arange(M, device=q.device)[None, :] < counts[:, None]
@@ -116,7 +117,7 @@ def _varlen(kernel, attn, q, k, v, counts):
     cu[1:] = torch.cumsum(counts, 0)
     longest = int(counts.max())
     out = kernel(pack(q), pack(k), pack(v), cu, cu, longest, longest, dropout_p=0.0,
-                 softmax_scale=attn.scaling, causal=True)
+                 softmax_scale=scaling, causal=True)
     full = torch.zeros((B * M, H * hd), dtype=out.dtype, device=out.device)
     full.index_copy_(0, slots, out.reshape(out.shape[0], H * hd))
     return full.reshape(B, M, H * hd)

@@ -6,11 +6,12 @@ instance ``forward`` (as accelerate's hooks do), so parameter names, ``state_dic
 ``save_pretrained`` and tensor-parallel plans see the unmodified model; :func:`unpatch_layer`
 restores what was there before.
 
-Works for the pre-norm decoder layers of all supported families (Llama, Qwen2, Qwen2.5-VL
-text): ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``,
-``mlp``. Projections and the MLP run on the packed kept rows of the whole batch; attention
-runs per batch row on the padded layout (:mod:`dop.runtime.attention`); RoPE through the
-family's own ``apply_rotary_pos_emb`` on the gathered cos/sin rows.
+The layer's pieces (norms, q/k/v/o projections, MLP, the family's rotary function) are
+reached through the family adapter's :class:`~dop.models.LayerParts`, never by attribute
+(docs/design.md, "Model families"). Projections and the MLP run on the packed kept rows of
+the whole batch; attention runs per batch row on the padded layout
+(:mod:`dop.runtime.attention`); RoPE through the family's own rotary function on the gathered
+cos/sin rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import compat
+from ..models import LayerParts
 from .attention import attend, visible
 from .session import ForwardState, PruneSession, RowSet
 
@@ -26,15 +29,10 @@ class PrunedForward:
     """The instance ``forward`` of one decoder layer while a policy is applied."""
 
     def __init__(self, layer: nn.Module, layer_idx: int, session: PruneSession):
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not hasattr(attn, name):
-                raise ValueError(f"{type(attn).__name__} has no {name}; this decoder layer layout is not supported")
         self.layer = layer
         self.layer_idx = layer_idx
         self.session = session
-        self.rotary = session.adapter.rotary_function(attn)
-        self.eager = session.adapter.eager_attention_function(attn)
+        self.parts = session.adapter.layer_parts(layer_idx)
         self.previous = layer.__dict__.get("forward")  # an instance forward already set (accelerate hooks)
         self.original = self.previous if self.previous is not None else type(layer).forward.__get__(layer)
 
@@ -58,103 +56,78 @@ class PrunedForward:
             return self._compute_compiled(st, hidden_states, position_embeddings, cache)
         if self.layer_idx == 0 and st.depths is None and st.has_visual:
             s.prepare(st, hidden_states)
-        s.maybe_rerank(st, self.layer_idx, hidden_states, self.layer, position_embeddings, self.rotary)
+        s.maybe_rerank(st, self.layer_idx, hidden_states, self.parts, position_embeddings)
         return self._compute(st, hidden_states, position_embeddings, cache)
 
     # ------------------------------------------------------------------ the computation
     def _compute(self, st: ForwardState, h, position_embeddings, cache):
-        s, l = self.session, self.layer_idx
-        layer = self.layer
-        attn = layer.self_attn
+        s, l, parts = self.session, self.layer_idx, self.parts
         B, S, _ = h.shape
         rq, rkv, rm = (_on(s.rows(st, k, l), h.device) for k in ("attn_q", "attn_kv", "mlp"))
         cols = st.columns.to(h.device)[None, :].expand(B, -1)
         cos, sin = (t.to(h.device).expand(B, -1, -1) for t in position_embeddings)
 
         # -- keys/values of the rows that keep attn_kv at this layer
-        hn_kv = layer.input_layernorm(_rows(h, rkv))
-        k = _heads(_padded(attn.k_proj(hn_kv), rkv, B), attn.head_dim)
-        v = _heads(_padded(attn.v_proj(hn_kv), rkv, B), attn.head_dim)
-        _, k = self.rotary(k, k, _gather(cos, rkv), _gather(sin, rkv))
+        hn_kv = parts.attention_input(_rows(h, rkv))
+        k = _heads(_padded(parts.keys(hn_kv), rkv, B), parts.head_dim)
+        v = _heads(_padded(parts.values(hn_kv), rkv, B), parts.head_dim)
+        _, k = parts.rotary(k, k, _gather(cos, rkv), _gather(sin, rkv))
         kv_pos = torch.where(rkv.valid, _gather(cols, rkv), -1)
         fresh = True  # the keys are exactly this forward's kept rows
         if cache is not None:
             k, v, kv_pos, fresh = _store(cache, st, l, k, v, kv_pos, rkv)
 
         # maps reported for output_attentions span every column, or a static cache's every slot
-        columns = k.shape[2] if cache is not None and _is_static(cache, l) else st.past + S
+        columns = k.shape[2] if cache is not None and compat.is_static_cache_layer(cache, l) else st.past + S
+        maps = parts.attentions_requested()
         # -- queries of the rows that keep attn_q (no key at all in this layer: no query sees one)
-        if (not rq.count or not k.shape[2]) and _attentions_requested(attn):
-            _report_map(attn, h, h.new_zeros((B, attn.config.num_attention_heads, S, columns)))
+        if (not rq.count or not k.shape[2]) and maps:
+            parts.report_attention(h, h.new_zeros((B, parts.num_heads, S, columns)))
         if rq.count and k.shape[2]:
             same = fresh and st.segments is None and _same(rq, rkv)
-            hn_q = hn_kv if same else layer.input_layernorm(_rows(h, rq))
-            q = _heads(_padded(attn.q_proj(hn_q), rq, B), attn.head_dim)
-            q, _ = self.rotary(q, q, _gather(cos, rq), _gather(sin, rq))
+            hn_q = hn_kv if same else parts.attention_input(_rows(h, rq))
+            q = _heads(_padded(parts.queries(hn_q), rq, B), parts.head_dim)
+            q, _ = parts.rotary(q, q, _gather(cos, rq), _gather(sin, rq))
             q_pos = torch.where(rq.valid, _gather(cols, rq), -1)
             segments = None
             if st.segments is not None and fresh:  # packed sequences: keys of the query's own only
                 seg = st.segments.to(h.device)
                 segments = (_gather(seg, rq), _gather(seg, rkv))
-            if _attentions_requested(attn):
-                out, meaningful = _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq, columns, segments)
+            if maps:
+                out, meaningful = _attend_with_map(parts, h, q, k, v, q_pos, kv_pos, rq, columns, segments)
             else:
-                out, meaningful = attend(attn, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
-                                         counts=rq.valid.sum(1), eager_fn=self.eager, segments=segments,
-                                         impl=s.adapter.attention_implementation(attn))
-            h = _add_rows(h, rq, out, meaningful, attn.o_proj)
+                out, meaningful = attend(parts, q, k, v, q_pos=q_pos, kv_pos=kv_pos, same_rows=same,
+                                         counts=rq.valid.sum(1), segments=segments)
+            h = _add_rows(h, rq, out, meaningful, parts.attention_output)
 
         # -- MLP on its rows
         if rm.count:
-            update = layer.mlp(layer.post_attention_layernorm(_rows(h, rm)))
-            h = _scatter_add(h, rm.flat, update, rm.every)
+            h = _scatter_add(h, rm.flat, parts.mlp_update(_rows(h, rm)), rm.every)
         return h
 
     def _compute_compiled(self, st: ForwardState, h, position_embeddings, cache):
         """A decoding step traced by torch.compile (docs/design.md, "Compile"): every new token is
         text, so every row is computed; the static cache's holes stay hidden by the mask. Only
         tensor operations, no value read back to Python."""
-        l, layer = self.layer_idx, self.layer
-        attn = layer.self_attn
+        l, parts = self.layer_idx, self.parts
         B, S, _ = h.shape
         cos, sin = (t.to(h.device).expand(B, -1, -1) for t in position_embeddings)
-        hn = layer.input_layernorm(h)
-        q = _heads(attn.q_proj(hn), attn.head_dim)
-        k = _heads(attn.k_proj(hn), attn.head_dim)
-        v = _heads(attn.v_proj(hn), attn.head_dim)
-        q, k = self.rotary(q, k, cos, sin)
-        cols = cache.layers[l].cumulative_length + torch.arange(S, device=h.device)
+        hn = parts.attention_input(h)
+        q = _heads(parts.queries(hn), parts.head_dim)
+        k = _heads(parts.keys(hn), parts.head_dim)
+        v = _heads(parts.values(hn), parts.head_dim)
+        q, k = parts.rotary(q, k, cos, sin)
+        cols = compat.static_cache_length(cache, l) + torch.arange(S, device=h.device)
         keys, values = cache.update(k, v, l)
         kv_pos = st.record.kv_pos[l]
         kv_pos.index_copy_(1, cols, cols[None, :].expand(B, -1).contiguous())
         q_pos = cols[None, :].expand(B, -1)
-        out, meaningful = attend(attn, q, keys, values, q_pos=q_pos, kv_pos=kv_pos, same_rows=False,
-                                 counts=None, eager_fn=self.eager,
-                                 impl=self.session.adapter.attention_implementation(attn))
-        h = h + attn.o_proj(out) * meaningful[..., None].to(h.dtype)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        out, meaningful = attend(parts, q, keys, values, q_pos=q_pos, kv_pos=kv_pos, same_rows=False, counts=None)
+        h = h + parts.attention_output(out) * meaningful[..., None].to(h.dtype)
+        return h + parts.mlp_update(h)
 
 
-def _attentions_requested(attn) -> bool:
-    """True when the model is collecting attention weights (``output_attentions=True``):
-    transformers records them with forward hooks on the attention modules."""
-    if not attn._forward_hooks:
-        return False
-    try:
-        from transformers.utils.output_capturing import _active_collector  # lazy: only when attentions are requested
-    except ImportError:  # another transformers layout: report whenever someone listens
-        return True
-    collected = _active_collector.get()
-    return collected is not None and "attentions" in collected
-
-
-def _report_map(attn, h, weights) -> None:
-    """Hand an attention map to the hooks transformers records attentions with."""
-    for hook in list(attn._forward_hooks.values()):
-        hook(attn, (h,), (None, weights))
-
-
-def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, segments):
+def _attend_with_map(parts: LayerParts, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, segments):
     """Attention computed through the map the model reports (``output_attentions=True``), laid
     out as the unpruned model's (B, heads, new tokens, columns): a kept query's row holds its
     softmax over the keys it may see; rows of skipped queries and columns of keys the layer
@@ -164,18 +137,18 @@ def _attend_with_map(attn, h, q, k, v, q_pos, kv_pos, rq: RowSet, columns: int, 
     B, H, Mq, hd = q.shape
     rep = H // k.shape[1]
     kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    allowed = visible(q_pos, kv_pos, getattr(attn, "sliding_window", None))
+    allowed = visible(q_pos, kv_pos, parts.sliding_window)
     if segments is not None:
         allowed &= segments[0][:, :, None] == segments[1][:, None, :]
     seen = allowed.any(-1)
-    scores = (q @ kk.transpose(-1, -2)) * attn.scaling
+    scores = (q @ kk.transpose(-1, -2)) * parts.scaling
     probs = torch.softmax(scores.float().masked_fill(~allowed[:, None], float("-inf")), dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)
     column = kv_pos.clamp(min=0)[:, None, None, :].expand(-1, H, Mq, -1)
     per_query = probs.new_zeros((B, H, Mq, columns)).scatter_add(3, column, probs * allowed[:, None])
     row = rq.index[:, None, :, None].expand(-1, H, -1, columns)
     weights = probs.new_zeros((B, H, h.shape[1], columns)).scatter(2, row, per_query)
-    _report_map(attn, h, weights)
+    parts.report_attention(h, weights)
     back = weights.gather(2, row).gather(3, column) * allowed[:, None]  # the map, read back per key slot
     out = (back @ vv).transpose(1, 2).reshape(B, Mq, H * hd)
     return out, (q_pos >= 0) & seen
@@ -228,24 +201,20 @@ def _scatter_add(h: torch.Tensor, flat: torch.Tensor, update: torch.Tensor, dens
     return h.reshape(B * S, d).index_add(0, flat, update.reshape(-1, d)).view(B, S, d)
 
 
-def _add_rows(h, rq: RowSet, out, meaningful, o_proj):
-    """o_proj of the attention output of the query rows that saw some key, added to ``h``."""
+def _add_rows(h, rq: RowSet, out, meaningful, project):
+    """The output projection (``project``) of the attention output of the query rows that saw
+    some key, added to ``h``."""
     B = h.shape[0]
     ok = meaningful.reshape(-1).index_select(0, rq.slots) if not rq.every else meaningful.reshape(-1)
     if rq.every and bool(ok.all()):
-        return h + o_proj(out)
+        return h + project(out)
     packed = out.reshape(B * rq.width, -1).index_select(0, rq.slots)
     flat = rq.flat
     if not bool(ok.all()):
         packed, flat = packed[ok], flat[ok]
         if flat.numel() == 0:
             return h
-    return _scatter_add(h, flat, o_proj(packed[None]), False)
-
-
-def _is_static(cache, layer_idx: int) -> bool:
-    layers = getattr(cache, "layers", None)
-    return layers is not None and layer_idx < len(layers) and hasattr(layers[layer_idx], "max_cache_len")
+    return _scatter_add(h, flat, project(packed[None]), False)
 
 
 def _store(cache, st: ForwardState, l: int, k, v, kv_pos, rkv: RowSet):
@@ -256,7 +225,7 @@ def _store(cache, st: ForwardState, l: int, k, v, kv_pos, rkv: RowSet):
     to the logical sequence: it receives every column, zeros where the row was skipped, and
     the columns record those slots as holes (-1) so no query ever sees them."""
     record = st.record
-    if _is_static(cache, l):
+    if compat.is_static_cache_layer(cache, l):
         B, H, _, hd = k.shape
         S = st.n_new
         full_k, full_v = k.new_zeros((B, H, S, hd)), v.new_zeros((B, H, S, hd))

@@ -157,5 +157,5 @@ def run_layers(handle, st: ForwardState, h: torch.Tensor, start: int, kwargs: li
                 h = h[0]
     finally:
         s.current = None
-    h = handle.adapter.language_model().norm(h[:, -1:])
-    return handle.model.get_output_embeddings()(h)[:, -1].float()
+    h = handle.adapter.final_norm(h[:, -1:])
+    return handle.adapter.output_logits(h)[:, -1].float()

@@ -17,14 +17,17 @@ Every tensor made here follows the device of the inputs it describes.
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import compat
 from ..models import ImageSpan
 from ..policy import OP_KINDS, Policy
 from ..rankers import LayerState, RankContext, Ranker, check_permutation, run_ranker
 from ..rankers.base import rerank_layers
+from .cache import CacheRecord, attach, detach, record_of
 
 
 @dataclass
@@ -72,20 +75,6 @@ class RowSet:
 
 
 @dataclass
-class CacheRecord:
-    """What we know of one KV cache object.
-
-    ``seen`` counts the columns of the (padded) sequence so far; ``kv_pos[l]`` (B, T_l) holds
-    the column of each entry of layer ``l``'s cache, -1 for a slot that holds no token (a
-    padding slot of the padded layout, or a hole of a static cache)."""
-
-    seen: int = 0
-    kv_pos: dict[int, torch.Tensor] = field(default_factory=dict)
-    pruned: bool = False  # some layer's entries differ from "every column, in order"
-    owner: int = 0  # id() of the session that made it
-
-
-@dataclass
 class ForwardState:
     """The new tokens of one forward call (a batch of B rows of S new tokens each)."""
 
@@ -127,6 +116,7 @@ class PruneSession:
         self.num_layers = adapter.num_layers
         self.current: ForwardState | None = None
         self.bypass = False
+        self._caches: dict[int, weakref.ref] = {}  # the caches this session attached its record to
         self._kind_depths = {k: list(policy.kind_depths(k)) for k in OP_KINDS}
         # every depth a token can have, per kind (padding 0, text num_layers): the rows of
         # layers l and l' are the same set unless some such depth d has l < d <= l', or the
@@ -199,8 +189,8 @@ class PruneSession:
                 "a pruned forward over images cannot be compiled (its row counts depend on the ranks); "
                 "compile the decoding steps only, as generate() does with cache_implementation='static'"
             )
-        record = getattr(cache, "_dop_record", None) if cache is not None else None
-        if record is not None and (record.owner != id(self) or not _is_static_cache(cache)):
+        record = record_of(cache)
+        if record is not None and (record.owner != id(self) or not compat.is_static_cache(cache)):
             raise ValueError("a compiled forward under a pruning policy needs the static cache its pruned prefill filled")
         present = torch.ones((batch, n_new), dtype=torch.bool, device=device)
         self.current = ForwardState(past=0, batch=batch, n_new=n_new, spans=[], inputs={}, record=record,
@@ -210,17 +200,13 @@ class PruneSession:
     def _record_for(self, cache, mask, device) -> CacheRecord | None:
         if cache is None:
             return None
-        rec = getattr(cache, "_dop_record", None)
+        rec = record_of(cache)
         if rec is None or rec.owner != id(self):
             rec = CacheRecord(owner=id(self))
             existing = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             rec.seen = existing
-            try:
-                cache._dop_record = rec
-            except (AttributeError, TypeError):
-                raise ValueError(f"dop cannot keep its records on a {type(cache).__name__}") from None
             if existing:  # entries written before the policy was applied: every column, in order
-                rows = _cache_batch(cache)
+                rows = compat.cache_batch_size(cache)
                 cols = torch.arange(existing, device=device)[None, :].expand(rows, -1)
                 if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= existing:
                     old = mask[:, :existing].to(device=device, dtype=torch.bool).expand(rows, -1)
@@ -228,8 +214,17 @@ class PruneSession:
                     rec.pruned = not bool(old.all())
                 for l in range(self.num_layers):
                     rec.kv_pos[l] = cols
-            _patch_cache(cache, rec)
+            attach(cache, rec)
+            self._caches[id(cache)] = weakref.ref(cache)
         return rec
+
+    def release_caches(self) -> None:
+        """Restore every cache this session attached its record to (those still alive)."""
+        for ref in self._caches.values():
+            cache = ref()
+            if cache is not None:
+                detach(cache, id(self))
+        self._caches.clear()
 
     # ------------------------------------------------------------------ ranking
     def needs_pruning(self, st: ForwardState) -> bool:
@@ -266,15 +261,14 @@ class PruneSession:
         st.ranks, st.depths, st.groups = list(ranks), depths, groups
         st.rows_cache.clear()
 
-    def maybe_rerank(self, st: ForwardState, layer_idx: int, hidden, layer, position_embeddings, rotary_fn):
+    def maybe_rerank(self, st: ForwardState, layer_idx: int, hidden, parts, position_embeddings):
         """In-LLM rankers decide per prompt: each batch row is shown to them without its padding."""
         if layer_idx not in self.rerank_layers or not st.has_visual or st.depths is None:
             return
         new_ranks, changed = list(st.ranks), False
         for row in sorted({s.row for s in st.spans}):
             idx = [i for i, s in enumerate(st.spans) if s.row == row]
-            perms = self._rerank_row(st, _RowView(st, row), idx, layer_idx, hidden, layer,
-                                     position_embeddings, rotary_fn)
+            perms = self._rerank_row(st, _RowView(st, row), idx, layer_idx, hidden, parts, position_embeddings)
             if perms is not None:
                 changed = True
                 for i, p in zip(idx, perms):
@@ -282,7 +276,7 @@ class PruneSession:
         if changed:
             self.assign_ranks(st, new_ranks)
 
-    def _rerank_row(self, st, view, idx, layer_idx, hidden, layer, position_embeddings, rotary_fn):
+    def _rerank_row(self, st, view, idx, layer_idx, hidden, parts, position_embeddings):
         spans = [st.spans[i] for i in idx]
         ranks = [st.ranks[i] for i in idx]
         # a token may move iff every op processed it at every layer below this one: its state
@@ -304,7 +298,7 @@ class PruneSession:
         # n_keep: per image, the visual tokens some op processes at this layer or a later one
         ctx = RankContext(self.model, self.adapter, st.inputs, [view.span(s) for s in spans], None, processed)
         pe = tuple(view.take(t) for t in position_embeddings) if position_embeddings is not None else None
-        state = LayerState(layer_idx, view.take(hidden), layer, pe, rotary_fn, active, ranks)
+        state = LayerState(layer_idx, view.take(hidden), parts, pe, active, ranks)
         new = self.ranker.rerank(ctx, state)
         if new is None:
             return None
@@ -391,20 +385,6 @@ def _present(mask, batch: int, n_new: int, device) -> torch.Tensor:
     return torch.ones((batch, n_new), dtype=torch.bool, device=device)
 
 
-def _is_static_cache(cache) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(hasattr(layer, "max_cache_len") for layer in layers)
-
-
-def _cache_batch(cache) -> int:
-    """Batch rows of a cache that already holds entries."""
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-            return int(keys.shape[0])
-    return 1
-
-
 def _extent(depth: int, skipped: tuple[int, ...]) -> tuple[int, int]:
     """For one kind and group: the layer below which every layer processes the group, and the
     last layer that processes it (-1: none); ``depth`` and ``depth - 1`` without skips."""
@@ -423,64 +403,3 @@ def _skipped_groups(policy: Policy, num_layers: int) -> dict[str, list[tuple[int
                 per_layer[l].append(g)
         out[k] = [tuple(gs) for gs in per_layer]
     return out
-
-
-def _patch_cache(cache, record: CacheRecord) -> None:
-    """Teach the cache object about pruned layers (docs/design.md, "KV cache"):
-
-    - a pruned layer 0 holds fewer K/V entries than the sequence has columns, yet generation
-      derives the next position from ``cache.get_seq_length()``: answer the logical length;
-    - beam search reorders the cache's batch rows: reorder our per-row entry columns with it.
-    """
-    patches = {}
-    if not _is_static_cache(cache):  # a static cache counts every column itself
-        original_len = cache.get_seq_length
-
-        def get_seq_length(layer_idx: int = 0, *args, **kwargs):
-            if record.pruned:
-                return record.seen
-            return original_len(layer_idx, *args, **kwargs)
-
-        patches["get_seq_length"] = get_seq_length
-        original_sizes = cache.get_mask_sizes
-
-        def get_mask_sizes(query_length, layer_idx=0, *args, **kwargs):
-            if record.pruned:  # the model's own mask is sized to the logical sequence (dop ignores it)
-                return record.seen + int(query_length), 0
-            return original_sizes(query_length, layer_idx, *args, **kwargs)
-
-        patches["get_mask_sizes"] = get_mask_sizes
-
-    def rows(fn):  # the record's per-row entry columns follow the cache's batch rows
-        def apply(*args, **kwargs):
-            for l, pos in list(record.kv_pos.items()):
-                record.kv_pos[l] = fn(pos, *args, **kwargs)
-
-        return apply
-
-    def crop(pos, n):  # n < 0: the last -n tokens go (generated tokens: stored at every layer)
-        return pos[:, :n] if n < 0 else pos
-
-    follow = {
-        "reorder_cache": rows(lambda pos, idx: pos.index_select(0, idx.to(pos.device))),
-        "batch_select_indices": rows(lambda pos, idx: pos[idx.to(pos.device)]),
-        "batch_repeat_interleave": rows(lambda pos, n: pos.repeat_interleave(n, dim=0)),
-        "crop": rows(crop),
-    }
-    for name, update in follow.items():
-        original = getattr(cache, name, None)
-        if original is None:
-            continue
-
-        def patched(*args, _original=original, _update=update, _name=name, **kwargs):
-            if _name == "crop" and args and int(args[0]) < 0:
-                record.seen += int(args[0])
-            _update(*args, **kwargs)
-            return _original(*args, **kwargs)
-
-        patches[name] = patched
-    for name, fn in patches.items():
-        try:
-            setattr(cache, name, fn)
-        except (AttributeError, TypeError):  # a cache class with slots: leave it
-            pass
