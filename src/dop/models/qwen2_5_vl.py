@@ -4,6 +4,8 @@ Each image contributes t*h*w / merge^2 tokens, read from `image_grid_thw`."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import register_adapter
@@ -26,6 +28,7 @@ class Qwen25VLAdapter(Adapter):
     # apply_multimodal_rotary_pos_emb merges the sections itself. dop computes on the per-token
     # layout (docs/design.md, "Supported transformers versions"); the tensors' rank tells which
     # one a layer received, the modeling module's functions which one its layers expect.
+    @functools.cached_property
     def _sectioned_rope(self) -> bool:
         """True where the family's decoder layers take cos/sin per position dimension (5.16)."""
         return not hasattr(self._modeling(self.decoder_layers()[0].self_attn), "apply_rotary_pos_emb")
@@ -41,7 +44,7 @@ class Qwen25VLAdapter(Adapter):
         return tuple(t.gather(0, pick)[0] for t in position_embeddings)
 
     def layer_rope(self, position_embeddings):
-        if position_embeddings is None or position_embeddings[0].dim() != 3 or not self._sectioned_rope():
+        if position_embeddings is None or position_embeddings[0].dim() != 3 or not self._sectioned_rope:
             return position_embeddings
         # the same per-token rows for every position dimension: merging them gives them back
         return tuple(t[None].expand(3, -1, -1, -1) for t in position_embeddings)
