@@ -47,11 +47,22 @@ def token_flags(policy: dict, perms: list[list[int]], counts: list[int]):
     return out
 
 
+def _family_rotary(attn):
+    """The rotation the family's own attention applies to what its layer receives: the plain
+    ``apply_rotary_pos_emb``, or (Qwen2.5-VL before transformers 5.17) the multimodal one that
+    merges the mrope sections of (3, B, S, head_dim) cos/sin itself."""
+    module = sys.modules[type(attn).__module__]
+    if hasattr(module, "apply_rotary_pos_emb"):
+        return module.apply_rotary_pos_emb
+    section = attn.config.rope_parameters["mrope_section"]
+    return lambda q, k, cos, sin: module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+
+
 class _RefLayer(torch.nn.Module):
     def __init__(self, base, idx, ctx):
         super().__init__()
         self.base, self.idx, self.ctx = base, idx, ctx
-        self.rotary = sys.modules[type(base.self_attn).__module__].apply_rotary_pos_emb
+        self.rotary = _family_rotary(base.self_attn)
 
     def forward(self, h, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kw):

@@ -97,6 +97,8 @@ def qwen7b():
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             model_type="qwen2_5_vl_text", num_hidden_layers=2, vocab_size=128, bos_token_id=1, eos_token_id=2,
+            # the checkpoint's mrope sections, spelled out: transformers 5.16 has no default for them
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
             **QWEN_7B,
         ),
         vision_config=dict(

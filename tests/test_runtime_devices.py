@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -427,8 +429,10 @@ def test_assisted_decoding_and_a_hand_written_decoding_loop(fam):
         assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
         out = model(**inputs, use_cache=True)
         cache, tokens = out.cache if hasattr(out, "cache") else out.past_key_values, [int(out.logits[0, -1].argmax())]
+        # the forward's cache argument: `cache` from transformers 5.24, `past_key_values` before
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for _ in range(5):
-            step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), **{cache_name: cache}, use_cache=True)
             tokens.append(int(step.logits[0, -1].argmax()))
     assert torch.equal(assisted, greedy)
     assert tokens == greedy[0, -6:].tolist()

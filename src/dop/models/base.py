@@ -106,6 +106,16 @@ class Adapter:
         """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` used by decoder attention ``attn``."""
         return compat.modeling_module(attn).apply_rotary_pos_emb
 
+    def token_rope(self, position_embeddings):
+        """The decoder layers' ``(cos, sin)`` as one (batch, seq, head_dim) row per token, the
+        layout the runtime gathers rows from; most families hand their layers exactly that."""
+        return position_embeddings
+
+    def layer_rope(self, position_embeddings):
+        """``(cos, sin)`` as the family's own decoder layer expects it, from either its own
+        layout or :meth:`token_rope`'s (the runtime may call a layer with either)."""
+        return position_embeddings
+
     def eager_attention_function(self, attn: nn.Module) -> Callable | None:
         """The family's ``eager_attention_forward`` (None where the family has none)."""
         return getattr(compat.modeling_module(attn), "eager_attention_forward", None)

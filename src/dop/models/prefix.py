@@ -14,7 +14,8 @@ from . import get_adapter
 
 @dataclass
 class LayerInput:
-    """What one decoder layer received: ``hidden_states`` and its keyword arguments."""
+    """What one decoder layer received: ``hidden_states`` and its keyword arguments
+    (``position_embeddings`` in the per-token layout of ``Adapter.token_rope``)."""
 
     hidden: torch.Tensor
     kwargs: dict
@@ -45,6 +46,8 @@ def run_to_layers(model, inputs: dict, layers: Iterable[int], *, adapter=None, s
         def pre(module, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if "position_embeddings" in rest:  # one cos/sin row per token, whatever the version
+                rest["position_embeddings"] = adapter.token_rope(rest["position_embeddings"])
             seen[i] = LayerInput(hidden, rest, tuple(args[1:]))
             if observe is not None:
                 observe(i, seen[i])

@@ -4,6 +4,8 @@ Each image contributes t*h*w / merge^2 tokens, read from `image_grid_thw`."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import compat
@@ -18,6 +20,44 @@ class Qwen25VLAdapter(Adapter):
 
     def padded_position_ids(self, attention_mask):
         return None  # the model's rope index reads the attention mask itself (3-D positions)
+
+    # -- multimodal RoPE across transformers versions ------------------------------------
+    # transformers 5.17 moved the merge of Qwen2.5-VL's mrope sections (channels taking the
+    # temporal, height or width position) into the rotary module: its decoder layers get one
+    # (B, S, head_dim) cos/sin row per token and rotate with the plain apply_rotary_pos_emb.
+    # In 5.16 they get (3, B, S, head_dim), one slice per position dimension, and
+    # apply_multimodal_rotary_pos_emb merges the sections itself. dop computes on the per-token
+    # layout (docs/design.md, "Supported transformers versions"); the tensors' rank tells which
+    # one a layer received, the modeling module's functions which one its layers expect.
+    @functools.cached_property
+    def _sectioned_rope(self) -> bool:
+        """True where the family's decoder layers take cos/sin per position dimension (5.16)."""
+        return not hasattr(self._modeling(self.decoder_layers()[0].self_attn), "apply_rotary_pos_emb")
+
+    def token_rope(self, position_embeddings):
+        if position_embeddings is None or position_embeddings[0].dim() != 4:
+            return position_embeddings
+        sections = list(self.config.get_text_config().rope_parameters["mrope_section"]) * 2
+        cos = position_embeddings[0]
+        # channel c follows position dimension `which[c]`: the i-th section the (i % 3)-th
+        which = torch.cat([torch.full((n,), i % 3, dtype=torch.long, device=cos.device) for i, n in enumerate(sections)])
+        pick = which[None, None, None, :].expand(1, *cos.shape[1:])
+        return tuple(t.gather(0, pick)[0] for t in position_embeddings)
+
+    def layer_rope(self, position_embeddings):
+        if position_embeddings is None or position_embeddings[0].dim() != 3 or not self._sectioned_rope:
+            return position_embeddings
+        # the same per-token rows for every position dimension: merging them gives them back
+        return tuple(t[None].expand(3, -1, -1, -1) for t in position_embeddings)
+
+    def rotary_function(self, attn):
+        module = self._modeling(attn)
+        if hasattr(module, "apply_rotary_pos_emb"):
+            return module.apply_rotary_pos_emb
+        # 5.16: only the sectioned form; on per-token cos/sin it is Qwen2's rotation, op for op
+        from transformers.models.qwen2 import modeling_qwen2  # lazy: spares transformers until used
+
+        return modeling_qwen2.apply_rotary_pos_emb
 
     def _merge(self) -> int:
         return int(getattr(self.config.vision_config, "spatial_merge_size", 2))

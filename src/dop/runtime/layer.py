@@ -44,7 +44,9 @@ class PrunedForward:
             if "past_key_values" not in kwargs:
                 kwargs["cache"] = cache
             return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+                                 use_cache=use_cache, position_embeddings=s.adapter.layer_rope(position_embeddings),
+                                 **kwargs)
+        position_embeddings = s.adapter.token_rope(position_embeddings)  # one cos/sin row per token
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         if tuple(hidden_states.shape[:2]) != (st.batch, st.n_new):
