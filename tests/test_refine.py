@@ -59,7 +59,7 @@ def test_stops_at_a_local_optimum_of_its_moves(setup):
     model, ss, space, cost, limit, start = setup
     policy, trace = refine(model, ss, space, cost, limit, start, "identity", max_evals=500)
     assert trace.stopped == "local optimum"
-    # every feasible raise or swap of the result is at least as far from the unpruned model
+    # every feasible raise, swap or lowering of the result is at least as far from the unpruned model
     moves = _moves(space, trace.best, cost.policy_cost, limit, None)
     assert moves
     trues = ss.divergences(model, [(space.policy(a), "identity") for _, a in moves])

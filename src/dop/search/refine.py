@@ -9,7 +9,9 @@ sample set (:meth:`~dop.search.verify.SampleSet.divergences`):
 - *raise*: one parameter up to its next grid value (the table's measured values and the
   unpruned one), where the budget leaves room;
 - *swap*: one parameter up to its next grid value and another down to the highest grid value
-  that brings the policy back within the limit.
+  that brings the policy back within the limit;
+- *lower*: one parameter down to its previous grid value (an op's removal need not raise the
+  divergence: on the demo models a shallower attention sometimes lowers it).
 
 Each round lists every such neighbour of the current assignment that is feasible and not yet
 measured (policies that mean the same are measured once), orders them by the proxy's
@@ -67,7 +69,7 @@ def refine(model, samples: SampleSet | Sequence[PreparedSample], space: Space,
            cost: Callable[[Policy], int] | object, limit: int, start: Mapping[str, int] | object, ranker, *,
            max_evals: int = DEFAULT_MAX_EVALS, proxy: Mapping[str, Mapping[int, float]] | None = None,
            batch: int = DEFAULT_BATCH) -> tuple[Policy, RefineTrace]:
-    """The best policy found by swap and raise moves from ``start`` (an assignment of
+    """The best policy found by raise, swap and lowering moves from ``start`` (an assignment of
     ``space``, or a :class:`~dop.search.solver.Solution`), judged by the true joint
     first-token KL on ``samples``, and its :class:`RefineTrace`.
 
@@ -174,9 +176,13 @@ def _grid(p: Param) -> list[int]:
 
 
 def _moves(space: Space, cur: dict, price, limit: int, proxy) -> list[tuple[str, dict]]:
-    """Every feasible raise and swap of ``cur`` (see the module's docstring), ordered by the
+    """Every feasible raise, swap and lowering of ``cur`` (see the module's docstring), ordered by the
     proxy's predicted change (when given), then by description."""
     out = []
+    for p in space.params:  # lowering alone is always feasible; it may help where an op's effect is not monotone
+        below = [v for v in _grid(p) if v < cur[p.name]]
+        if below:
+            out.append((f"{p.name} {cur[p.name]}->{below[-1]}", dict(cur, **{p.name: below[-1]})))
     for up in space.params:
         above = [v for v in _grid(up) if v > cur[up.name]]
         if not above:
