@@ -109,3 +109,37 @@ def test_bad_inputs(setup, change, match):
     kw = dict(max_evals=4, start=start) | change
     with pytest.raises(ValueError, match=match):
         refine(model, ss, space, cost, limit, kw.pop("start"), "identity", **kw)
+
+
+def test_moves_are_every_feasible_raise_swap_and_lowering():
+    """The neighbourhood against its definition, under a made-up linear price (no model)."""
+    space = make_space("multigroup", 8, 16, groups=(0.25, 0.5, 1.0), kinds=("attn", "mlp"), stride=2)
+    weights = {p.name: 3 + 2 * i for i, p in enumerate(space.params)}
+
+    def price(policy):
+        return sum(weights[f"{k}[{g}]"] * policy.depth[k][g] for k in ("attn", "mlp") for g in range(3))
+
+    cur = {"attn[0]": 6, "attn[1]": 4, "attn[2]": 2, "mlp[0]": 8, "mlp[1]": 3, "mlp[2]": 0}
+    grid = {p.name: sorted(set(p.measured) | {p.unpruned}) for p in space.params}
+    for limit in (price(space.policy(cur)), price(space.policy(cur)) + 4, price(space.policy(cur)) + 100):
+        want = set()
+        for n in cur:
+            below = [v for v in grid[n] if v < cur[n]]
+            if below:
+                want.add(tuple(sorted(dict(cur, **{n: below[-1]}).items())))
+        for up in cur:
+            above = [v for v in grid[up] if v > cur[up]]
+            if not above:
+                continue
+            raised = dict(cur, **{up: above[0]})
+            if price(space.policy(raised)) <= limit:
+                want.add(tuple(sorted(raised.items())))
+                continue
+            for down in cur:
+                fits = [v for v in grid[down] if v < cur[down] and down != up
+                        and price(space.policy(dict(raised, **{down: v}))) <= limit]
+                if fits:
+                    want.add(tuple(sorted(dict(raised, **{down: max(fits)}).items())))
+        got = [a for _, a in _moves(space, cur, price, limit, None)]
+        assert all(price(space.policy(a)) <= limit for a in got)
+        assert {tuple(sorted(a.items())) for a in got} == want
