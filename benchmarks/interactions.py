@@ -155,21 +155,27 @@ def show(sp_name: str, r: dict) -> None:
     print(f"  held-out: chosen {h['chosen']:.5f}, refined {h['refined']:.5f}, token pruning {tp}", flush=True)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def search_options(doc: str) -> argparse.ArgumentParser:
+    """The options both issue-22 benchmarks share: models, data, the search's options, output."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--models", default="demo,demo-base")
     ap.add_argument("--data", default="shapes:val")
     ap.add_argument("--spaces", default="dop,multigroup")
     ap.add_argument("--kinds", default=None, help="op kinds of the multigroup space (default attn,mlp)")
     ap.add_argument("--budgets", default="tokens:1/9,tokens:2/9,tokens:1/3")
-    ap.add_argument("--samples", type=int, default=25)
-    ap.add_argument("--held-out", type=int, default=25)
-    ap.add_argument("--refine-evals", type=int, default=32)
-    ap.add_argument("--max-local-pairs", type=int, default=40)
     ap.add_argument("--ranker", default="vispruner")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", metavar="PATH")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = search_options(__doc__)
+    ap.add_argument("--samples", type=int, default=25)
+    ap.add_argument("--held-out", type=int, default=25)
+    ap.add_argument("--refine-evals", type=int, default=32)
+    ap.add_argument("--max-local-pairs", type=int, default=40)
     args = ap.parse_args(argv)
     args.budgets = args.budgets.split(",")
     torch.set_num_threads(args.threads)

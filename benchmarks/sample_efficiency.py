@@ -1,5 +1,7 @@
-"""Sample efficiency of the search (issue 22): held-out KL of the chosen policy and the proxy's
-Spearman against the number of search samples.
+"""Sample efficiency of the search (issue 22): held-out KL and proxy Spearman by search samples.
+
+The held-out KL of the chosen policy and the proxy's Spearman, against the number of search
+samples.
 
 For each model and space, the search runs on the first N samples of ``--data`` for every N
 of ``--sizes`` (one search per N, every budget from its one table); a fixed held-out set,
@@ -25,7 +27,6 @@ Writes a JSON and a plot (PNG).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -39,7 +40,7 @@ from dop.search.divergence import prepare_samples
 from dop.search.solver import Solver
 from dop.search.table import DivergenceTable, samples_fingerprint
 from dop.search.verify import Candidates, _spearman
-from interactions import Meter  # benchmarks/interactions.py: each distinct policy measured once
+from interactions import Meter, search_options  # benchmarks/interactions.py (Meter: each policy measured once)
 
 
 def sub_table(full: DivergenceTable, prepared, n: int) -> DivergenceTable:
@@ -125,12 +126,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="demo,demo-base")
-    ap.add_argument("--data", default="shapes:val")
-    ap.add_argument("--spaces", default="dop,multigroup")
-    ap.add_argument("--kinds", default=None, help="op kinds of the multigroup space (default attn,mlp)")
-    ap.add_argument("--budgets", default="tokens:1/9,tokens:2/9,tokens:1/3")
+    ap = search_options(__doc__)
     ap.add_argument("--sizes", default="10,25,50,100")
     ap.add_argument("--held-out-start", type=int, default=200)
     ap.add_argument("--held-out", type=int, default=50)
@@ -138,10 +134,6 @@ def main(argv=None) -> None:
     ap.add_argument("--verify-draw", default="ordered")
     ap.add_argument("--candidates", type=int, default=None, metavar="K",
                     help="passed to search() (the certified choice), when it takes it")
-    ap.add_argument("--ranker", default="vispruner")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PNG")
     ap.add_argument("--plot-only", metavar="JSON", help="only draw --plot from JSONs this script wrote (comma-separated, merged)")
     args = ap.parse_args(argv)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from dop.search import CostModel, PreparedSample, make_space
+from dop.search import CostModel, make_space
 from dop.search.refine import _moves, refine
 from dop.search.spaces import draw_feasible
 from dop.search.verify import SampleSet
-from tiny_models import build_inputs, build_model
+from tiny_models import build_model, prepared_samples
 
 L = 4
 FAMILY = "llava"
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def setup():
     model = build_model(FAMILY, num_layers=L)
-    prepared = []
-    for seed in range(3):
-        inputs, counts = build_inputs(model, FAMILY, num_images=1, seed=seed)
-        prepared.append(PreparedSample(inputs, counts, int(inputs["input_ids"].shape[1]) - sum(counts)))
+    prepared = prepared_samples(model, FAMILY)
     n = prepared[0].visual_counts[0]
     space = make_space("multigroup", L, n, groups=(0.5, 1.0), kinds=("attn", "mlp"))
     cost = CostModel(model, prepared[0].visual_counts, prepared[0].text_tokens)
