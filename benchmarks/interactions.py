@@ -102,7 +102,8 @@ def local_interactions(sp, assign, meter, max_pairs: int) -> dict:
     return {"f0": f0, "steps": steps, "single": {n: single[n] - f0 for n in names}, "pairs": rows}
 
 
-def one(model, processor, prepared, held, sp_name, args) -> list[dict]:
+def one(model, processor, prepared, held, sp_name, args, out: list, save=lambda: None) -> None:
+    """Every budget of one space, appended to ``out`` (saved after each)."""
     t0 = time.perf_counter()
     res = search(model, processor, prepared, budgets=args.budgets, space=sp_name, ranker=args.ranker,
                  kinds=args.kinds if sp_name == "multigroup" else None, progress=False, seed=args.seed)
@@ -110,14 +111,13 @@ def one(model, processor, prepared, held, sp_name, args) -> list[dict]:
     sp, proxy = res.space, res.table.proxy(res.space)
     shape = res.shape
     costs = {c: CostModel(model, shape["visual_tokens"], shape["text_tokens"], c) for c in ("dop", "paper")}
-    out = []
     for r in res.results:
         t1 = time.perf_counter()
         meter = Meter(model, prepared, args.ranker)
         assign = dict(r.solution.assign)
         inter = table_interactions(sp, assign, meter)
         n_inter = meter.evals
-        local = local_interactions(sp, assign, meter, args.max_local_pairs)
+        local = local_interactions(sp, assign, meter, args.max_local_pairs) if args.max_local_pairs else None
         n_local = meter.evals - n_inter
         t2 = time.perf_counter()
         policy, trace = refine(model, meter.ss, sp, costs[r.solution.convention], r.solution.limit, assign, args.ranker,
@@ -134,7 +134,7 @@ def one(model, processor, prepared, held, sp_name, args) -> list[dict]:
                                 "token_keep": found[0] if found else None},
                     "wall_s": {"table_build": table_s, "interactions": t2 - t1, "refine": t3 - t2}})
         show(sp_name, out[-1])
-    return out
+        save()
 
 
 def show(sp_name: str, r: dict) -> None:
@@ -144,11 +144,12 @@ def show(sp_name: str, r: dict) -> None:
           f"({len(t['pairs'])} pairs, {r['evals']['table']} policies, {r['wall_s']['interactions']:.1f} s with local)")
     for p in sorted(t["pairs"], key=lambda p: -abs(p["I"]))[:6]:
         print(f"    I({p['a']}, {p['b']}) = {p['I']:+.5f}  (f(a) {p['fa']:.5f}, f(b) {p['fb']:.5f}; {p['label']})")
-    big = sorted(lo["pairs"], key=lambda p: -abs(p["J"]))[:4]
-    print(f"  local around P (one step down each, {r['evals']['local']} policies): f(P) {lo['f0']:.5f}, singles "
-          + ", ".join(f"{n} {d:+.5f}" for n, d in lo["single"].items()))
-    for p in big:
-        print(f"    J({p['a']}, {p['b']}) = {p['J']:+.5f}  (steps {p['da']:+.5f}, {p['db']:+.5f}; {p['label']})")
+    if lo is not None:
+        big = sorted(lo["pairs"], key=lambda p: -abs(p["J"]))[:4]
+        print(f"  local around P (one step down each, {r['evals']['local']} policies): f(P) {lo['f0']:.5f}, singles "
+              + ", ".join(f"{n} {d:+.5f}" for n, d in lo["single"].items()))
+        for p in big:
+            print(f"    J({p['a']}, {p['b']}) = {p['J']:+.5f}  (steps {p['da']:+.5f}, {p['db']:+.5f}; {p['label']})")
     print(f"  refine: {rf['evals']} policies, {rf['rounds']} improving rounds ({rf['stopped']}), "
           f"in-sample {rf['start_true']:.5f} -> {rf['best_true']:.5f}; {r['refined_assign']}")
     tp = "-" if h["token_pruning"] is None else f"{h['token_pruning']:.5f} (keep {h['token_keep']})"
@@ -175,7 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--held-out", type=int, default=25)
     ap.add_argument("--refine-evals", type=int, default=32)
-    ap.add_argument("--max-local-pairs", type=int, default=40)
+    ap.add_argument("--max-local-pairs", type=int, default=40, help="0: no local interactions")
     args = ap.parse_args(argv)
     args.budgets = args.budgets.split(",")
     torch.set_num_threads(args.threads)
@@ -188,11 +189,18 @@ def main(argv=None) -> None:
         held = Meter(model, prepared[args.samples:], args.ranker)
         for sp_name in args.spaces.split(","):
             print(f"== {name}, space {sp_name}", flush=True)
-            results[f"{name}/{sp_name}"] = one(model, processor, prepared[:args.samples], held, sp_name, args)
+            results[f"{name}/{sp_name}"] = []
+            one(model, processor, prepared[:args.samples], held, sp_name, args, results[f"{name}/{sp_name}"],
+                lambda: save(args.json, args, results))
         print(f"== {name}: held-out policies measured {held.evals}", flush=True)
     print(f"wall time {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
+    save(args.json, args, results)
+
+
+def save(path, args, results) -> None:
+    """The results so far (after every budget: a long run keeps what it measured)."""
+    if path:
+        with open(path, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1, default=str)
 
 
