@@ -88,7 +88,7 @@ def refine(model, samples: SampleSet | Sequence[PreparedSample], space: Space,
     cur = _checked_start(space, getattr(start, "assign", start))
     if price(space.policy(cur)) > limit:
         raise ValueError(f"the start policy ({space.describe(cur)}) costs more than the limit {limit}")
-    climb = _Climb(model, ss, space, price, limit, ranker)
+    climb = _Climb(model, ss, space, price, ranker)
     (cur_true,) = climb.measure([("start", cur)], 0)
     climb.steps[-1]["accepted"] = True
     trace = RefineTrace(dict(cur), cur_true, dict(cur), cur_true, samples=len(ss.prepared))
@@ -143,8 +143,8 @@ class _Climb:
     """The measuring side of one :func:`refine`: true divergences of the policies asked for,
     each distinct policy once, and the steps recorded."""
 
-    def __init__(self, model, ss: SampleSet, space: Space, price, limit: int, ranker):
-        self.model, self.ss, self.space, self.price, self.limit, self.ranker = model, ss, space, price, limit, ranker
+    def __init__(self, model, ss: SampleSet, space: Space, price, ranker):
+        self.model, self.ss, self.space, self.price, self.ranker = model, ss, space, price, ranker
         self.known: dict[Policy, float] = {}
         self.steps: list[dict] = []
         self.evals = 0
