@@ -187,6 +187,18 @@ def build_inputs(model, family: str, num_images: int = 1, text_len: int = 6, see
     return inputs, counts
 
 
+def prepared_samples(model, family: str, n: int = 3) -> list:
+    """``n`` one-image prompts of :func:`build_inputs` (seeds 0..n-1) as the search's
+    ``PreparedSample`` (visual counts, text tokens)."""
+    from dop.search import PreparedSample  # here: importing this module leaves dop's import order to the tests
+
+    out = []
+    for seed in range(n):
+        inputs, counts = build_inputs(model, family, num_images=1, seed=seed)
+        out.append(PreparedSample(inputs, counts, int(inputs["input_ids"].shape[1]) - sum(counts)))
+    return out
+
+
 PAD = 0
 
 
