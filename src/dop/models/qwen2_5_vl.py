@@ -32,7 +32,7 @@ class Qwen25VLAdapter(Adapter):
     @functools.cached_property
     def _sectioned_rope(self) -> bool:
         """True where the family's decoder layers take cos/sin per position dimension (5.16)."""
-        return not hasattr(self._modeling(self.decoder_layers()[0].self_attn), "apply_rotary_pos_emb")
+        return not hasattr(compat.modeling_module(self.decoder_layers()[0].self_attn), "apply_rotary_pos_emb")
 
     def token_rope(self, position_embeddings):
         if position_embeddings is None or position_embeddings[0].dim() != 4:
@@ -51,11 +51,11 @@ class Qwen25VLAdapter(Adapter):
         return tuple(t[None].expand(3, -1, -1, -1) for t in position_embeddings)
 
     def rotary_function(self, attn):
-        module = self._modeling(attn)
+        module = compat.modeling_module(attn)
         if hasattr(module, "apply_rotary_pos_emb"):
             return module.apply_rotary_pos_emb
         # 5.16: only the sectioned form; on per-token cos/sin it is Qwen2's rotation, op for op
-        from transformers.models.qwen2 import modeling_qwen2  # lazy: spares transformers until used
+        from transformers.models.qwen2 import modeling_qwen2  # heavy: transformers, only on 5.16
 
         return modeling_qwen2.apply_rotary_pos_emb
 
