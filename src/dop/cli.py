@@ -11,7 +11,7 @@ import sys
 from dop.outputs import OutputLockedError
 
 # order shown in `dop --help`; a module that is absent is simply not offered
-COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data")  # modules in dop/commands/
+COMMANDS = ("run", "search", "eval", "baseline", "flops", "transfer", "data", "serve")  # modules in dop/commands/
 # commands that share their samples among the processes of `torchrun ... -m dop` (dop/distributed.py)
 DISTRIBUTED = ("run", "search", "eval")
 
