@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--log", default="dop-serve.log", help="the server's output (default dop-serve.log)")
     args = ap.parse_args()
 
     from openai import OpenAI
@@ -67,7 +68,7 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "dop.cli", "serve", "--model", "demo", "--policy", args.policy,
                                "--port", str(args.port), "--", "--dtype", "float32", "--max-model-len", "512",
                                "--gpu-memory-utilization", "0.1", "--served-model-name", "demo"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              env=env, stdout=open(args.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(args.port, server)
         client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none")
@@ -86,8 +87,9 @@ def main() -> int:
             got = list(pool.map(ask, samples))
         wall = time.time() - t0
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
     differ = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
     print(f"{os.path.basename(args.policy)}: {len(got) - len(differ)}/{len(got)} answers over HTTP equal to dop eval "
           f"({args.concurrency} concurrent, {wall:.0f} s)" + (f"; differing {differ[:10]}" if differ else ""))

