@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--log", default="dop-serve.log", help="the server's output (default dop-serve.log)")
+    ap.add_argument("--url", help="a running `dop serve` of the demo with this policy (served as 'demo'): start none")
+    ap.add_argument("--served-name", default="demo", help="the model name the server answers to (default demo)")
+    ap.add_argument("--expected", help="a `dop eval --policy --json` output of the same samples: run no dop eval")
     args = ap.parse_args()
 
     from openai import OpenAI
@@ -58,25 +61,28 @@ def main() -> int:
     from dop.demo.shapes import make_samples
 
     with tempfile.TemporaryDirectory() as tmp:
-        dest = os.path.join(tmp, "eval.json")
-        subprocess.run([sys.executable, "-m", "dop.cli", "eval", "--model", "demo", "--data", "shapes:test",
+        dest = args.expected or os.path.join(tmp, "eval.json")
+        args.expected or subprocess.run([sys.executable, "-m", "dop.cli", "eval", "--model", "demo", "--data", "shapes:test",
                         "--limit", str(args.limit), "--policy", args.policy, "--no-baseline", "--no-progress",
                         "--json", dest], check=True, stdout=subprocess.DEVNULL)
         expected = [s["prediction"] for s in json.load(open(dest))["samples"]]
 
+    expected = expected[:args.limit]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    server = subprocess.Popen([sys.executable, "-m", "dop.cli", "serve", "--model", "demo", "--policy", args.policy,
+    server = None if args.url else subprocess.Popen([sys.executable, "-m", "dop.cli", "serve", "--model", "demo", "--policy", args.policy,
                                "--port", str(args.port), "--", "--dtype", "float32", "--max-model-len", "512",
                                "--gpu-memory-utilization", "0.1", "--served-model-name", "demo"],
                               env=env, stdout=open(args.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(args.port, server)
-        client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none")
+        url = args.url or f"http://127.0.0.1:{args.port}"
+        if server is not None:
+            wait_healthy(args.port, server)
+        client = OpenAI(base_url=f"{url}/v1", api_key="none")
         samples = make_samples("test", args.limit)
 
         def ask(s):
             r = client.chat.completions.create(
-                model="demo", temperature=0, max_tokens=10,
+                model=args.served_name, temperature=0, max_tokens=10,
                 messages=[{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": data_url(s["image"])}},
                     {"type": "text", "text": s["question"]}]}])
@@ -87,7 +93,7 @@ def main() -> int:
             got = list(pool.map(ask, samples))
         wall = time.time() - t0
     finally:
-        if server.poll() is None:
+        if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
     differ = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
