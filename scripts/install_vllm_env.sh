@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.13.0 -e ".[dev,vllm]"
-"$VENV/bin/pip" install -q torch==2.13.0 -e '.[dev,vllm]'
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp scripts/torchvision_shim.py "$SITE/_dop_torchvision_shim.py"
