@@ -60,11 +60,12 @@ def policy_for(num_layers: int, out: str) -> str:
     return path
 
 
-def measure(model: str, dtype: str, dummy: bool, policy: str | None, concurrency: list[int], repeat: int, prompt, image):
+def measure(model: str, dtype: str, dummy: bool, policy: str | None, concurrency: list[int], repeat: int, prompt, image,
+            max_len: int):
     from vllm import LLM, SamplingParams
 
     extra = {"additional_config": {"dop": {"policy": policy}}} if policy else {}
-    llm = LLM(model=model, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1},
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1},
               gpu_memory_utilization=0.1, max_num_seqs=max(concurrency), max_num_batched_tokens=65536,
               enable_prefix_caching=False, load_format="dummy" if dummy else "auto", **extra)
     sp = SamplingParams(temperature=0, max_tokens=1)
@@ -115,8 +116,9 @@ def main() -> int:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         image = sample["image"].resize((336, 336)) if name == "7b-width" else sample["image"]
         pol = policy_for(layers, tmp)
-        base = measure(model, dtype, dummy, None, conc, args.repeat, prompt, image)
-        pruned = measure(model, dtype, dummy, pol, conc, args.repeat, prompt, image)
+        max_len = 512 if name == "demo" else 1024
+        base = measure(model, dtype, dummy, None, conc, args.repeat, prompt, image, max_len)
+        pruned = measure(model, dtype, dummy, pol, conc, args.repeat, prompt, image, max_len)
         cfg = json.load(open(os.path.join(model, "config.json")))
         n_vis = (cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]) ** 2
         n_text = base[conc[0]][1] // conc[0] - n_vis
