@@ -15,6 +15,11 @@ transformers installed; nothing is downloaded. Under 8 minutes on one GPU.
    with CUDA events: vanilla; the full policy (the wrapper's overhead); DOP policies at about
    25% and 14% of decoder FLOPs; the vanilla model on a sequence shortened to the same FLOPs.
    One table of ratios: time cut vs FLOPs cut, op-pruned vs shortened speedup.
+3. vLLM (when vLLM is importable; --skip-vllm leaves it out): dop's serving plugin against dop
+   eval on 20 demo prompts (scripts/serving_exactness.py) and the serving benchmark
+   (benchmarks/serve.py: batch TTFT and prefill throughput, unpruned vs pruned, at 1/8/32
+   concurrent requests, demo and a 7B-width LLaVA with dummy weights); their lines are
+   printed and kept under "vllm" in --json (docs/serving.md).
 
 Exit status 1 when an equality check fails or a case raises (the error is printed and the
 rest still runs).
@@ -252,6 +257,26 @@ def flash_available() -> bool:
     return bool(is_flash_attn_2_available())
 
 
+def vllm_rows(smoke: bool) -> list[dict]:
+    """Section 3: the serving plugin's exactness script and the serving benchmark, each as a
+    subprocess (vLLM owns its process); their output lines, and whether they exited 0."""
+    import subprocess
+
+    runs = [("vllm exactness", [sys.executable, str(REPO / "scripts" / "serving_exactness.py"), "--limit", "20",
+                                "--out", str(Path(__import__("tempfile").mkdtemp()))]),
+            ("vllm serve benchmark", [sys.executable, str(HERE / "serve.py"), "--repeat", "1" if smoke else "3"]
+             + (["--models", "demo", "--concurrency", "1,8"] if smoke else []))]
+    rows = []
+    for name, cmd in runs:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in p.stdout.splitlines() if l.strip()]
+        print(f"\n{name}:" + "".join(f"\n  {l}" for l in lines))
+        if p.returncode:
+            print(p.stderr[-3000:], file=sys.stderr)
+        rows.append({"check": name, "ok": p.returncode == 0, "lines": lines})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -265,6 +290,7 @@ def main(argv=None) -> int:
                     help="attention implementations (default sdpa, plus flash_attention_2 when importable)")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-exactness", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM rows (docs/serving.md)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -296,7 +322,10 @@ def main(argv=None) -> int:
         clock = "CUDA events" if args.device == "cuda" else "perf_counter"
         print_latency(res["latency"], f"prefill latency: {widths} decoder widths, {n_visual} visual + {n_text} text "
                                       f"tokens, {str(lat_dtype).replace('torch.', '')}, median of {repeats} ({clock})")
+    if not args.skip_vllm and importlib.util.find_spec("vllm") is not None:
+        res["vllm"] = vllm_rows(args.smoke)
     failures = [r for r in res["exactness"] if not r["ok"]] + [r for r in res["latency"] if "error" in r]
+    failures += [r for r in res.get("vllm", []) if not r["ok"]]
     res["seconds"] = time.perf_counter() - t0
     res["ok"] = not failures
     print(f"gpu_check: {'all checks passed' if not failures else f'{len(failures)} FAILED'} in {res['seconds']:.0f} s")

@@ -14,4 +14,5 @@ COMMANDS = {
     "flops": "prefill FLOPs of a model, unpruned vs under a policy",
     "transfer": "rescale a policy's depths to a model with another layer count",
     "data": "synthetic benchmark data",
+    "serve": "serve a model under a policy with vLLM's OpenAI-compatible server",
 }
