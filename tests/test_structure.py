@@ -22,7 +22,8 @@ from dop.runtime.replay import capture_prefix, capture_ranks, replay_from
 from tiny_models import build_inputs, build_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dop"
-SEAM = ("models",)  # folders whose files read a model's modules
+SEAM = ("models", "serving")  # folders whose files read a model's modules: transformers' (models/)
+# and vLLM's own classes (serving/, docs/serving.md), which the transformers adapters do not cover
 COMPAT = "compat.py"
 
 # modules of a transformers decoder layer and language model that only the adapters name
