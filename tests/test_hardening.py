@@ -86,7 +86,7 @@ def test_late_write_failure_keeps_the_result(saved, tmp_path, capsys, monkeypatc
     root, model, data = saved
     folder = tmp_path / "gone"
     folder.mkdir()
-    import dop.search as search_mod
+    import dop.commands.search as search_mod  # the command's own name for dop.search.search
 
     real = search_mod.search
 

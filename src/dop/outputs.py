@@ -22,6 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from . import distributed
+
+try:  # POSIX only; importing dop works without it, and only output_lock then fails
+    import fcntl
+except ImportError:
+    fcntl = None
+
 
 class OutputLockedError(RuntimeError):
     """Another process is writing the same output."""
@@ -84,8 +91,8 @@ def lock_path(target: str | os.PathLike) -> str:
 
 
 def _acquire(path: str, target: str) -> int:
-    import fcntl  # heavy: POSIX only (file locks); deferred so that importing dop works where it is absent
-
+    if fcntl is None:
+        raise OSError(f"cannot lock {target}: file locks need fcntl, which this system lacks (POSIX only)")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -122,8 +129,6 @@ def output_lock(targets: Sequence[str | os.PathLike | None]) -> Iterator[None]:
 
     Under several torch.distributed ranks only rank 0 locks: it alone writes the outputs
     (docs/scaling.md), and the ranks of one job must not refuse each other."""
-    from . import distributed  # lazy: spares torch until used
-
     if not distributed.is_main():
         yield
         return

@@ -78,10 +78,11 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True  # before importing: a module of the package may read the registry
-        pkg = importlib.import_module(self.package)
+        # importing by name is this module's job (docs/design.md, "Imports")
+        pkg = importlib.import_module(self.package)  # heavy: the package, on the registry's first read
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
+                importlib.import_module(f"{self.package}.{info.name}")  # heavy: an entry's file (may load torch)
 
 
 def _qualname(obj) -> str:

@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..baselines import BASELINES, baseline
 from ..outputs import check_output_file, output_lock
+from ..search.cost import BUDGET_HELP, DEFAULT_CONVENTION
+from . import COMMANDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..baselines import BASELINES  # lazy: spares numpy, torch, transformers until used
-    from ..search.cost import BUDGET_HELP, DEFAULT_CONVENTION  # lazy: spares numpy, torch, transformers until used
-
     p = subparsers.add_parser(
         "baseline",
-        help="policy + ranker of a published token-pruning method",
+        help=COMMANDS["baseline"],
         description=(
             "Write the dop policy that reproduces a token-pruning method: pruning before the LLM "
             "(vispruner, cdpruner, random, spatial), FastV and DART (all tokens through K layers), "
@@ -50,8 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import BASELINES, baseline  # lazy: spares numpy, torch, transformers until used
-
     entry = BASELINES.get(args.method)
     if args.ratio is not None and "ratio" not in entry.options:
         takers = [name for name, b in BASELINES.items() if "ratio" in b.options]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..search import METHODS, SPACES, SampleSet, prepare_samples, search_method
+
 # options of the spaces' divergence table, which the methods do not take (argparse name, flag)
 _TABLE_OPTIONS = (("groups", "--groups"), ("kinds", "--kinds"), ("table", "--table"), ("nv_stride", "--nv-stride"),
                   ("min_tokens", "--min-tokens"))
@@ -22,8 +24,6 @@ def searcher(name: str):
     """What ``--space name`` searches: a registered space class or a registered method
     (:data:`dop.search.SPACES`, :data:`dop.search.METHODS`); an unknown name is an error
     naming both lists."""
-    from dop.search import METHODS, SPACES  # lazy: spares numpy, torch, transformers until used
-
     if name in SPACES:
         return SPACES.get(name)
     if name in METHODS:
@@ -36,8 +36,6 @@ def check_method_options(args: argparse.Namespace) -> None:
     """Every option that means nothing to the searched space or method is an error (before
     any work): a method takes none of the divergence table's options, and an option only
     some spaces or methods take (``--metric``, ``--nv-stride``, ...) applies to those only."""
-    from dop.search import METHODS, SPACES  # lazy: spares numpy, torch, transformers until used
-
     chosen = searcher(args.space)
     if args.space in METHODS:
         given = [flag for name, flag in _TABLE_OPTIONS if getattr(args, name)] + (["--stride"] if args.stride != 1 else [])
@@ -56,15 +54,11 @@ def check_method_options(args: argparse.Namespace) -> None:
 def run_method(args, model, processor, samples, heldout, budgets, build_prompt):
     """Search the method, measure its policies on the held-out samples (if any) and return
     (the method's result, the held-out divergence per budget or None)."""
-    from dop.search import methods  # lazy: spares numpy, torch, transformers until used
-    from dop.search.divergence import prepare_samples  # lazy: spares torch until used
-    from dop.search.verify import SampleSet  # lazy: spares torch until used
-
-    extra = {opt: getattr(args, opt) for opt in methods.METHODS.get(args.space).options}
-    result = methods.search(args.space, model, processor, samples, budgets=budgets, ranker=args.ranker,
-                            convention=args.convention, seed=args.seed, build_prompt=build_prompt,
-                            progress=not args.no_progress, meta={"model": args.model, "data": args.data},
-                            batch_size=args.batch_size, **extra)
+    extra = {opt: getattr(args, opt) for opt in METHODS.get(args.space).options}
+    result = search_method(args.space, model, processor, samples, budgets=budgets, ranker=args.ranker,
+                           convention=args.convention, seed=args.seed, build_prompt=build_prompt,
+                           progress=not args.no_progress, meta={"model": args.model, "data": args.data},
+                           batch_size=args.batch_size, **extra)
     held = [None] * len(result.results)
     if heldout:
         held = SampleSet.of(model, prepare_samples(model, processor, heldout, build_prompt)).divergences(

@@ -16,18 +16,21 @@ import os
 import sys
 from dataclasses import replace
 
+from ..distributed import is_main
+from ..pipeline import (
+    DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_METHODS, DEFAULT_SPACES, DEFAULT_VERIFY, RunOptions, run_main_job,
+    run_models,
+)
 from ..report.markdown import comparison_line, timing_note
+from ..search.cost import BUDGET_HELP
+from . import COMMANDS
 from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
 
 def register(subparsers) -> None:
-    # lazy: spares numpy, torch, transformers until used
-    from ..pipeline import DEFAULT_BASELINES, DEFAULT_BUDGETS, DEFAULT_METHODS, DEFAULT_SPACES, DEFAULT_VERIFY, RunOptions
-    from ..search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
-
     d = RunOptions()
     p = subparsers.add_parser(
-        "run", help="the main job: search, apply, compare with token pruners, report",
+        "run", help=COMMANDS["run"],
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--model", default=d.model, metavar="demo|demo-base|HUB_ID|PATH[,...]",
@@ -71,8 +74,6 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..pipeline import RunOptions, run_main_job, run_models  # lazy: spares numpy, torch, transformers until used
-
     apply_image_limit(args)
 
     opts = RunOptions(
@@ -101,8 +102,6 @@ def run(args) -> int:
         if not glob.glob(os.path.join(glob.escape(opts.out), stages.replace("<model>", "*"))):
             raise
         raise OSError(f"{' '.join(str(e).split())}; {kept}") from None
-    from ..distributed import is_main  # lazy: spares torch until used
-
     if not is_main():
         return 0  # rank 0 prints the headline
     for name, r in res.get("models", {"": res}).items():

@@ -20,20 +20,28 @@ import os
 import sys
 import time
 
+import torch
 
-from ..commands.eval import write_json_atomic
+from .. import distributed
 from ..evaluate.datasets import load_dataset
+from ..evaluate.heldout import heldout_samples
+from ..evaluate.loading import prompt_builder_for
+from ..jsonio import write_json_atomic
 from ..outputs import check_output_file, output_lock, write_or_rescue
+from ..rankers import resolve_ranker
+from ..search import METHODS, search
+from ..search.cost import BUDGET_HELP, parse_budget
+from ..search.spaces import check_groups, check_kinds
+from ..search.table import DivergenceTable
+from . import COMMANDS
 from .method_search import check_method_options, format_method_summary, run_method
 from .options import COLUMNS_HELP, DATA_METAVAR, add_model_runtime_options, apply_image_limit, load_model_quietly
 
 
 def register(subparsers) -> None:
-    from dop.search.cost import BUDGET_HELP  # lazy: spares numpy, torch, transformers until used
-
     p = subparsers.add_parser(
         "search",
-        help="search a pruning policy under a FLOPs budget (first-token KL, additive proxy, exact solver)",
+        help=COMMANDS["search"],
         description=(
             "Measure each policy parameter's first-token KL divergence alone on validation samples "
             "(the additive proxy), then pick exactly the policy with the least summed divergence whose "
@@ -102,9 +110,6 @@ def _outputs(path: str, budgets: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dop.search.cost import parse_budget  # lazy: spares numpy, torch, transformers until used
-    from dop.search.spaces import check_groups, check_kinds  # lazy: spares numpy, torch, transformers until used
-
     # ---- checks that need nothing loaded
     budgets = ([args.budget] if args.budget else []) + (
         [b.strip() for b in args.budgets.split(",") if b.strip()] if args.budgets else [])
@@ -126,9 +131,7 @@ def run(args: argparse.Namespace) -> int:
     groups = check_groups(args.groups.split(",")) if args.groups else None
     kinds = check_kinds(args.kinds) if args.kinds else None
     outputs = _outputs(args.output, budgets)
-    from dop.distributed import is_main  # lazy: spares torch until used
-
-    main_outputs = is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
+    main_outputs = distributed.is_main()  # under torchrun rank 0 writes -o and --json; every rank checkpoints --table
     for o in outputs if main_outputs else ():
         check_output_file("-o", o)
     for flag, path in (("--table", args.table), ("--json", args.json if main_outputs else None)):
@@ -136,18 +139,12 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(flag, path)
     apply_image_limit(args)
 
-    from dop.rankers import resolve_ranker  # lazy: spares torch until used
-
     resolve_ranker(args.ranker)
 
     samples = load_dataset(args.data, limit=args.samples, columns=args.columns)
     heldout = _heldout(args) if args.verify else (None, None)
     if args.table and os.path.exists(args.table):
-        from dop.search.table import DivergenceTable  # lazy: spares numpy, torch, transformers until used
-
         DivergenceTable.load(args.table)  # unreadable files fail before the model loads
-
-    import torch  # lazy: spares torch until used
 
     threads_before = torch.get_num_threads()
     if args.threads is not None:
@@ -162,24 +159,15 @@ def run(args: argparse.Namespace) -> int:
 def _heldout(args) -> tuple[list | None, str]:
     """The held-out samples of --verify (None, with a note, where --data has none left) and
     where they come from."""
-    from dop.distributed import is_main  # lazy: spares torch until used
-    from dop.evaluate.heldout import heldout_samples  # lazy: spares torch until used
-
     n = args.samples if args.verify_samples is None else args.verify_samples
     rows, where = heldout_samples(args.data, args.samples, n, args.verify_data, args.columns)
-    if not rows and is_main():
+    if not rows and distributed.is_main():
         print(f"note: no held-out samples ({where}); --verify reports in-sample figures only "
               "(give --verify-data)", file=sys.stderr)
     return rows or None, where
 
 
 def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
-    import torch  # lazy: spares torch until used
-
-    from dop import distributed  # lazy: spares torch until used
-    from dop.evaluate.loading import prompt_builder_for  # lazy: spares torch until used
-    from dop.search import METHODS, search  # lazy: spares numpy, torch, transformers until used
-
     t0 = time.perf_counter()
     model, processor = load_model_quietly(args, getattr(torch, args.dtype))
     model = model.to(distributed.device_for(args.device))

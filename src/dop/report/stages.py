@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import distributed as dd
 from ..jsonio import json_default, write_json_atomic
 
 
@@ -68,8 +69,6 @@ class Stages:
     def run(self, name: str, fn: Callable[[], Any], key: Any = None) -> Any:
         """Under several ranks (dop/distributed.py) rank 0's files decide for every rank, and
         only rank 0 writes them; ``fn`` runs on every rank (it shares its work)."""
-        from .. import distributed as dd  # lazy: spares torch until used
-
         path = self.path(name)
         saved = None
         if path.exists() and dd.is_main():
