@@ -23,7 +23,7 @@ ARCHITECTURES = {
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (may run more than once per process)."""
-    from vllm import ModelRegistry  # lazy: only vLLM's processes call this
+    from vllm import ModelRegistry  # heavy: vLLM, an optional extra; only vLLM's processes call this
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)

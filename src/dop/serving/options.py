@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 
 from ..policy import Policy
+from ..rankers import resolve_ranker
 
 KEY = "dop"  # the additional_config entry that holds dop's options
 # rankers that order an image from the image alone: vLLM encodes an image once, before and
@@ -41,8 +42,6 @@ def read_serving_policy(path: str, ranker: str | None = None, num_layers: int | 
         raise ValueError(
             f"dop serving: ranker {base!r} is not available under vLLM (it needs the prompt's text, "
             f"the image's place in its prompt or the decoder's states); use one of {', '.join(SERVING_RANKERS)}")
-    from ..rankers import resolve_ranker  # lazy: spares torch for `dop serve --help`
-
     resolve_ranker(name)  # unknown names and bad options fail here, before vLLM starts
     return ServingOptions(policy, name)
 

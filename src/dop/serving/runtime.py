@@ -102,7 +102,7 @@ def paged_attention(attn, positions, x, norm, rq, rkv, session):
     """The attention update of the rows ``rq`` (None: all), with the keys and values of the
     rows ``rkv`` written to vLLM's paged cache and every other row of this forward written as
     a hole; None when no row is a query."""
-    from vllm.forward_context import get_forward_context  # lazy: vLLM is an optional extra
+    from vllm.forward_context import get_forward_context  # heavy: vLLM, an optional extra
 
     n_all = x.shape[0]
     union = None if rq is None or rkv is None else torch.unique(torch.cat([rq, rkv]))
