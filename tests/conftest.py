@@ -4,7 +4,16 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# tests/ holds the shared helpers (reference.py, tiny_models.py, ...), and the tests are grouped
+# in one folder per package of src/dop; a family's tests reuse checks written once in another
+# package's tests (test_runtime's reference comparison, test_flops' counters), so every folder
+# is importable
+sys.path.insert(0, HERE)
+for _name in sorted(os.listdir(HERE)):
+    _folder = os.path.join(HERE, _name)
+    if os.path.isdir(_folder) and any(f.startswith("test_") for f in os.listdir(_folder)):
+        sys.path.insert(1, _folder)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 

@@ -1,5 +1,5 @@
 """`dop` as torchrun runs it (``torchrun ... -m dop ARGS``), with two switches for
-tests/test_distributed.py, both read from the environment:
+tests/pipeline/test_distributed.py, both read from the environment:
 
 - ``DOP_TEST_KILL=R:N``: rank R dies (``os._exit``, no clean-up) at its N-th new table entry;
 - ``DOP_TEST_COUNT=DIR``: each rank writes the number of table entries it computed to

@@ -1,7 +1,7 @@
 """The one place dop reaches into transformers' and torch's internals.
 
 Everything here relies on something the libraries do not promise; each function says what.
-When a release moves one of these, this file is what changes (tests/test_structure.py keeps
+When a release moves one of these, this file is what changes (tests/project/test_structure.py keeps
 every such access here: private names of other libraries, the cache layers' counters, the
 ``modeling_<family>`` module of a class).
 """

@@ -8,7 +8,7 @@ and the architecture numbers the FLOPs count needs. The runtime, rankers and FLO
 these methods and never look at ``model_type``, ``sys.modules`` or private attributes. The
 parts of a decoder layer the runtime recomputes (norms, projections, MLP, rotary) and the
 final norm are reached through :meth:`Adapter.layer_parts` and :meth:`Adapter.final_norm` too
-(tests/test_structure.py checks that no code outside ``dop/models`` reads them).
+(tests/project/test_structure.py checks that no code outside ``dop/models`` reads them).
 """
 
 from __future__ import annotations

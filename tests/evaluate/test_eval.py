@@ -20,7 +20,7 @@ import torch
 
 import dop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: fixtures_eval
 
 from fixtures_eval import NUM_LAYERS, NUM_VISUAL_TOKENS, build_tiny_llava, write_jsonl_dataset  # noqa: E402
 

@@ -23,7 +23,7 @@ from dop.cli import main
 from dop.search import DivergenceTable
 from fixtures_eval import WORDS, build_tiny_llava, write_jsonl_dataset
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: dist_worker.py and the helpers it imports
 WORKER = str(HERE / "dist_worker.py")
 SAMPLES = 5
 TIMING = {"created", "wall_s", "prefill_ms", "stage_times", "finished", "timing", "prefill_cv", "prefill_noisy"}

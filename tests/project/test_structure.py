@@ -21,7 +21,7 @@ from dop.models import get_adapter
 from dop.runtime.replay import capture_prefix, capture_ranks, replay_from
 from tiny_models import build_inputs, build_model
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "dop"
+SRC = Path(__file__).resolve().parents[2] / "src" / "dop"
 SEAM = ("models", "serving")  # folders whose files read a model's modules: transformers' (models/)
 # and vLLM's own classes (serving/, docs/serving.md), which the transformers adapters do not cover
 COMPAT = "compat.py"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "dop"
+SRC = Path(__file__).resolve().parents[2] / "src" / "dop"
 # third-party packages whose import is deferred into the function that needs them: heavy to
 # import (torch, transformers, matplotlib, PIL, numpy, scipy) or optional (extras, kernels)
 DEFERRABLE = frozenset({

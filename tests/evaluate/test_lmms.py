@@ -32,7 +32,7 @@ POLICY = {"format": "dop-policy/1", "num_layers": 8, "groups": [43 / 144, 1.0],
 def _env(tmp: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                HF_DATASETS_CACHE=str(tmp / "hf_cache"), TOKENIZERS_PARALLELISM="false")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

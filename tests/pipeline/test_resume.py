@@ -18,8 +18,8 @@ from dop.policy import Policy
 from dop.search.table import DivergenceTable
 from fixtures_eval import build_tiny_llava, write_jsonl_dataset
 
-SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "src"))
-TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src"))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # runs `dop` in a child that kills itself (SIGKILL, no clean-up) at the N-th table entry or stage
 CHILD = r"""

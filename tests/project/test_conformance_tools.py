@@ -12,7 +12,7 @@ import torch
 
 from tiny_models import build_inputs, build_model
 
-CONF = Path(__file__).resolve().parent / "conformance"
+CONF = Path(__file__).resolve().parents[1] / "conformance"
 
 
 def _load(name, alias):

@@ -15,7 +15,7 @@ from dop.evaluate.loading import load_model, prompt_builder_for, prompt_builder_
 from dop.flops import count_flops, resolve_arch
 from dop.names import canonical_model_name, same_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_base_ships_beside_demo_with_the_same_configs():
