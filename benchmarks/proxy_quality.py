@@ -28,10 +28,10 @@ from dop.runtime.replay import batch_last_logits, last_logits
 from dop.search import search
 from dop.search.cost import CostModel
 from dop.search.divergence import kl_divergence, prepare_samples, reference_shape
-from dop.search.solver import Solver
+from dop.search.spaces.solver import Solver
 from dop.search.spaces import draw_feasible
-from dop.search.table import collated
-from dop.search.verify import _spearman
+from dop.batching import collated
+from dop.search.verify import spearman
 
 
 def true_batched(model, prepared, refs, policy, ranker, batch: int = 8) -> float:
@@ -55,7 +55,7 @@ def truths(model, sets: dict, policies: list[Policy], ranker) -> dict[str, list[
 def judge(proxy: list[float], truth: list[float], blind: float) -> dict:
     rows = [{"proxy": p, "true": t} for p, t in zip(proxy, truth)]
     closer = [r for r in rows if r["true"] < blind * (1 - 1e-6)]
-    return {"spearman": _spearman(rows)[0], "spearman_below_blind": _spearman(closer)[0],
+    return {"spearman": spearman(rows)[0], "spearman_below_blind": spearman(closer)[0],
             "at_least_blind": len(rows) - len(closer), "n": len(rows)}
 
 

@@ -37,9 +37,9 @@ from dop.evaluate.loading import load_model
 from dop.search import search
 from dop.search.cost import CostModel
 from dop.search.divergence import prepare_samples
-from dop.search.solver import Solver
+from dop.search import Solver
 from dop.search.table import DivergenceTable, samples_fingerprint
-from dop.search.verify import Candidates, _spearman
+from dop.search.verify import Candidates, spearman
 from interactions import Meter, search_options  # benchmarks/interactions.py (Meter: each policy measured once)
 
 
@@ -74,7 +74,7 @@ def one_size(model, processor, prepared, n, held, sp_name, args, full=None) -> t
         held_before = held.evals
         truths = held([r.policy, *cand.policies] + ([cand.token_policy] if cand.token_policy is not None else []))
         rows = [dict(row, true=t) for row, t in zip(cand.random, truths[1:1 + len(cand.policies)])]
-        rho = _spearman(rows)[0]
+        rho = spearman(rows)[0]
         (in_sample,) = own([r.policy])
         out.append({"n": n, "budget": r.budget.spec, "assign": r.solution.assign, "proxy": r.solution.predicted,
                     "in_sample": in_sample, "heldout": truths[0], "spearman_heldout": rho, "random": len(rows),

@@ -23,6 +23,7 @@ from ..pipeline import (
 )
 from ..report.markdown import comparison_line, timing_note
 from ..search.cost import BUDGET_HELP
+from ..search.robust import AGGREGATES
 from . import COMMANDS
 from .options import COLUMNS_HELP, add_image_limit_option, apply_image_limit
 
@@ -60,6 +61,12 @@ def register(subparsers) -> None:
                    help="held-out samples for --verify (default: the samples of --data after the searched ones)")
     p.add_argument("--verify-samples", type=int, default=None, metavar="N",
                    help="held-out samples for --verify (default: as many as --samples)")
+    p.add_argument("--candidates", type=int, default=d.candidates, metavar="K",
+                   help="certified choice: the true divergence of the K best policies by proxy on the search "
+                        f"samples, the closest chosen (default {d.candidates}; 1: the proxy's choice)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=d.aggregate,
+                   help="per-sample divergences aggregated by mean (default), median or trimmed (10%% dropped "
+                        "at each end) in the proxy, the certified choice and the verification")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<timestamp>/)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -82,6 +89,7 @@ def run(args) -> int:
         spaces=_split(args.space), baselines=_split(args.baselines), methods=_split(args.methods), out=args.out, seed=args.seed,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, columns=args.columns,
         verify=args.verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
+        candidates=args.candidates, aggregate=args.aggregate,
     )
     models = _split(args.model)
     if not models:

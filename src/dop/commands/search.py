@@ -10,7 +10,8 @@ With several budgets, ``-o policy.json`` becomes ``policy.<budget>.json`` per bu
 the same command again resumes it (or, once complete, solves new budgets at no model cost).
 ``--verify K`` measures the same policies on the searched samples and on held-out ones
 (``--verify-data``, default the samples of ``--data`` after the searched ones) and prints
-both side by side (docs/design.md, "Held-out verification").
+both side by side (docs/design.md, "Held-out verification"). ``--candidates K`` measures the
+K best policies by proxy and keeps the closest (docs/design.md, "Certified choice").
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from ..evaluate.loading import prompt_builder_for
 from ..jsonio import write_json_atomic
 from ..outputs import check_output_file, output_lock, write_or_rescue
 from ..rankers import resolve_ranker
+from ..report.certified import name_outliers
 from ..search import METHODS, search
+from ..search.certify import DEFAULT_CANDIDATES
 from ..search.cost import BUDGET_HELP, parse_budget
+from ..search.robust import AGGREGATES, DEFAULT_AGGREGATE, describe
 from ..search.spaces import check_groups, check_kinds
 from ..search.table import DivergenceTable
 from . import COMMANDS
@@ -90,6 +94,14 @@ def register(subparsers) -> None:
     p.add_argument("--verify-draw", choices=("ordered", "uniform"), default="ordered",
                    help="how --verify draws its random policies: ordered (each op kind's depths non-increasing "
                         "over the rank groups; default) or uniform (docs/design.md, \"Held-out verification\")")
+    p.add_argument("--candidates", type=int, default=None, metavar="K",
+                   help="certified choice: measure the true divergence of the K best policies by proxy on the "
+                        f"search samples and choose the closest (default {DEFAULT_CANDIDATES}; 1: the proxy's choice, "
+                        "nothing measured)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=None,
+                   help="how per-sample divergences become one figure in the proxy, the certified choice and "
+                        f"--verify: {DEFAULT_AGGREGATE} (default), median, or trimmed (10%% of the samples dropped "
+                        "at each end)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (random rankers, --verify policies)")
     p.add_argument("--json", metavar="OUT", help="write the full summary as JSON")
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -128,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     check_method_options(args)  # an unknown --space, or an option it does not take
+    if args.space in METHODS and (args.candidates is not None or args.aggregate is not None):
+        raise ValueError(f"--candidates and --aggregate apply to the search spaces, not {args.space}")
+    if args.candidates is not None and args.candidates < 1:
+        raise ValueError(f"--candidates must be a positive integer, got {args.candidates}")
     groups = check_groups(args.groups.split(",")) if args.groups else None
     kinds = check_kinds(args.kinds) if args.kinds else None
     outputs = _outputs(args.output, budgets)
@@ -183,7 +199,8 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
                 convention=args.convention, table=args.table, verify_k=args.verify, verify_samples=heldout[0],
                 verify_draw=args.verify_draw, seed=args.seed, build_prompt=build_prompt,
                 progress=not args.no_progress, meta={"model": args.model, "data": args.data},
-                batch_size=args.batch_size,
+                batch_size=args.batch_size, candidates=_or(args.candidates, DEFAULT_CANDIDATES),
+                aggregate=_or(args.aggregate, DEFAULT_AGGREGATE),
             )
         except KeyboardInterrupt:
             if args.table:
@@ -205,6 +222,10 @@ def _run_loaded(args, samples, heldout, budgets, outputs, groups, kinds) -> int:
     return 0
 
 
+def _or(given, default):
+    return default if given is None else given
+
+
 def _fl(x: float, paper: bool = False) -> str:
     unit = "MACs" if paper else "FLOPs"
     for p, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -223,6 +244,13 @@ def format_summary(result, args, outputs, wall: float) -> str:
         f"divergence table: {result.layer_evals} decoder-layer evaluations (naive: {result.naive_layer_evals}, "
         f"{result.layer_evals / max(1, result.naive_layer_evals):.0%})" + (f", saved in {args.table}" if args.table else ""),
     ]
+    if result.certify_evaluations:
+        lines.append(f"certified choice: {result.certify_evaluations} candidate policies measured on every search "
+                     f"sample, {result.certify_layer_evals} decoder-layer evaluations "
+                     f"({result.certify_layer_evals / max(1, result.layer_evals):.0%} of the table's), "
+                     f"{result.certify_s:.1f} s (table {result.table_s:.1f} s)")
+    if result.aggregate != DEFAULT_AGGREGATE:
+        lines.append(f"per-sample divergences aggregated by the {describe(result.aggregate)}")
     if result.heldout_samples:
         lines.append(f"held-out verification on {result.heldout_samples} samples the search did not use")
     for r, out in zip(result.results, outputs):
@@ -239,10 +267,42 @@ def format_summary(result, args, outputs, wall: float) -> str:
         ]
         if r.note:
             lines.append(f"  note: {r.note}")
+        lines += certified_lines(r.certified, sp.describe)
         lines += _verification_lines(r, sp.n_ref)
-    lines += ["", f"wall time {wall:.1f} s (divergence table {result.table_s:.1f} s, verification {result.verify_s:.1f} s, "
-                  f"the rest loading and solving)"]
+    lines += ["", f"wall time {wall:.1f} s (divergence table {result.table_s:.1f} s, solving and the certified choice "
+                  f"{result.certify_s:.1f} s, verification {result.verify_s:.1f} s, the rest loading)"]
     return "\n".join(lines)
+
+
+def certified_lines(c, describe_params) -> list[str]:
+    """The candidates of a certified choice: proxy, true divergence on the search samples
+    (and on held-out ones where measured), which was chosen, and the outlier samples."""
+    if c is None:
+        return []
+    held = c.heldout is not None
+    lines = [f"  certified choice among the {len(c.candidates)} best policies by proxy "
+             f"(true divergence, {c.aggregate}, on the {c.samples} search samples"
+             + (f"; held-out: {c.heldout_samples} samples the search did not use)" if held else ")"),
+             f"    {'#':>3}  {'proxy':>10}  {'true':>10}" + (f"  {'held-out':>10}" if held else "") + "  parameters"]
+    for i, row in enumerate(c.candidates):
+        mark = "*" if i == c.chosen else " "
+        h = f"  {c.heldout[i]:>10.5g}" if held else ""
+        lines.append(f"  {mark} {i + 1:>3}  {row['proxy']:>10.5g}  {row['true']:>10.5g}{h}  "
+                     f"{describe_params(row['params'])}")
+    lines.append(f"    chosen: #{c.chosen + 1} (* above)")
+    if held and c.spearman_heldout is not None:
+        lines.append(f"    Spearman over the candidates, held-out truth vs the search samples' ranking: "
+                     f"{c.spearman_heldout:.3f} (vs the proxy: "
+                     + ("-" if c.spearman_proxy_heldout is None else f"{c.spearman_proxy_heldout:.3f}") + ")")
+    lines += outlier_lines(c.outliers, "search samples")
+    return lines
+
+
+def outlier_lines(found: list[dict], where: str) -> list[str]:
+    """One line naming the outlier samples (divergence over 10x the median) of the chosen policy."""
+    if not found:
+        return []
+    return [f"    outliers among the {where} (chosen policy's divergence over 10x its median): {name_outliers(found)}"]
 
 
 def _verification_lines(r, n_ref: int) -> list[str]:
@@ -254,6 +314,7 @@ def _verification_lines(r, n_ref: int) -> list[str]:
         return []
     lines = _single_set_lines(sets[0], n_ref) if len(sets) == 1 else _side_by_side_lines(sets, n_ref)
     v = sets[-1]
+    lines += outlier_lines(v.outliers, "held-out samples" if len(sets) > 1 else "search samples")
     tp = v.token_pruning
     worse = [name for name, ref in (("token pruning at the same budget", tp["true"] if tp else None),
                                     ("the blind policy", v.blind_true))

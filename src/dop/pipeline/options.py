@@ -11,7 +11,9 @@ from ..baselines import BASELINES
 from ..outputs import check_output_dir
 from ..rankers import resolve_ranker
 from ..search import METHODS, SPACES
+from ..search.certify import DEFAULT_CANDIDATES, check_candidates
 from ..search.cost import parse_budget
+from ..search.robust import DEFAULT_AGGREGATE, check_aggregate
 
 DEFAULT_BUDGETS = ("tokens:1/9", "tokens:2/9", "tokens:1/3")
 DEFAULT_BASELINES = ("vispruner", "cdpruner", "fastv", "pdrop", "dart", "spatial", "random")
@@ -43,6 +45,10 @@ class RunOptions:
     verify: int = DEFAULT_VERIFY
     verify_data: str | None = None
     verify_samples: int | None = None  # default: as many as samples
+    # certified choice among the K best policies by proxy, and how per-sample divergences are
+    # aggregated (docs/design.md, "Certified choice", "Robust aggregation")
+    candidates: int = DEFAULT_CANDIDATES
+    aggregate: str = DEFAULT_AGGREGATE
 
     def key(self) -> dict:
         d = asdict(self)
@@ -52,6 +58,12 @@ class RunOptions:
             if d[name] is None:
                 d.pop(name)  # keeps the keys of runs made before the option existed
         return d
+
+    def search_key(self) -> dict:
+        """The certified-choice options of a space's search stage key (none when they are
+        what a search did before they existed: one candidate, the mean)."""
+        return {k: v for k, v in (("candidates", self.candidates), ("aggregate", self.aggregate))
+                if (k, v) not in (("candidates", 1), ("aggregate", DEFAULT_AGGREGATE))}
 
     @property
     def heldout_n(self) -> int:
@@ -70,6 +82,8 @@ def validate_options(opts: RunOptions) -> None:
         raise ValueError(f"--verify must be a non-negative integer, got {opts.verify!r}")
     if not opts.verify and (opts.verify_data or opts.verify_samples is not None):
         raise ValueError("--verify-data and --verify-samples apply only with --verify K > 0")
+    check_candidates(opts.candidates)
+    check_aggregate(opts.aggregate)
     if not opts.budgets:
         raise ValueError("--budgets: give at least one budget")
     for b in opts.budgets:

@@ -168,7 +168,8 @@ def _results(job: Job, unpruned_d: dict, boot, results_budgets: list[dict], skip
         unpruned=unpruned_row,
         timing=timing_note([unpruned_row, *(m for b in results_budgets for m in b["methods"])], job.load_before),
         budgets=results_budgets,
-        tables={s: dict(summary=r["summary"], verification=r.get("verification"), verify_data=r.get("verify_data"))
+        tables={s: dict(summary=r["summary"], verification=r.get("verification"), verify_data=r.get("verify_data"),
+                        certified=r.get("certified"))
                 for s, r in job.spaces.items()},
         compared={m: {k: v for k, v in r.items() if k != "budgets"} | dict(budgets={
             spec: {k: e[k] for k in ("met", "note", "in_sample", "held_out", "flops_fraction")}

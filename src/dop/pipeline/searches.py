@@ -21,7 +21,8 @@ def run_searches(job: Job) -> None:
         for name in names:
             job.log(f"[search] {kind} {name!r}{_plan(job, kind)}")
             into[name] = job.stages.run(f"search-{name}", lambda name=name, stage=stage: stage(job, name),
-                                        key=dict(job.common, **{kind: name}, budgets=list(o.budgets), **verify_key(job)))
+                                        key=dict(job.common, **{kind: name}, budgets=list(o.budgets), **verify_key(job),
+                                                 **(o.search_key() if kind == "space" else {})))
 
 
 def _plan(job: Job, kind: str) -> str:
@@ -36,22 +37,26 @@ def _plan(job: Job, kind: str) -> str:
 
 def space_stage(job: Job, space: str) -> dict:
     """A space's search as its stage holds it: the policy and predicted divergence per
-    budget, the proxy curves and the verification."""
+    budget, the proxy curves, the verification and the certified choice's candidates."""
     opts = job.opts
     res = search(job.model, job.processor, job.val, budgets=list(opts.budgets), space=space, ranker=opts.ranker,
                  table=str(job.out / "tables" / f"table-{space}.json"), seed=opts.seed,
                  verify_k=opts.verify, verify_samples=job.heldout or None,
-                 build_prompt=job.build_prompt, progress=opts.progress, meta={"model": opts.model})
-    proxy = res.table.proxy(res.space)
+                 build_prompt=job.build_prompt, progress=opts.progress, meta={"model": opts.model},
+                 candidates=opts.candidates, aggregate=opts.aggregate)
+    proxy = res.table.proxy(res.space, opts.aggregate)
     summary = (f"{len(res.space.params)} parameters, {res.table.total()} table entries, "
                f"{res.layer_evals} decoder-layer evaluations (naive: {res.naive_layer_evals}), "
-               f"{res.wall_s:.1f} s")
+               + (f"certified choice: {res.certify_evaluations} candidates measured in {res.certify_layer_evals} "
+                  "decoder-layer evaluations, " if res.certify_evaluations else "")
+               + f"{res.wall_s:.1f} s")  # the wall time last: tests/test_distributed.py drops it
     return dict(
         policies={r.budget.spec: r.policy.to_dict() for r in res.results},
         predicted={r.budget.spec: r.predicted for r in res.results},
         curves={name: {str(v): kl for v, kl in pts.items()} for name, pts in proxy.items()},
         summary=summary, layer_evals=res.layer_evals, naive_layer_evals=res.naive_layer_evals, wall_s=res.wall_s,
         verification=verifications(res) if opts.verify else None, verify_data=job.heldout_where,
+        certified={r.budget.spec: r.certified.to_dict() for r in res.results if r.certified} or None,
     )
 
 

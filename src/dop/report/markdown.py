@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .certified import certified_section
+
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100.0 * x:.{digits}f}"
@@ -81,10 +83,20 @@ def write_report(results: dict[str, Any], path) -> None:
         L.extend(_budget_section(results, b))
     L.extend(_chosen_policies(results))
     L.extend(verification_section(results))
+    L.extend(certified_section(results))
     L.extend(compared_section(results))
     L.extend(_tables_and_times(results))
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L))
+
+
+def _choice_words(o: dict) -> str:
+    """How the searches chose (options of runs made before the certified choice: the proxy)."""
+    k, how = o.get("candidates", 1), o.get("aggregate", "mean")
+    by = "" if how == "mean" else f", divergences aggregated by the {how}"
+    if k == 1:
+        return "policies chosen by the proxy" + by
+    return f"certified choice among the {k} best policies by proxy" + by
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -93,7 +105,8 @@ def _header(results: dict[str, Any]) -> list[str]:
     L = ["# dop run report", ""]
     L.append(f"Model `{o['model']}`; validation `{o['data']}` ({o['samples']} samples); test `{o['test_data']}` "
              f"({results['num_test_samples']} samples); ranker `{o['ranker']}`; search spaces "
-             f"{', '.join('`' + s + '`' for s in o['spaces'])}; seed {o['seed']}. "
+             f"{', '.join('`' + s + '`' for s in o['spaces'])}; seed {o['seed']}; "
+             f"{_choice_words(o)}. "
              f"{results['num_visual_tokens']} visual tokens per image, {results['num_layers']} decoder layers. "
              f"Written {results['finished']} on {results['machine']}.")
     L.append("")
@@ -229,7 +242,7 @@ def write_models_report(results: dict[str, Any], path) -> None:
     for spec in specs:
         L.extend(_models_budget_table(models, spec))
     for m, r in models.items():
-        section = verification_section(r)[2:] + compared_section(r)[2:]  # without their own headings
+        section = verification_section(r)[2:] + certified_section(r)[2:] + compared_section(r)[2:]  # without headings
         if section:
             L += [f"## `{m}`: divergences", "", *section]
     L += ["## Pareto plots", ""] + [f"![{m}]({dirs[m]}/pareto.png)" for m in models] + [""]

@@ -23,9 +23,11 @@ from ..names import loaded_model_name
 from ..policy import Policy
 from ..rankers import resolve_for_model
 from ..rankers.base import rerank_layers
+from .certify import DEFAULT_CANDIDATES, Certifier, check_candidates
 from .cost import Budget, CostModel, parse_budget
 from .divergence import PreparedSample, prepare_samples, reference_shape
 from .result import BudgetResult, SearchResult, priced, unpruned_note
+from .robust import DEFAULT_AGGREGATE, check_aggregate
 from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, Space, check_draw, make_space
 from .table import DivergenceTable, build_table, samples_fingerprint
@@ -73,6 +75,11 @@ class SearchConfig:
     how the random policies are drawn, ``"ordered"`` or ``"uniform"``
     (:func:`~dop.search.spaces.draw_feasible`; recorded as ``verification.draw``).
     ``batch_size``: validation samples per forward while the table fills (same table).
+    ``candidates``: the K best policies by proxy are measured (true joint divergence on the
+    search samples) and the closest chosen (:mod:`dop.search.certify`; 1: the proxy's
+    choice, nothing measured). ``aggregate``: how per-sample divergences become one figure
+    in the proxy, the certified choice and the verification, ``"mean"``, ``"median"`` or
+    ``"trimmed"`` (:mod:`dop.search.robust`).
     ``meta`` is merged into each policy's ``meta``."""
 
     budget: Any = None
@@ -95,11 +102,15 @@ class SearchConfig:
     meta: dict | None = None
     naive: bool = False
     batch_size: int = 1
+    candidates: int = DEFAULT_CANDIDATES
+    aggregate: str = DEFAULT_AGGREGATE
 
     def __post_init__(self):
         if isinstance(self.verify_k, bool) or not isinstance(self.verify_k, int) or self.verify_k < 0:
             raise ValueError(f"verify must be a non-negative integer, got {self.verify_k!r}")
         check_draw(self.verify_draw)
+        check_candidates(self.candidates)
+        check_aggregate(self.aggregate)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
         if not isinstance(self.space, str):
@@ -139,14 +150,23 @@ def search(model, processor, samples: Sequence, budget=None, *, config: SearchCo
     t_table = time.perf_counter() - t_table
     info = {"model": setup.key["model"], "ranker": setup.key["ranker"], "samples": len(setup.prepared),
             "seed": cfg.seed, "space": setup.space.name, **(cfg.meta or {})}
-    solvers, results = _solve_all(setup, tab, info)
+    t_certify = time.perf_counter()
+    insample = SampleSet.of(model, setup.prepared) if cfg.candidates > 1 else None  # the verification's too
+    certifier = None if insample is None else Certifier(model, insample, setup.rk, cfg.candidates, cfg.aggregate,
+                                                        cfg.progress)
+    solvers, results = _solve_all(setup, tab, info, certifier, cfg.aggregate)
+    t_certify = time.perf_counter() - t_certify
     t_verify = time.perf_counter()
     if cfg.verify_k:
-        _verify_all(model, setup, results, solvers, (cfg.verify_k, cfg.verify_draw), heldout, cfg.seed, cfg.progress)
+        _verify_all(model, setup, results, solvers, (cfg.verify_k, cfg.verify_draw), (insample, heldout), cfg.seed,
+                    cfg.progress, cfg.aggregate)
     t_verify = time.perf_counter() - t_verify if cfg.verify_k else 0.0
     return SearchResult(setup.space.name, results, time.perf_counter() - t0, setup.shape, tab.layer_evals,
                         tab.naive_layer_evals, table=tab, space=setup.space, table_s=t_table, verify_s=t_verify,
-                        heldout_samples=len(heldout) if heldout else 0)
+                        heldout_samples=len(heldout) if heldout else 0, certify_s=t_certify,
+                        certify_evaluations=certifier.evaluations if certifier else 0,
+                        certify_layer_evals=certifier.layer_evals * len(setup.prepared) if certifier else 0,
+                        aggregate=cfg.aggregate)
 
 
 def _setup(model, processor, samples, cfg: SearchConfig) -> _Setup:
@@ -201,11 +221,16 @@ def _heldout(model, processor, samples, build_prompt, verify_k: int, searched: l
     return prepared
 
 
-def _solve_all(setup: _Setup, tab: DivergenceTable, info: dict) -> tuple[dict, list[BudgetResult]]:
-    """One solver per convention over the table's proxy, and the chosen policy per budget."""
-    proxy = tab.proxy(setup.space)
+def _solve_all(setup: _Setup, tab: DivergenceTable, info: dict, certifier: Certifier | None = None,
+               how: str = DEFAULT_AGGREGATE) -> tuple[dict, list[BudgetResult]]:
+    """One solver per convention over the table's proxy (each entry's samples aggregated by
+    ``how``), and the chosen policy per budget (certified by ``certifier`` when given)."""
+    proxy = tab.proxy(setup.space, how)
     solvers = {conv: Solver(setup.space, proxy, setup.costs[conv]) for conv in dict.fromkeys(c for _, c in setup.limits)}
-    results = [_solve_budget(b, conv, solvers[conv], setup.costs, setup.space, setup.ranker, info)
+    if certifier is not None:  # every budget's candidates measured together
+        certifier.prefetch([(solvers[conv], b.limit(setup.costs[conv]), b.spec) for b, conv in setup.limits
+                            if b.limit(setup.costs[conv]) < setup.costs[conv].unpruned])
+    results = [_solve_budget(b, conv, solvers[conv], setup.costs, setup.space, setup.ranker, info, certifier)
                for b, conv in setup.limits]
     return solvers, results
 
@@ -222,7 +247,8 @@ def _filled_table(model, prepared, sp, rk, key, table, progress, naive, batch_si
     return tab
 
 
-def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, ranker, info: dict) -> BudgetResult:
+def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, ranker, info: dict,
+                  certifier: Certifier | None = None) -> BudgetResult:
     """The chosen policy at one budget (the unpruned model, said so, when the budget allows
     its cost), with its provenance and FLOPs in both conventions."""
     cost = costs[conv]
@@ -230,28 +256,39 @@ def _solve_budget(b: Budget, conv: str, solver: Solver, costs: dict, sp: Space, 
     note = unpruned_note(cost, limit, conv)
     if note:
         sol = Solution(sp.unpruned_assign(), 0.0, cost.unpruned, limit, Policy.unpruned(sp.num_layers), conv)
-    else:
+    elif certifier is None:
         sol = solver.solve(limit, b.spec)
+    else:
+        sol = certifier(solver, limit, b.spec)
+    certified = certifier.records.get(b.spec) if certifier and not note else None
     meta = {"model": info["model"], "ranker": info["ranker"], "budget": b.spec, "budget_convention": conv,
             **{k: info[k] for k in ("samples", "seed", "space")},
             "params": dict(sol.assign), "predicted_divergence": sol.predicted,
             **{k: v for k, v in info.items() if k not in ("model", "ranker", "samples", "seed", "space")}}
+    if certified:
+        meta["certified"] = certified.meta()
     return priced(b, conv, limit, sol.policy, costs, ranker, meta, note, params=sol.assign, predicted=sol.predicted,
-                  solution=sol)
+                  solution=sol, certified=certified)
 
 
 def _verify_all(model, setup: _Setup, results: list[BudgetResult], solvers: dict, drawn: tuple[int, str],
-                heldout: list | None, seed: int, progress: bool) -> None:
+                samples: tuple, seed: int, progress: bool, how: str = DEFAULT_AGGREGATE) -> None:
     """The true divergence of each chosen policy, of ``k`` random feasible ones (``drawn``:
     ``(k, draw)``) and of token pruning, on the search's samples and on the held-out ones
-    (the same policies on both); recorded in each result and its policy's meta."""
+    (``samples``: the in-sample :class:`SampleSet` of the certified choice or None, and the
+    held-out samples or None; the same policies on both), each aggregated by ``how``; recorded in each result and its policy's
+    meta. The candidates of a certified choice are measured on the held-out samples too."""
     k, draw = drawn
-    sets = {"in-sample": SampleSet.of(model, setup.prepared)}
+    insample, heldout = samples
+    sets = {"in-sample": insample or SampleSet.of(model, setup.prepared)}
     if heldout:
         sets["held-out"] = SampleSet.of(model, heldout)
     for res in results:
         cand = Candidates.draw(setup.space, solvers[res.solution.convention], res.solution, k, seed, draw)
-        got = {name: measure(model, ss, cand, setup.rk, progress, desc=f"verify {name}") for name, ss in sets.items()}
+        got = {name: measure(model, ss, cand, setup.rk, progress, desc=f"verify {name}", how=how)
+               for name, ss in sets.items()}
+        if res.certified and heldout:
+            res.certified.measure_heldout(model, sets["held-out"], setup.rk)
         res.verification, res.heldout = got["in-sample"], got.get("held-out")
         extra = {"true_divergence": res.verification.chosen_true}
         if res.heldout is not None:

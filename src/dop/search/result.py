@@ -16,6 +16,7 @@ from typing import Any
 
 from ..policy import Policy
 from .cost import Budget, CostModel
+from .robust import DEFAULT_AGGREGATE
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BudgetResult:
     solution: Any = None  # the solver's Solution (a space's search)
     verification: Any = None  # Verification on the search's own samples (in-sample)
     heldout: Any = None  # the same policies on samples the search did not use
+    certified: Any = None  # the candidates of a space's certified choice (Certified; candidates > 1)
 
     @property
     def met(self) -> bool:
@@ -46,6 +48,7 @@ class BudgetResult:
             "flops": self.flops, "policy": self.policy.to_dict(), "note": self.note,
             "verification": self.verification.to_dict() if self.verification else None,
             "verification_heldout": self.heldout.to_dict() if self.heldout else None,
+            "certified": self.certified.to_dict() if self.certified else None,
         }
 
 
@@ -66,6 +69,10 @@ class SearchResult:
     table_s: float = 0.0  # building (or finishing) the table in this call
     verify_s: float = 0.0
     heldout_samples: int = 0  # samples of the held-out verification (0: none)
+    certify_s: float = 0.0  # solving, with the candidates' true divergences (certified choice)
+    certify_evaluations: int = 0  # candidate policies measured on every search sample
+    certify_layer_evals: int = 0  # their decoder-layer calls, over the samples (as the table's layer_evals)
+    aggregate: str = DEFAULT_AGGREGATE  # how per-sample divergences became one figure (a space's search)
 
     @property
     def method(self) -> str:
@@ -85,6 +92,8 @@ class SearchResult:
             "wall_s": self.wall_s, "table_s": self.table_s, "verify_s": self.verify_s,
             "heldout_samples": self.heldout_samples, "layer_evals": self.layer_evals,
             "naive_layer_evals": self.naive_layer_evals, "evaluations": self.evaluations, "trace": self.trace,
+            "certify_s": self.certify_s, "certify_evaluations": self.certify_evaluations,
+            "certify_layer_evals": self.certify_layer_evals, "aggregate": self.aggregate,
             "results": [r.to_dict() for r in self.results],
         }
 

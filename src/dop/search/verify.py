@@ -26,12 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as dd
+from ..models import get_adapter
 from ..policy import Policy
-from ..runtime.replay import last_logits
+from ..rankers import resolve_ranker
+from ..rankers.base import rerank_layers
+from ..runtime import apply_policy
+from ..runtime.replay import capture_prefix, last_logits
+from .candidates import candidate_depths, replay_candidates
 from .cost import largest_fitting
-from .divergence import PreparedSample, true_divergence
+from .divergence import PreparedSample, kl_divergence, true_divergence
+from .robust import DEFAULT_AGGREGATE, aggregate, outliers
 from .spaces.solver import Solution, Solver
 from .spaces import DEFAULT_DRAW, draw_feasible
+from .table import VALUE_BATCH
 
 
 @dataclass
@@ -47,6 +54,14 @@ class Verification:
     blind_true: float | None = None  # true divergence with every visual op pruned (from the space's min depth)
     num_samples: int | None = None  # the samples the true divergences are means over
     draw: str | None = None  # how the random policies were drawn (:func:`~dop.search.spaces.draw_feasible`)
+    aggregate: str = DEFAULT_AGGREGATE  # how each policy's per-sample divergences became one figure
+    chosen_per_sample: list[float] = field(default_factory=list)  # the chosen policy's, in sample order
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def outliers(self) -> list[dict]:
+        """Samples on which the chosen policy's divergence exceeds 10x its median (robust.outliers)."""
+        return outliers(self.chosen_per_sample, self.sample_ids) if self.chosen_per_sample else []
 
     def closer_than_blind(self) -> list[dict]:
         """The random policies whose true divergence is below the blind policy's."""
@@ -57,7 +72,7 @@ class Verification:
     @property
     def spearman_below_blind(self) -> float | None:
         """Spearman proxy vs truth over the random policies closer than the blind one."""
-        return None if self.blind_true is None else _spearman(self.closer_than_blind())[0]
+        return None if self.blind_true is None else spearman(self.closer_than_blind())[0]
 
     @property
     def n_at_least_blind(self) -> int | None:
@@ -70,7 +85,8 @@ class Verification:
             "chosen_proxy": self.chosen_proxy, "spearman": self.spearman, "spearman_p": self.spearman_p,
             "random": self.random, "token_pruning": self.token_pruning,
             "blind_true": self.blind_true, "n_at_least_blind": self.n_at_least_blind,
-            "spearman_below_blind": self.spearman_below_blind,
+            "spearman_below_blind": self.spearman_below_blind, "aggregate": self.aggregate,
+            "chosen_per_sample": self.chosen_per_sample, "sample_ids": self.sample_ids, "outliers": self.outliers,
         }
 
 
@@ -86,10 +102,65 @@ class SampleSet:
     def of(cls, model, prepared: Sequence[PreparedSample]) -> "SampleSet":
         return cls(prepared, reference_logits(model, prepared))
 
-    def divergences(self, model, policies: Sequence[tuple[Policy, object]]) -> list[float]:
-        """The mean true first-token KL of each ``(policy, ranker)`` on these samples, the
-        samples shared among the ranks (:func:`sharded_true_divergence`)."""
-        return [sharded_true_divergence(model, self.prepared, self.refs, p, r)[0] for p, r in policies]
+    def divergences(self, model, policies: Sequence[tuple[Policy, object]], how: str = DEFAULT_AGGREGATE) -> list[float]:
+        """The true first-token KL of each ``(policy, ranker)`` on these samples, aggregated
+        by ``how`` (the mean by default; :mod:`dop.search.robust`), the samples shared among
+        the ranks (:func:`sharded_true_divergence`)."""
+        return [aggregate(per, how) for per in self.per_sample(model, policies)]
+
+    def per_sample(self, model, policies: Sequence[tuple[Policy, object]]) -> list[list[float]]:
+        """Per ``(policy, ranker)``, the true first-token KL of every sample, in sample order
+        (one full pruned forward per policy and sample)."""
+        return [sharded_true_divergence(model, self.prepared, self.refs, p, r)[1] for p, r in policies]
+
+    def measured(self, model, policies: Sequence[tuple[Policy, object]],
+                 value_batch: int = VALUE_BATCH) -> tuple[list[list[float]], int]:
+        """:meth:`per_sample` batched, and the decoder-layer calls it took per sample.
+        Policies of one ranker that re-ranks nowhere inside the LLM and skip no single layer
+        run together: per sample the unpruned forward is cached once and ``value_batch`` of
+        them are the rows of one forward (the divergence table's batched replay from layer 0,
+        :mod:`dop.search.candidates`: equal to their full forwards in float64, to float32
+        rounding otherwise); the others one full forward each."""
+        L = get_adapter(model).num_layers
+        out: list = [None] * len(policies)
+        batched: dict[str, list[int]] = {}
+        calls = 0
+        for i, (p, r) in enumerate(policies):
+            if p.skip or p.is_unpruned() or rerank_layers(resolve_ranker(r)):
+                out[i] = self.per_sample(model, [(p, r)])[0]
+                calls += L
+            else:
+                batched.setdefault(repr(r), []).append(i)
+        for idx in batched.values():
+            ranker = policies[idx[0]][1]
+            mine = dd.shard(len(self.prepared))
+            per = {j: _replayed(model, self.prepared[j].inputs, self.refs[j], [policies[i][0] for i in idx],
+                                ranker, value_batch) for j in mine}
+            rows = dd.gather_ordered(per, len(self.prepared))
+            for col, i in enumerate(idx):
+                out[i] = [row[col] for row in rows]
+            calls += L * (1 + -(-len(idx) // value_batch))
+        return out, calls
+
+    @property
+    def ids(self) -> list[str]:
+        """What each sample is (``PreparedSample.where``, else its index)."""
+        return [s.where or f"#{i}" for i, s in enumerate(self.prepared)]
+
+
+@torch.inference_mode()
+def _replayed(model, inputs: dict, ref, policies: Sequence[Policy], ranker, value_batch: int) -> list[float]:
+    """The first-token KL of each policy on one prompt, ``value_batch`` policies per batched
+    replay of every decoder layer from the cached unpruned run."""
+    prefix = capture_prefix(model, inputs)
+    out = []
+    for first in range(0, len(policies), value_batch):
+        chunk = policies[first:first + value_batch]
+        states = [candidate_depths(model, prefix, p, ranker, {}, 0) for p in chunk]
+        with apply_policy(model, chunk[0], ranker=ranker) as handle:
+            q = replay_candidates(handle, prefix, states, 0)
+        out += [kl_divergence(ref, row[0]) for row in q]
+    return out
 
 
 def reference_logits(model, prepared: Sequence[PreparedSample]) -> list:
@@ -157,24 +228,26 @@ def sharded_true_divergence(model, prepared: Sequence[PreparedSample], refs, pol
 
 
 def measure(model, samples: SampleSet, cand: Candidates, ranker, progress: bool = True,
-            desc: str = "verify") -> Verification:
+            desc: str = "verify", how: str = DEFAULT_AGGREGATE) -> Verification:
     """The true divergence of every candidate on ``samples`` (the ranks go policy by policy
-    together, each on its share of the samples)."""
+    together, each on its share of the samples), each aggregated over the samples by ``how``."""
 
     policies = [cand.chosen, *cand.policies, cand.token_policy, cand.blind]
     bar = tqdm(total=len(policies), desc=desc, unit="policy", disable=not progress or not dd.is_main(),
                file=sys.stderr, leave=False)
-    truths = []
+    per = []
     for pol in policies:
-        truths.append(None if pol is None else sharded_true_divergence(model, samples.prepared, samples.refs,
-                                                                         pol, ranker)[0])
+        per.append(None if pol is None else sharded_true_divergence(model, samples.prepared, samples.refs,
+                                                                      pol, ranker)[1])
         bar.update(1)
     bar.close()
+    truths = [None if p is None else aggregate(p, how) for p in per]
     chosen, *rand, tp_true, blind = truths
     rows = [dict(r, true=t) for r, t in zip(cand.random, rand)]
-    rho, pval = _spearman(rows)
+    rho, pval = spearman(rows)
     tp = None if cand.token_pruning is None else dict(cand.token_pruning, true=tp_true)
-    return Verification(chosen, cand.chosen_proxy, rows, rho, pval, tp, blind, len(samples.prepared), cand.draw_kind)
+    return Verification(chosen, cand.chosen_proxy, rows, rho, pval, tp, blind, len(samples.prepared), cand.draw_kind,
+                        how, per[0], samples.ids)
 
 
 def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solver, solution: Solution,
@@ -184,7 +257,7 @@ def verify(model, prepared: Sequence[PreparedSample], refs, space, solver: Solve
     return measure(model, SampleSet(prepared, refs), cand, ranker, progress)
 
 
-def _spearman(rows: list[dict]) -> tuple[float | None, float | None]:
+def spearman(rows: list[dict]) -> tuple[float | None, float | None]:
     """Spearman rank correlation of proxy and truth (None for fewer than 3 rows or constant values)."""
     from scipy.stats import spearmanr  # heavy: scipy, only when a verification reports
 

@@ -47,8 +47,18 @@ class DopSolver(Solver):
             return None
         flat = np.flatnonzero(ok)
         obj, tot = self._obj.reshape(-1)[flat], self._total.reshape(-1)[flat]
-        best = flat[np.lexsort((flat, tot, obj))[0]]
-        i, a, m = np.unravel_index(best, self._total.shape)
+        return self._point(flat[np.lexsort((flat, tot, obj))[0]])
+
+    def ranked(self, limit: int, n: int) -> list[tuple[dict, float, int]]:
+        """The ``n`` best feasible grid points by (proxy, cost, grid index): the order in
+        which :meth:`_find` breaks ties, so the first is its choice."""
+        total, obj = self._total.reshape(-1), self._obj.reshape(-1)
+        flat = np.flatnonzero(total <= limit)
+        return [self._point(f) for f in flat[np.lexsort((flat, total[flat], obj[flat]))][:n]]
+
+    def _point(self, flat: int) -> tuple[dict, float, int]:
+        """``(assign, proxy, cost)`` of the grid point at flat index ``flat``."""
+        i, a, m = np.unravel_index(flat, self._total.shape)
         return ({"n_v": int(self._nvs[i]), "D_attn": int(self._depths[a]), "D_mlp": int(self._depths[m])},
                 float(self._obj[i, a, m]), int(self._total[i, a, m]))
 

@@ -13,6 +13,11 @@ the two kinds), plus an MLP part linear in its rows. So:
   state keeps its full Pareto front (no cost grid, no rounding): the future of a partial
   solution depends only on its state, so discarding dominated ones loses nothing.
 - The two fronts are combined per budget by binary search.
+
+The K-best enumeration of the certified choice (:meth:`MultiGroupSolver.ranked`,
+docs/design.md, "Certified choice") runs the same programme keeping the first K Pareto
+layers per state instead of the front alone, then pairs the final attention and MLP points
+exhaustively under the limit.
 """
 
 from __future__ import annotations
@@ -22,15 +27,28 @@ import math
 import numpy as np
 
 from ...policy import Policy
-from .solver import Solver, pareto
+from ..cost import CostModel
+from .solver import Solver, pareto, pareto_layers
 from .base import (
     DEFAULT_GROUPS, DEFAULT_KINDS, EPS, SPACES, Param, Space, SpaceError, check_common, check_groups, check_kinds, grid,
 )
 
 
+_PAIR_CHUNK = 1 << 22  # attention x MLP pairs priced at once by ranked() (bounds its memory)
+
+
 class MultiGroupSolver(Solver):
     """Pareto fronts of attention (per layer, over the set of active bits) and of the MLP
-    (per group), combined per budget."""
+    (per group), combined per budget.
+
+    ``front(cost, obj)``: which partial solutions of a state survive, as indices sorted by
+    cost; the Pareto front by default (what :meth:`solve` needs); :meth:`ranked` builds a
+    solver keeping the first K Pareto layers instead (:func:`~.solver.pareto_layers`)."""
+
+    def __init__(self, space: Space, proxy: dict[str, dict[int, float]], cost: CostModel, front=pareto):
+        self._front = front
+        self._layered: dict[int, MultiGroupSolver] = {}  # ranked()'s solvers, by layers kept
+        super().__init__(space, proxy, cost)
 
     def _prepare(self):
         sp = self.space
@@ -77,13 +95,13 @@ class MultiGroupSolver(Solver):
         fronts = {(1 << nb) - 1: (np.zeros(1, np.int64), np.zeros(1))}
         history = []
         for l in range(L):
-            fronts, back = _advance(fronts, subs, T[:, l], A, nb)
+            fronts, back = _advance(fronts, subs, T[:, l], A, nb, self._front)
             history.append(back)
         cost = np.concatenate([f[0] for f in fronts.values()])
         obj = np.concatenate([f[1] for f in fronts.values()])
         em = np.concatenate([np.full(len(f[0]), m) for m, f in fronts.items()])
         ei = np.concatenate([np.arange(len(f[0])) for f in fronts.values()])
-        keep = pareto(cost, obj)
+        keep = self._front(cost, obj)
         self._ac, self._ao, self._aend = cost[keep], obj[keep], (em[keep], ei[keep])
         self._history = history
 
@@ -103,12 +121,14 @@ class MultiGroupSolver(Solver):
             obj = np.concatenate([mo + self.proxy[f"mlp[{g}]"][v] for v in vals])
             pv = np.concatenate([np.full(len(mc), v) for v in vals])
             pi = np.concatenate([np.arange(len(mc)) for _ in vals])
-            keep = pareto(cost, obj)
+            keep = self._front(cost, obj)
             mc, mo = cost[keep], obj[keep]
             mback.append((pv[keep], pi[keep]))
         self._mc, self._mo, self._mback = mc, mo, mback
 
     def _find(self, limit: int):
+        if self._front is not pareto:
+            raise RuntimeError("solve() needs the Pareto fronts; a solver with other fronts serves ranked()")
         j = np.searchsorted(self._mc, limit - self._ac, side="right") - 1
         ok = j >= 0
         if not ok.any():
@@ -118,7 +138,10 @@ class MultiGroupSolver(Solver):
         obj = self._ao[idx] + self._mo[jj]
         tot = self._ac[idx] + self._mc[jj]
         k = np.lexsort((tot, obj))[0]
-        ai, mi = int(idx[k]), int(jj[k])
+        return self._assign(int(idx[k]), int(jj[k])), float(obj[k]), int(tot[k])
+
+    def _assign(self, ai: int, mi: int) -> dict[str, int]:
+        """The assignment of attention end point ``ai`` and MLP point ``mi`` (back pointers)."""
         sp, L = self.space, self.space.num_layers
         assign = sp.unpruned_assign()
         # attention: walk the layers back from the end state
@@ -134,16 +157,38 @@ class MultiGroupSolver(Solver):
             pv, pi = self._mback[g]
             assign[f"mlp[{g}]"] = int(pv[mi])
             mi = int(pi[mi])
-        return assign, float(obj[k]), int(tot[k])
+        return assign
 
     def cheapest(self) -> int:
         return int(self._ac.min() + self._mc.min())
 
+    def ranked(self, limit: int, n: int) -> list[tuple[dict, float, int]]:
+        """The ``n`` best feasible assignments by (proxy, cost), from the programme with
+        ``n`` Pareto layers kept per state (docs/design.md, "Certified choice", says why
+        that loses none of them); every budget of a search shares that solver."""
+        if n not in self._layered:
+            self._layered[n] = MultiGroupSolver(self.space, self.proxy, self.cost, front=pareto_layers(n))
+        layered = self._layered[n]
+        ac, ao, mc, mo = layered._ac, layered._ao, layered._mc, layered._mo
+        rows = max(1, _PAIR_CHUNK // max(1, len(mc)))
+        best = []  # (proxy, cost, attention point, MLP point) of the n best pairs so far
+        for a0 in range(0, len(ac), rows):
+            c = ac[a0:a0 + rows, None] + mc[None, :]
+            o = np.where(c <= limit, ao[a0:a0 + rows, None] + mo[None, :], np.inf)
+            flat = np.flatnonzero(np.isfinite(o))
+            if len(flat) > n:  # keeps every pair tied with the n-th smallest: the sort below decides
+                cut = np.partition(o.reshape(-1)[flat], n - 1)[n - 1]
+                flat = flat[o.reshape(-1)[flat] <= cut]
+            ai, mi = np.unravel_index(flat, o.shape)
+            best = sorted(best + [(float(o[x, y]), int(c[x, y]), a0 + int(x), int(y)) for x, y in zip(ai, mi)])[:n]
+        return [(layered._assign(a, m), obj, tot) for obj, tot, a, m in best]
 
-def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dict]:
+
+def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int, front=pareto) -> tuple[dict, dict]:
     """One layer of the attention dynamic programme: every active set ``mask`` may stop any
     subset of its bits here (at proxy ``stop_cost[b]`` each); the layer then costs
-    ``A[new mask]``. Returns the Pareto front per new mask and its back pointers."""
+    ``A[new mask]``. Returns the ``front`` (Pareto by default) per new mask and its back
+    pointers."""
     incoming: dict[int, list] = {}
     for mask, (fc, fo) in fronts.items():
         for sub in subs[mask]:
@@ -162,7 +207,7 @@ def _advance(fronts: dict, subs: dict, stop_cost, A, nb: int) -> tuple[dict, dic
         pm = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
         ps = np.concatenate([np.full(len(p[0]), p[3]) for p in parts])
         pi = np.concatenate([np.arange(len(p[0])) for p in parts])
-        keep = pareto(cost, obj)
+        keep = front(cost, obj)
         new[nm] = (cost[keep], obj[keep])
         back[nm] = (pm[keep], ps[keep], pi[keep])
     return new, back

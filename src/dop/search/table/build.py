@@ -49,6 +49,7 @@ def build_table(
         table = DivergenceTable.empty(key, space, n)
     else:
         table.check_key(key)
+    table.sample_ids = [s.where for s in prepared]
     if dd.is_distributed():
         return build_sharded(model, prepared, space, ranker, key, table, path, naive, progress, checkpoint_s,
                               on_entry, batch_size, value_batch)

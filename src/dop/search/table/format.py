@@ -19,6 +19,7 @@ import torch
 
 from ...jsonio import write_json_atomic
 from ..divergence import PreparedSample
+from ..robust import DEFAULT_AGGREGATE, aggregate
 from ..spaces.base import Space
 
 FORMAT = "dop-search-table/1"
@@ -59,6 +60,9 @@ class DivergenceTable:
     token_layers: int = 0  # token rows through the MLP, summed over layers and candidates
     naive_token_layers: int = 0
     wall_s: float = 0.0
+    # what each sample is (``PreparedSample.where``), to name outliers; optional in the file
+    # (format 1 without it reads as before, and readers of before ignore it)
+    sample_ids: list[str] | None = None
 
     @classmethod
     def empty(cls, key: dict, space: Space, num_samples: int) -> "DivergenceTable":
@@ -92,17 +96,20 @@ class DivergenceTable:
     def complete(self) -> bool:
         return self.missing() == 0
 
-    def means(self, name: str) -> dict[int, float]:
+    def means(self, name: str, how: str = DEFAULT_AGGREGATE) -> dict[int, float]:
+        """Per measured value of ``name``, its per-sample divergences aggregated (``how``:
+        :data:`~dop.search.robust.AGGREGATES`, the mean by default)."""
         out = {}
         for v, per in self.entries[name].items():
             if any(x is None for x in per):
                 raise TableError(f"table entry {name}={v} is incomplete")
-            out[v] = sum(per) / len(per)
+            out[v] = aggregate(per, how)
         return out
 
-    def proxy(self, space: Space) -> dict[str, dict[int, float]]:
-        """Proxy divergence of every candidate value of every parameter (interpolated)."""
-        return {p.name: p.interpolate(self.means(p.name)) for p in space.params}
+    def proxy(self, space: Space, how: str = DEFAULT_AGGREGATE) -> dict[str, dict[int, float]]:
+        """Proxy divergence of every candidate value of every parameter (interpolated), each
+        entry's samples aggregated by ``how`` (docs/design.md, "Robust aggregation")."""
+        return {p.name: p.interpolate(self.means(p.name, how)) for p in space.params}
 
     # -- files -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -113,6 +120,7 @@ class DivergenceTable:
             "entries": {n: {str(v): per for v, per in vals.items()} for n, vals in self.entries.items()},
             **{name: getattr(self, name) for name in COUNTERS},
             "wall_s": self.wall_s,
+            **({"sample_ids": list(self.sample_ids)} if self.sample_ids is not None else {}),
         }
 
     @classmethod
@@ -163,7 +171,10 @@ class DivergenceTable:
             if not is_number(x) or x < 0:
                 raise TableError(f"{where}: {name!r} must be a non-negative number, got {x!r}")
             counters[name] = kind(x)
-        return cls(key, n, entries, **counters)
+        ids = d.get("sample_ids")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) for i in ids)):
+            raise TableError(f"{where}: 'sample_ids' must be a list of {n} strings, got {ids!r}"[:300])
+        return cls(key, n, entries, **counters, sample_ids=ids)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, self.to_dict(), indent=1)

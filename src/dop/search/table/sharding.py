@@ -54,7 +54,7 @@ def build_sharded(model, prepared, space, ranker, key, base, path, naive, progre
         bar.close()
     names = (*COUNTERS, "wall_s")
     parts = dd.all_gather((own.entries, [getattr(own, c) for c in names], [getattr(base, c) for c in names]))
-    table = DivergenceTable(key, n, own.entries)
+    table = DivergenceTable(key, n, own.entries, sample_ids=base.sample_ids)
     for entries, *_ in parts:
         table.merge_values(DivergenceTable(key, n, entries))
     for i, c in enumerate(COUNTERS):  # work adds up over the ranks; what the table file held, once
