@@ -27,6 +27,7 @@ from .schema import (
     checked_groups,
     checked_meta,
     checked_skip,
+    primitive_depth,
 )
 from .transfer import transferred
 
@@ -181,11 +182,7 @@ class Policy:
         """Depth per group for a primitive op kind (``attn_q``, ``attn_kv`` or ``mlp``)."""
         if kind not in OP_KINDS:
             raise ValueError(f"unknown primitive op kind {kind!r}; expected one of {OP_KINDS}")
-        if kind in self.depth:
-            return list(self.depth[kind])
-        if kind in ("attn_q", "attn_kv") and "attn" in self.depth:
-            return list(self.depth["attn"])
-        return [self.num_layers] * len(self.groups)
+        return [primitive_depth(self.depth, kind, g, self.num_layers) for g in range(len(self.groups))]
 
     def group_bounds(self, n: int) -> list[tuple[int, int]]:
         """Rank ranges ``[start, end)`` of each group for an image with ``n`` visual tokens."""

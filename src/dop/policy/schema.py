@@ -78,15 +78,21 @@ def checked_depth(depth: Any, n_groups: int, num_layers: int) -> Mapping[str, tu
     return MappingProxyType(out)
 
 
-def _effective_depth(depth: Mapping[str, tuple[int, ...]], kind: str, g: int, num_layers: int) -> int:
-    """The depth below which a skip of ``kind`` (``attn`` included) for group ``g`` changes anything."""
-    if kind == "attn":
-        return max(_effective_depth(depth, k, g, num_layers) for k in ("attn_q", "attn_kv"))
+def primitive_depth(depth: Mapping[str, tuple[int, ...]], kind: str, g: int, num_layers: int) -> int:
+    """Group ``g``'s depth for a primitive op kind: its own entry, else ``attn`` standing for
+    ``attn_q`` and ``attn_kv`` together, else every layer (the one home of that fallback)."""
     if kind in depth:
         return depth[kind][g]
     if kind in ("attn_q", "attn_kv") and "attn" in depth:
         return depth["attn"][g]
     return num_layers
+
+
+def _effective_depth(depth: Mapping[str, tuple[int, ...]], kind: str, g: int, num_layers: int) -> int:
+    """The depth below which a skip of ``kind`` (``attn`` included) for group ``g`` changes anything."""
+    if kind == "attn":
+        return max(primitive_depth(depth, k, g, num_layers) for k in ("attn_q", "attn_kv"))
+    return primitive_depth(depth, kind, g, num_layers)
 
 
 def _checked_layers(layers: Any, where: str, num_layers: int) -> list[int]:
