@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from dop.evaluate.datasets import load_dataset
@@ -44,7 +45,9 @@ def certified_rows(model, processor, val, held, space, ks, build_prompt, aggrega
         distinct = {json.dumps(c["policy"], sort_keys=True) for r in res.results if r.certified
                     for c in r.certified.candidates[:k]} if k > 1 else set()
         out.setdefault("cost", {})[k] = {
-            "evaluations": len(distinct), "layer_evals": (len(distinct) + 1) * L * n if distinct else 0,
+            "evaluations": len(distinct),
+            # the batched replays of docs/design.md, "Certified choice": L * (2 + ceil(N / 8)) per sample
+            "layer_evals": L * (2 + math.ceil(len(distinct) / 8)) * n if distinct else 0,
             "wall_s": len(distinct) * per_eval}
     for r in res.results:
         c = r.certified
