@@ -3,6 +3,8 @@ with ready-made inputs (text + one or more images). Used across the test-suite."
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as T
 
@@ -229,3 +231,10 @@ def text_only_inputs(text_len: int = 9, seed: int = 5) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = [1] + torch.randint(3, 90, (text_len,), generator=gen).tolist()
     return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.24
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

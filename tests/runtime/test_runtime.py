@@ -13,7 +13,7 @@ import dop
 from dop.models import get_adapter
 from dop.runtime.cache import MISSING
 from reference import masked_reference, reference_greedy
-from tiny_models import FAMILIES, build_inputs, build_model
+from tiny_models import FAMILIES, build_inputs, build_model, with_cache
 
 ATTN = ("sdpa", "eager")
 KIND_SETS = [("attn", "mlp"), ("attn_q", "attn_kv", "mlp"), ("attn_q",), ("attn_kv",), ("mlp",),
@@ -192,11 +192,11 @@ def test_two_handles_on_one_cache_remove_in_either_order(first_out):
     states = {m: _model_state(m) for m in (model_a, model_b)}
     cache = DynamicCache(config=model_a.config)
     handles = {"a": dop.apply_policy(model_a, policy), "b": dop.apply_policy(model_b, policy)}
-    logits = model_a(**inputs, cache=cache, use_cache=True).logits
+    logits = model_a(**inputs, **with_cache(model_a, cache), use_cache=True).logits
     wrapped_by_a = vars(cache)["get_seq_length"]
     step = {"input_ids": logits[:, -1:].argmax(-1),
             "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)}
-    model_b(**step, cache=cache, use_cache=True)
+    model_b(**step, **with_cache(model_b, cache), use_cache=True)
     assert vars(cache)["get_seq_length"] is not wrapped_by_a
     assert set(vars(cache)["_dop_originals"]) == set(CACHE_METHODS)
     assert all(before is MISSING for before in vars(cache)["_dop_originals"].values())  # the class's own
